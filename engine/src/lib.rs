@@ -1,0 +1,43 @@
+//! ferry-engine: the data plane of ferry, a secure live VM migration engine.
+//!
+//! The engine moves guest memory from a source to a destination over TCP:
+//! pre-copy rounds driven by a dirty-page tracker, each page range encrypted
+//! with AES-256-GCM (per-stream keys, counter nonces) with the SHA-256 of
+//! every page inside the ciphertext, sent by pinned workers through io_uring,
+//! acknowledged in batches, and finished by a two-phase switchover (the
+//! destination says *ready*, the source *commits*, the destination resumes).
+//!
+//! The engine never parses certificates or policies: it receives a
+//! [`crypto::SessionKeys`] value and nothing else from the control plane.
+//!
+//! Entry points: [`migrate::migrate_source`] and [`migrate::migrate_destination`].
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod bitmap;
+pub mod crypto;
+pub mod dirty;
+pub mod guest;
+mod io;
+pub mod memory;
+pub mod migrate;
+pub mod pipeline;
+pub mod probe;
+pub mod transport;
+pub mod wire;
+pub mod workload;
+
+pub use memory::{GuestAddress, GuestMemory, PageIndex, PAGE_SIZE};
+
+// ferry runs on 64-bit Linux (io_uring, userfaultfd, KVM): a u64 page count
+// or byte offset always fits a usize.
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+compile_error!("ferry-engine supports 64-bit Linux only");
+
+/// A u64 count or offset as a usize (lossless on the 64-bit targets ferry
+/// builds for; see the compile_error above).
+#[inline]
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) const fn usize_from(v: u64) -> usize {
+    v as usize
+}

@@ -1,0 +1,26 @@
+//! What this host can do: tests and the CLI ask before using a kernel
+//! feature, and say plainly what is missing.
+
+/// Whether an io_uring can be created here.
+pub fn io_uring() -> Result<(), String> {
+    io_uring::IoUring::new(2)
+        .map(drop)
+        .map_err(|e| format!("io_uring unavailable ({e}); needs Linux >= 5.11 and sysctl kernel.io_uring_disabled=0"))
+}
+
+/// Whether userfaultfd async write-protect + PAGEMAP_SCAN works here.
+pub fn uffd_wp() -> Result<(), String> {
+    let mem = crate::GuestMemory::new(crate::memory::PAGE_SIZE_U64).map_err(|e| e.to_string())?;
+    let mut t = crate::dirty::UffdWpTracker::new(&mem).map_err(|e| e.to_string())?;
+    crate::dirty::DirtyTracker::start(&mut t).map_err(|e| e.to_string())
+}
+
+/// Whether /dev/kvm can be opened for reading and writing.
+pub fn kvm() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm unavailable ({e})"))
+}

@@ -1,0 +1,377 @@
+//! `ferry demo`: a complete live migration on loopback in one process — a
+//! source with a running guest, a destination, real TCP streams, real
+//! io_uring, real dirty tracking — then a check that the destination's image
+//! is exactly the source's.
+//!
+//! Until the control plane lands, the session keys come from
+//! [`SessionKeys::test_only_unauthenticated`]; the report says so.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::bitmap::AtomicBitmap;
+use ferry_engine::crypto::{AeadBackend, SessionKeys};
+use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
+use ferry_engine::guest::GuestControl;
+use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
+use ferry_engine::pipeline::Integrity;
+use ferry_engine::transport::{accept_streams, connect_streams};
+use ferry_engine::wire::MigrationId;
+use ferry_engine::workload::{self, SyntheticGuest, WorkloadConfig};
+use ferry_engine::{alloc, GuestMemory};
+use serde::Serialize;
+
+/// Which dirty tracker the source uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerKind {
+    /// userfaultfd write-protect + PAGEMAP_SCAN.
+    Uffd,
+    /// The guest marks an atomic bitmap itself.
+    Bitmap,
+}
+
+impl std::str::FromStr for TrackerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uffd" | "uffd-wp" => Ok(TrackerKind::Uffd),
+            "bitmap" => Ok(TrackerKind::Bitmap),
+            o => Err(format!("unknown tracker {o:?}: use uffd or bitmap")),
+        }
+    }
+}
+
+/// Given the destination's address, returns the address the source should
+/// connect to (tests put a relay, or an attacker, in between).
+pub type Interpose = std::sync::Arc<dyn Fn(std::net::SocketAddr) -> std::net::SocketAddr + Send + Sync>;
+
+/// What the demo migrates and how.
+#[derive(Clone)]
+pub struct DemoOptions {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Hot set the guest keeps writing.
+    pub hot_set_bytes: u64,
+    /// Guest writes per second.
+    pub dirty_rate_pages_per_s: u64,
+    /// Fraction of all-zero pages.
+    pub zero_fraction: f64,
+    /// Dirty tracker.
+    pub tracker: TrackerKind,
+    /// Fault the destination's memory in before the transfer.
+    pub prefault_destination: bool,
+    /// Engine settings.
+    pub migration: MigrationConfig,
+    /// Something between source and destination (tests only).
+    pub interpose: Option<Interpose>,
+}
+
+impl std::fmt::Debug for DemoOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoOptions")
+            .field("memory_bytes", &self.memory_bytes)
+            .field("migration", &self.migration)
+            .field("interposed", &self.interpose.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            memory_bytes: 1 << 30,
+            hot_set_bytes: 64 << 20,
+            dirty_rate_pages_per_s: 20_000,
+            zero_fraction: 0.0,
+            tracker: TrackerKind::Uffd,
+            prefault_destination: true,
+            migration: MigrationConfig::default(),
+            interpose: None,
+        }
+    }
+}
+
+/// Everything the demo measured. Field names are the `--json` contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    /// The destination image equals the source's frozen image (after
+    /// replaying the writes the guest made since it resumed), and the guest
+    /// state moved intact.
+    pub verified: bool,
+    /// "synthetic".
+    pub guest: &'static str,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Data streams.
+    pub streams: u16,
+    /// "aead+sha256" or "aead".
+    pub integrity: Integrity,
+    /// AES-GCM implementation.
+    pub aead: AeadBackend,
+    /// Dirty tracker used at the source.
+    pub tracker: &'static str,
+    /// Where the session keys came from.
+    pub keys: &'static str,
+    /// Rounds, the final (paused) one included.
+    pub rounds: usize,
+    /// Guest paused at the source until resumed at the destination.
+    pub downtime_ms: f64,
+    /// From the first page sent until the destination confirmed the resume.
+    pub total_ms: f64,
+    /// Bytes written to the data streams.
+    pub bytes_on_wire: u64,
+    /// Pages sent over all rounds (zero pages included).
+    pub pages_sent: u64,
+    /// Zero pages among them (a header bit each, no page bytes).
+    pub zero_pages: u64,
+    /// Guest bytes moved per second of transfer (GB/s, 10^9).
+    pub throughput_gbps: f64,
+    /// Throughput of the first (full) round alone.
+    pub first_round_gbps: f64,
+    /// Pages written by the guest during the migration.
+    pub guest_writes_during_migration: u64,
+    /// The guest's heartbeat (write counter) when paused at the source.
+    pub heartbeat_before: u64,
+    /// The heartbeat after running at the destination for a moment.
+    pub heartbeat_after: u64,
+    /// The guest ran at the destination after the switchover.
+    pub guest_resumed: bool,
+    /// The source guest stayed paused after the commit.
+    pub source_stopped: bool,
+    /// Device state bytes moved at the switchover.
+    pub device_state_bytes: usize,
+    /// Destination memory faulted in before the transfer ("warm") or not ("cold").
+    pub destination_memory: &'static str,
+    /// Time to prefault the destination's memory, before the transfer.
+    pub dest_prefault_ms: f64,
+    /// Peak heap the engine allocated, both sides together, beyond guest RAM.
+    pub engine_heap_peak_bytes: u64,
+    /// Per-round detail.
+    pub round_detail: Vec<RoundStats>,
+}
+
+/// A migration that did not complete, and where that left the guest.
+#[derive(Debug)]
+pub struct Failure {
+    /// The source's error, if it failed.
+    pub source_error: Option<MigrateError>,
+    /// The destination's error, if it failed.
+    pub destination_error: Option<MigrateError>,
+    /// The guest runs at the source (and, with a dirty rate, keeps writing).
+    pub source_guest_running: bool,
+    /// The guest was ever started at the destination.
+    pub destination_guest_ran: bool,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "migration failed")?;
+        if let Some(e) = &self.source_error {
+            write!(f, "; source: {e}")?;
+        }
+        if let Some(e) = &self.destination_error {
+            write!(f, "; destination: {e}")?;
+        }
+        match (self.source_guest_running, self.destination_guest_ran) {
+            (true, false) => write!(f, "; the guest keeps running at the source, the destination discarded its copy"),
+            (s, d) => write!(f, "; guest running at source: {s}, started at destination: {d}"),
+        }
+    }
+}
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setup failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// The migration failed.
+    #[error("{0}")]
+    Failed(Box<Failure>),
+}
+
+/// Runs the demo, reporting progress lines through `say`.
+pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, DemoError> {
+    let cfg = opts.migration.clone();
+    let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
+    let t = Instant::now();
+    let src_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
+    let marks = (opts.tracker == TrackerKind::Bitmap).then(|| Arc::new(AtomicBitmap::new(src_mem.pages())));
+    let wl = WorkloadConfig {
+        hot_set_bytes: opts.hot_set_bytes.min(opts.memory_bytes),
+        dirty_rate_pages_per_s: opts.dirty_rate_pages_per_s,
+        zero_fraction: opts.zero_fraction,
+        seed: 0x00f3_441e,
+    };
+    let mut src_guest = SyntheticGuest::start(src_mem.clone(), wl, marks.clone());
+    say(&format!(
+        "source: synthetic guest, {} of memory ({}% zero pages) filled in {:.0} ms; writing {} pages/s into a {} hot set",
+        crate::size::human(opts.memory_bytes),
+        (opts.zero_fraction * 100.0).round(),
+        t.elapsed().as_secs_f64() * 1e3,
+        opts.dirty_rate_pages_per_s,
+        crate::size::human(wl.hot_set_bytes),
+    ));
+    let mut tracker: Box<dyn DirtyTracker> = match &marks {
+        Some(m) => Box::new(BitmapTracker::new(m.clone())),
+        None => Box::new(UffdWpTracker::new(&src_mem).map_err(|e| setup(&e))?),
+    };
+
+    let dst_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
+    let t = Instant::now();
+    if opts.prefault_destination {
+        dst_mem.prefault().map_err(|e| setup(&e))?;
+    }
+    let dest_prefault_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut dst_guest = SyntheticGuest::incoming(dst_mem.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
+    let addr = listener.local_addr().map_err(|e| setup(&e))?;
+    let keys = SessionKeys::test_only_unauthenticated(MigrationId(rand_id())).map_err(|e| setup(&e))?;
+    say(&format!(
+        "destination: listening on {addr}, memory {} ({:.0} ms); keys: TEST-ONLY, unauthenticated (control plane not yet wired in)",
+        if opts.prefault_destination { "prefaulted" } else { "cold" },
+        dest_prefault_ms
+    ));
+
+    let heap_base = alloc::current_bytes();
+    alloc::reset_peak();
+    let writes_at_start = src_guest.heartbeat();
+    let (src_result, dst_result) = std::thread::scope(|s| {
+        let dst_keys = keys.clone();
+        let dst_cfg = cfg.clone();
+        let dst_mem = &dst_mem;
+        let dst_guest = &mut dst_guest;
+        let dest = s.spawn(move || {
+            let conns =
+                accept_streams(&listener, dst_cfg.streams, dst_cfg.io_timeout).map_err(|e| MigrateError::Setup {
+                    stream: 0,
+                    source: ferry_engine_io_error(e),
+                })?;
+            migrate_destination(dst_mem, dst_guest, conns, &dst_keys, &dst_cfg)
+        });
+        let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
+        let src = connect_streams(target, cfg.streams, cfg.io_timeout)
+            .map_err(|e| MigrateError::Setup {
+                stream: 0,
+                source: ferry_engine_io_error(e),
+            })
+            .and_then(|conns| migrate_source(&src_mem, tracker.as_mut(), &mut src_guest, conns, &keys, &cfg));
+        let dst = dest.join().unwrap_or(Err(MigrateError::WorkerLost(u16::MAX)));
+        (src, dst)
+    });
+    let engine_heap_peak_bytes = alloc::peak_bytes().saturating_sub(heap_base) as u64;
+    drop(tracker);
+    let (src, dst) = match (src_result, dst_result) {
+        (Ok(s), Ok(d)) => (s, d),
+        (s, d) => {
+            let hb = src_guest.heartbeat();
+            let source_guest_running = src_guest.is_running()
+                && (opts.dirty_rate_pages_per_s == 0 || src_guest.wait_heartbeat(hb, Duration::from_secs(5)));
+            return Err(DemoError::Failed(Box::new(Failure {
+                source_error: s.err(),
+                destination_error: d.err(),
+                source_guest_running,
+                destination_guest_ran: dst_guest.is_running(),
+            })));
+        }
+    };
+
+    for r in &src.rounds {
+        say(&format!(
+            "round {:>2}{}: {:>8} pages ({:>7} zero) {:>10} on the wire in {:>8.1} ms = {:>5.2} GB/s; dirty after: {}",
+            r.round,
+            if r.is_final { " (final, guest paused)" } else { "" },
+            r.pages,
+            r.zero_pages,
+            crate::size::human(r.bytes_on_wire),
+            r.duration_ms,
+            r.throughput_gbps,
+            r.dirty_pages_after
+        ));
+    }
+    let downtime_ms = dst.resumed_at.saturating_duration_since(src.paused_at).as_secs_f64() * 1e3;
+    let total_ms = src
+        .resumed_confirmed_at
+        .saturating_duration_since(src.started_at)
+        .as_secs_f64()
+        * 1e3;
+    let transfer_s = src.committed_at.saturating_duration_since(src.started_at).as_secs_f64();
+    say(&format!(
+        "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination resumed: downtime {downtime_ms:.2} ms",
+        src.device_state_bytes
+    ));
+
+    // Verification: the source is paused for good; let the destination run
+    // a moment, pause it, replay its writes onto the source's frozen image,
+    // and compare the two images byte for byte (by SHA-256).
+    let heartbeat_before = src_guest.heartbeat();
+    let guest_resumed = if opts.dirty_rate_pages_per_s > 0 {
+        dst_guest.wait_heartbeat(heartbeat_before, Duration::from_secs(5))
+    } else {
+        dst_guest.is_running()
+    };
+    dst_guest.pause().map_err(|e| setup(&e))?;
+    let heartbeat_after = dst_guest.heartbeat();
+    let source_stopped = !src_guest.is_running() && src_guest.heartbeat() == heartbeat_before;
+    let frozen_state = src_guest.save_state().map_err(|e| setup(&e))?;
+    let t = Instant::now();
+    let replayed_state = workload::replay(&src_mem, &frozen_state, heartbeat_after).map_err(|e| setup(&e))?;
+    let images_equal = src_mem.digest() == dst_mem.digest();
+    let state_equal = dst_guest.save_state().map_err(|e| setup(&e))? == replayed_state;
+    let verified = images_equal && state_equal && source_stopped;
+    say(&format!(
+        "verify: destination image {} the source's frozen image (+{} replayed guest writes), guest state {}, source {} ({:.0} ms)",
+        if images_equal { "EQUALS" } else { "DIFFERS FROM" },
+        heartbeat_after - heartbeat_before,
+        if state_equal { "equal" } else { "DIFFERENT" },
+        if source_stopped { "stopped" } else { "STILL RUNNING" },
+        t.elapsed().as_secs_f64() * 1e3
+    ));
+
+    Ok(DemoReport {
+        verified,
+        guest: "synthetic",
+        memory_bytes: opts.memory_bytes,
+        streams: cfg.streams,
+        integrity: cfg.integrity,
+        aead: cfg.aead,
+        tracker: src.tracker,
+        keys: "test-only-unauthenticated",
+        rounds: src.rounds.len(),
+        downtime_ms,
+        total_ms,
+        bytes_on_wire: src.bytes_on_wire,
+        pages_sent: src.pages_sent,
+        zero_pages: src.zero_pages,
+        throughput_gbps: if transfer_s > 0.0 {
+            (src.pages_sent * ferry_engine::memory::PAGE_SIZE_U64) as f64 / transfer_s / 1e9
+        } else {
+            0.0
+        },
+        first_round_gbps: src.rounds.first().map_or(0.0, |r| r.throughput_gbps),
+        guest_writes_during_migration: heartbeat_before - writes_at_start,
+        heartbeat_before,
+        heartbeat_after,
+        guest_resumed,
+        source_stopped,
+        device_state_bytes: src.device_state_bytes,
+        destination_memory: if opts.prefault_destination { "warm" } else { "cold" },
+        dest_prefault_ms,
+        engine_heap_peak_bytes,
+        round_detail: src.rounds,
+    })
+}
+
+fn ferry_engine_io_error(e: std::io::Error) -> ferry_engine::migrate::IoError {
+    ferry_engine::migrate::IoError::Connect(e)
+}
+
+/// A migration id: not secret (keys are random), only distinct per run.
+fn rand_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (u64::from(nanos) << 32) ^ u64::from(std::process::id())
+}

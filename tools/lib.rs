@@ -1,0 +1,6 @@
+//! The `ferry` package: the CLI's building blocks (the loopback demo, size
+//! parsing) shared by the binary, the end-to-end tests and the benches.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod size;

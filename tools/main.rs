@@ -1,0 +1,236 @@
+//! The `ferry` command.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use ferry::demo::{self, DemoOptions, TrackerKind};
+use ferry::size::{human, parse_size};
+use ferry_engine::bitmap::DirtyBitmap;
+use ferry_engine::crypto::AeadBackend;
+use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
+use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::pipeline::Integrity;
+use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
+use ferry_engine::GuestMemory;
+
+/// Counts heap bytes so the demo can report what the engine really used.
+#[global_allocator]
+static ALLOC: ferry_engine::alloc::CountingAlloc = ferry_engine::alloc::CountingAlloc;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Secure live VM migration", long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Migrate a running guest from a source to a destination on loopback,
+    /// in this process, and verify the result.
+    #[command(
+        after_help = "Examples:\n  ferry demo\n  ferry demo --json --memory 1GiB --dirty-rate 0\n  ferry demo --streams 1 --integrity aead --zero-fraction 0.5"
+    )]
+    Demo(DemoArgs),
+    /// Run the synthetic guest alone and print the dirty rate the tracker sees.
+    #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
+    Workload(WorkloadArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Print one JSON object instead of progress lines.
+    #[arg(long)]
+    json: bool,
+    /// Guest to migrate: synthetic (the KVM guest comes with its own issue).
+    #[arg(long, default_value = "synthetic", value_parser = ["synthetic"])]
+    guest: String,
+    /// Guest memory size (e.g. 1GiB, 256MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    memory: u64,
+    /// Hot set the guest keeps writing.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    hot_set: u64,
+    /// Guest writes per second (pages/s; 0 = idle guest).
+    #[arg(long, default_value_t = 20_000)]
+    dirty_rate: u64,
+    /// Fraction of all-zero pages in guest memory (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    zero_fraction: f64,
+    /// Data streams (TCP connections, one pinned worker each).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+    /// Page integrity: aead+sha256 (AES-256-GCM plus a SHA-256 per page) or aead.
+    #[arg(long, default_value = "aead+sha256")]
+    integrity: Integrity,
+    /// AES-GCM implementation: ring, or rustcrypto (needs --features rustcrypto-aead).
+    #[arg(long, default_value = "ring")]
+    aead: AeadBackend,
+    /// Downtime target in milliseconds: pre-copy stops when the rest fits.
+    #[arg(long, default_value_t = 50)]
+    downtime_ms_max: u64,
+    /// Pre-copy rounds at most before the final one.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Dirty tracker: uffd (write-protect + PAGEMAP_SCAN) or bitmap (guest-marked).
+    #[arg(long, default_value = "uffd")]
+    tracker: TrackerKind,
+    /// Pages per frame (1..=64).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    chunk_pages: u32,
+    /// Do not fault the destination's memory in before the transfer.
+    #[arg(long)]
+    cold_destination: bool,
+    /// Seconds without network progress before the migration aborts.
+    #[arg(long, default_value_t = 10)]
+    io_timeout_s: u64,
+}
+
+#[derive(Args)]
+struct WorkloadArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    memory: u64,
+    /// Hot set size.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    hot_set: u64,
+    /// Writes per second (pages/s).
+    #[arg(long, default_value_t = 20_000)]
+    dirty_rate: u64,
+    /// Fraction of all-zero pages.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    zero_fraction: f64,
+    /// How long to run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.cmd {
+        Cmd::Demo(a) => run_demo(a),
+        Cmd::Workload(a) => run_workload(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
+    let opts = DemoOptions {
+        memory_bytes: a.memory,
+        hot_set_bytes: a.hot_set,
+        dirty_rate_pages_per_s: a.dirty_rate,
+        zero_fraction: a.zero_fraction,
+        tracker: a.tracker,
+        prefault_destination: !a.cold_destination,
+        migration: MigrationConfig {
+            streams: a.streams,
+            integrity: a.integrity,
+            aead: a.aead,
+            chunk_pages: a.chunk_pages,
+            downtime_ms_max: a.downtime_ms_max,
+            max_rounds: a.max_rounds,
+            io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
+            ..MigrationConfig::default()
+        },
+        interpose: None,
+    };
+    if a.memory == 0 || a.memory % 4096 != 0 {
+        return Err(format!(
+            "--memory must be a positive multiple of 4 KiB, got {}",
+            a.memory
+        ));
+    }
+    let json = a.json;
+    let report = demo::run(&opts, |line| {
+        if !json {
+            println!("{line}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
+            human(report.memory_bytes),
+            report.total_ms,
+            report.throughput_gbps,
+            report.rounds,
+            human(report.bytes_on_wire),
+            report.zero_pages,
+            report.downtime_ms,
+            human(report.engine_heap_peak_bytes),
+            if report.verified { "yes" } else { "NO" }
+        );
+    }
+    Ok(if report.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_workload(a: WorkloadArgs) -> Result<ExitCode, String> {
+    let mem = Arc::new(GuestMemory::new(a.memory).map_err(|e| e.to_string())?);
+    let cfg = WorkloadConfig {
+        hot_set_bytes: a.hot_set.min(a.memory),
+        dirty_rate_pages_per_s: a.dirty_rate,
+        zero_fraction: a.zero_fraction,
+        ..WorkloadConfig::default()
+    };
+    let mut tracker = UffdWpTracker::new(&mem).map_err(|e| e.to_string())?;
+    let guest = SyntheticGuest::start(mem.clone(), cfg, None);
+    tracker.start().map_err(|e| e.to_string())?;
+    println!(
+        "synthetic guest: {} memory, {} hot set, target {} pages/s",
+        human(a.memory),
+        human(cfg.hot_set_bytes),
+        a.dirty_rate
+    );
+    for s in 1..=a.seconds {
+        let t = Instant::now();
+        let before = guest.heartbeat();
+        std::thread::sleep(Duration::from_secs(1));
+        let mut dirty = DirtyBitmap::new(mem.pages());
+        let scan = Instant::now();
+        tracker.collect(&mut dirty).map_err(|e| e.to_string())?;
+        println!(
+            "second {s}: {} writes, {} distinct dirty pages seen by uffd-wp (scan {:.2} ms), over {:.2} s",
+            guest.heartbeat() - before,
+            dirty.count(),
+            scan.elapsed().as_secs_f64() * 1e3,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
