@@ -146,6 +146,10 @@ pub struct DemoReport {
     pub destination_memory: &'static str,
     /// Time to prefault the destination's memory, before the transfer.
     pub dest_prefault_ms: f64,
+    /// Source pages that were holes (never written) before the migration and
+    /// were allocated by it (reading a hole allocates it; ferry sends holes
+    /// without reading them, so this is the guest's own writes only).
+    pub source_holes_filled: u64,
     /// Peak heap the engine allocated, both sides together, beyond guest RAM.
     pub engine_heap_peak_bytes: u64,
     /// Per-round detail.
@@ -175,7 +179,10 @@ impl std::fmt::Display for Failure {
             write!(f, "; destination: {e}")?;
         }
         match (self.source_guest_running, self.destination_guest_ran) {
-            (true, false) => write!(f, "; the guest keeps running at the source, the destination discarded its copy"),
+            (true, false) => write!(
+                f,
+                "; the guest keeps running at the source, the destination discarded its copy"
+            ),
             (s, d) => write!(f, "; guest running at source: {s}, started at destination: {d}"),
         }
     }
@@ -235,6 +242,12 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         dest_prefault_ms
     ));
 
+    let holes = |m: &GuestMemory| -> Result<u64, DemoError> {
+        let mut b = ferry_engine::bitmap::DirtyBitmap::new(m.pages());
+        m.holes_into(&mut b).map_err(|e| setup(&e))?;
+        Ok(b.count())
+    };
+    let holes_before = holes(&src_mem)?;
     let heap_base = alloc::current_bytes();
     alloc::reset_peak();
     let writes_at_start = src_guest.heartbeat();
@@ -278,6 +291,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         }
     };
 
+    let source_holes_filled = holes_before.saturating_sub(holes(&src_mem)?);
     for r in &src.rounds {
         say(&format!(
             "round {:>2}{}: {:>8} pages ({:>7} zero) {:>10} on the wire in {:>8.1} ms = {:>5.2} GB/s; dirty after: {}",
@@ -359,6 +373,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         device_state_bytes: src.device_state_bytes,
         destination_memory: if opts.prefault_destination { "warm" } else { "cold" },
         dest_prefault_ms,
+        source_holes_filled,
         engine_heap_peak_bytes,
         round_detail: src.rounds,
     })

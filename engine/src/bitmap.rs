@@ -80,6 +80,24 @@ impl DirtyBitmap {
         i < self.bits && self.words[crate::usize_from(i / 64)] & (1 << (i % 64)) != 0
     }
 
+    /// Bits `[first, first + count)` as a word (bit 0 = `first`); `count <= 64`.
+    pub fn bits(&self, first: u64, count: u64) -> u64 {
+        assert!(count <= 64 && first + count <= self.bits, "bit range out of bounds");
+        if count == 0 {
+            return 0;
+        }
+        let w = crate::usize_from(first / 64);
+        let shift = first % 64;
+        let mut v = self.words[w] >> shift;
+        if shift != 0 && shift + count > 64 {
+            v |= self.words[w + 1] << (64 - shift);
+        }
+        if count < 64 {
+            v &= (1 << count) - 1;
+        }
+        v
+    }
+
     /// Clears every bit.
     pub fn clear(&mut self) {
         self.words.fill(0);
@@ -285,6 +303,17 @@ mod tests {
                 }).unwrap();
             }
             prop_assert_eq!(seen, set);
+        }
+
+        #[test]
+        fn bits_match_get(bits in 1u64..700, idx in proptest::collection::vec(0u64..700, 0..200), first in 0u64..700, count in 0u64..=64) {
+            let mut b = DirtyBitmap::new(bits);
+            for &i in idx.iter().filter(|i| **i < bits) { b.set(i); }
+            let first = first % bits;
+            let count = count.min(bits - first);
+            let w = b.bits(first, count);
+            for k in 0..count { prop_assert_eq!(w >> k & 1 == 1, b.get(first + k)); }
+            if count < 64 { prop_assert_eq!(w >> count, 0); }
         }
 
         #[test]

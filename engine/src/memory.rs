@@ -233,6 +233,51 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Sets in `out` the bit of every page that is a hole in its memfd: never
+    /// written, so all zeros. Reading such a page would make the kernel
+    /// allocate it; a sender that knows it is a hole sends it as a zero page
+    /// without touching it.
+    pub fn holes_into(&self, out: &mut crate::bitmap::DirtyBitmap) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        let os = |what| MemoryError::Os {
+            what,
+            source: std::io::Error::last_os_error(),
+        };
+        for r in &self.regions {
+            let fd = r.file.as_raw_fd();
+            let len = i64::try_from(r.len_bytes()).map_err(|_| MemoryError::BadSize(r.len_bytes() as u64))?;
+            let mut off = 0i64;
+            while off < len {
+                // SAFETY: lseek on an fd we own; no memory is passed.
+                let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+                if hole < 0 {
+                    return Err(os("lseek(SEEK_HOLE)"));
+                }
+                if hole >= len {
+                    break;
+                }
+                // SAFETY: as above.
+                let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
+                let end = if data < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                        len
+                    } else {
+                        return Err(os("lseek(SEEK_DATA)"));
+                    }
+                } else {
+                    data
+                };
+                let first = hole.unsigned_abs().div_ceil(PAGE_SIZE_U64);
+                let last = end.unsigned_abs() / PAGE_SIZE_U64;
+                if last > first {
+                    out.set_range(r.first_page.0 + first, last - first);
+                }
+                off = end;
+            }
+        }
+        Ok(())
+    }
+
     /// SHA-256 over the whole image, page by page in index order.
     pub fn digest(&self) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -307,6 +352,25 @@ mod tests {
         // A run may not cross a region boundary.
         assert!(m.run_ptr(PageIndex(3), 2).is_none());
         assert!(m.run_ptr(PageIndex(4), 8).is_some());
+    }
+
+    #[test]
+    fn holes_are_the_never_written_pages() {
+        let m = GuestMemory::with_layout(&[
+            (GuestAddress(0), 8 * PAGE_SIZE_U64),
+            (GuestAddress(1 << 20), 4 * PAGE_SIZE_U64),
+        ])
+        .unwrap();
+        for p in [2u64, 3, 9] {
+            assert!(
+                m.write_pages(PageIndex(p), &[0u8; PAGE_SIZE]),
+                "zeros written still allocate"
+            );
+        }
+        let mut holes = crate::bitmap::DirtyBitmap::new(m.pages());
+        m.holes_into(&mut holes).unwrap();
+        let got: Vec<u64> = (0..m.pages()).filter(|p| holes.get(*p)).collect();
+        assert_eq!(got, vec![0, 1, 4, 5, 6, 7, 8, 10, 11]);
     }
 
     #[test]

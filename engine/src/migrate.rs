@@ -283,6 +283,8 @@ enum SrcCmd {
     Round {
         round: u32,
         dirty: Arc<DirtyBitmap>,
+        /// Pages known to be all zero without reading them (memfd holes).
+        known_zero: Option<Arc<DirtyBitmap>>,
         state: Option<Arc<Vec<u8>>>,
         is_final: bool,
     },
@@ -437,11 +439,22 @@ impl SourceCtl<'_> {
         match self.replies.recv_timeout(limit) {
             Ok((s, SrcReply::Failed(e))) => {
                 tracing::debug!("stream {s} failed: {e}");
-                Err(e)
+                Err(self.settle(e))
             }
             Ok(r) => Ok(r),
             Err(_) => Err(MigrateError::WorkerLost(u16::MAX)),
         }
+    }
+
+    /// One stream failing often makes the others fail too (the peer closes
+    /// everything after it says why on one stream). Gives the other streams
+    /// a moment to report and keeps the most telling error.
+    fn settle(&self, first: MigrateError) -> MigrateError {
+        settle_errors(first, || match self.replies.recv_timeout(SETTLE) {
+            Ok((_, SrcReply::Failed(e))) => Some(Some(e)),
+            Ok(_) => Some(None),
+            Err(_) => None,
+        })
     }
 
     fn send(&self, stream: usize, cmd: SrcCmd) -> Result<(), MigrateError> {
@@ -456,9 +469,10 @@ impl SourceCtl<'_> {
         &self,
         round: u32,
         dirty: Arc<DirtyBitmap>,
+        known_zero: Option<Arc<DirtyBitmap>>,
         state: Option<Arc<Vec<u8>>>,
         is_final: bool,
-    ) -> Result<RoundStats, MigrateError> {
+    ) -> Result<(RoundStats, bool), MigrateError> {
         let t0 = Instant::now();
         for i in 0..self.cmd_txs.len() {
             self.send(
@@ -466,6 +480,7 @@ impl SourceCtl<'_> {
                 SrcCmd::Round {
                     round,
                     dirty: dirty.clone(),
+                    known_zero: known_zero.clone(),
                     state: state.clone(),
                     is_final,
                 },
@@ -477,6 +492,7 @@ impl SourceCtl<'_> {
             ..Default::default()
         };
         let mut done = 0;
+        let mut ready = false;
         while done < self.cmd_txs.len() {
             match self.reply()? {
                 (_, SrcReply::RoundDone { stats }) => {
@@ -486,6 +502,9 @@ impl SourceCtl<'_> {
                     total.bytes_on_wire += stats.bytes_on_wire;
                     done += 1;
                 }
+                // Stream 0 may see the destination's Ready before the other
+                // streams report their final round done.
+                (0, SrcReply::Ready) if is_final => ready = true,
                 (s, _) => {
                     return Err(MigrateError::Protocol {
                         stream: s,
@@ -497,7 +516,7 @@ impl SourceCtl<'_> {
         let secs = t0.elapsed().as_secs_f64();
         total.duration_ms = secs * 1e3;
         total.throughput_gbps = gbps(total.pages * PAGE_SIZE_U64, secs);
-        Ok(total)
+        Ok((total, ready))
     }
 
     fn drive(
@@ -511,6 +530,13 @@ impl SourceCtl<'_> {
     ) -> Result<SourceReport, MigrateError> {
         let pages = mem.pages();
         tracker.start()?;
+        // Never-written pages (memfd holes) go as zero pages without being
+        // read: reading would make the kernel allocate them. Taken after
+        // tracking started, so a hole written later is dirty in round 2.
+        let mut holes = DirtyBitmap::new(pages);
+        mem.holes_into(&mut holes)
+            .map_err(|e| MigrateError::Config(format!("cannot map guest memory holes: {e}")))?;
+        let mut holes = Some(Arc::new(holes));
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut dirty = Arc::new(DirtyBitmap::full(pages));
         // Guest bytes per second, from the largest round so far.
@@ -518,7 +544,7 @@ impl SourceCtl<'_> {
         let mut largest = 0u64;
         let mut round = 1u32;
         loop {
-            let mut stats = self.run_round(round, dirty, None, false)?;
+            let (mut stats, _) = self.run_round(round, dirty, holes.take(), None, false)?;
             if stats.pages >= largest && stats.duration_ms > 0.0 {
                 largest = stats.pages;
                 bandwidth = stats.pages as f64 * PAGE_SIZE_U64 as f64 / (stats.duration_ms / 1e3);
@@ -570,18 +596,20 @@ impl SourceCtl<'_> {
         let scan_ms = t.elapsed().as_secs_f64() * 1e3;
         let state = Arc::new(guest.save_state()?);
         let device_state_bytes = state.len();
-        let mut fin = self.run_round(round + 1, Arc::new(last), Some(state), true)?;
+        let (mut fin, ready) = self.run_round(round + 1, Arc::new(last), None, Some(state), true)?;
         fin.dirty_scan_ms = scan_ms;
         rounds.push(fin);
 
         // Stream 0 reports the destination's Ready: the commit point.
-        match self.reply()? {
-            (0, SrcReply::Ready) => {}
-            (s, _) => {
-                return Err(MigrateError::Protocol {
-                    stream: s,
-                    detail: "expected Ready from the destination".into(),
-                })
+        if !ready {
+            match self.reply()? {
+                (0, SrcReply::Ready) => {}
+                (s, _) => {
+                    return Err(MigrateError::Protocol {
+                        stream: s,
+                        detail: "expected Ready from the destination".into(),
+                    })
+                }
             }
         }
         *committed = true;
@@ -606,6 +634,41 @@ impl SourceCtl<'_> {
             started_at,
         })
     }
+}
+
+/// How long a failing side waits for its other streams' reports.
+const SETTLE: Duration = Duration::from_millis(250);
+
+impl MigrateError {
+    /// How much the error tells an operator: the peer's own reason first,
+    /// then what was wrong with the data, then a stream that merely closed.
+    fn rank(&self) -> u8 {
+        match self {
+            MigrateError::PeerAborted { .. } => 0,
+            MigrateError::Transport { .. } | MigrateError::Setup { .. } | MigrateError::WorkerLost(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Keeps the best-ranked of `first` and the errors `next` yields
+/// (`Some(Some(e))` an error, `Some(None)` another reply, `None` no more).
+fn settle_errors(first: MigrateError, mut next: impl FnMut() -> Option<Option<MigrateError>>) -> MigrateError {
+    let mut best = first;
+    if best.rank() == 0 {
+        return best;
+    }
+    while let Some(r) = next() {
+        if let Some(e) = r {
+            if e.rank() < best.rank() {
+                best = e;
+                if best.rank() == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    best
 }
 
 /// Guest bytes per second in GB/s.
@@ -847,11 +910,17 @@ impl<'a> SendWorker<'a> {
                 SrcCmd::Round {
                     round,
                     dirty,
+                    known_zero,
                     state,
                     is_final,
                 } => {
                     self.round = round;
-                    let stats = self.send_round(&dirty, state.as_deref().map(|v| v.as_slice()), is_final)?;
+                    let stats = self.send_round(
+                        &dirty,
+                        known_zero.as_deref(),
+                        state.as_deref().map(|v| v.as_slice()),
+                        is_final,
+                    )?;
                     let _ = replies.send((stream, SrcReply::RoundDone { stats }));
                     if is_final && stream == 0 {
                         while !self.ready {
@@ -877,6 +946,7 @@ impl<'a> SendWorker<'a> {
     fn send_round(
         &mut self,
         dirty: &DirtyBitmap,
+        known_zero: Option<&DirtyBitmap>,
         state: Option<&[u8]>,
         is_final: bool,
     ) -> Result<RoundStats, MigrateError> {
@@ -894,6 +964,7 @@ impl<'a> SendWorker<'a> {
             self.boundaries,
             |first, count| -> Result<(), MigrateError> {
                 self.reserve(max_frame)?;
+                let zero_hint = known_zero.map_or(0, |z| z.bits(first, count));
                 let e = pipeline::encode_pages(
                     self.mem,
                     PageIndex(first),
@@ -902,6 +973,7 @@ impl<'a> SendWorker<'a> {
                     self.round,
                     Seq(self.next_seq),
                     self.cfg.integrity,
+                    zero_hint,
                     &mut self.tx,
                     &mut self.cur,
                 );
@@ -1186,7 +1258,13 @@ fn dest_drive(
                     });
                 }
             }
-            DstReply::Failed(e) => return Err(e),
+            DstReply::Failed(e) => {
+                return Err(settle_errors(e, || match replies.recv_timeout(SETTLE) {
+                    Ok((_, DstReply::Failed(e))) => Some(Some(e)),
+                    Ok(_) => Some(None),
+                    Err(_) => None,
+                }))
+            }
         }
         if !ready_sent && finals == n && hellos == n {
             let (Some(s), Some(z)) = (state.as_ref(), zero_worker) else {
@@ -1230,6 +1308,8 @@ struct RecvWorker<'a> {
     ready_due: bool,
     resumed_due: bool,
     phase: RecvPhase,
+    /// Round of the last frame received (for error reports).
+    round: u32,
     frames: u64,
     pages: u64,
 }
@@ -1268,6 +1348,7 @@ impl<'a> RecvWorker<'a> {
             ready_due: false,
             resumed_due: false,
             phase: RecvPhase::Rounds,
+            round: 0,
             frames: 0,
             pages: 0,
         })
@@ -1325,8 +1406,10 @@ impl<'a> RecvWorker<'a> {
                 RecvPhase::AwaitCommit => "waiting for the source's Commit",
                 _ => "sending",
             };
-            let round = 0;
-            let ev = self.conn.wait().map_err(MigrateError::io(self.sid(), round, during))?;
+            let ev = self
+                .conn
+                .wait()
+                .map_err(MigrateError::io(self.sid(), self.round, during))?;
             match ev {
                 Event::Sent(mut b) => {
                     b.clear();
@@ -1358,12 +1441,13 @@ impl<'a> RecvWorker<'a> {
         let mem = self.mem;
         let index = self.index;
         let ack_every = self.cfg.ack_every;
-        let (phase, since_ack, ack_due, frames, pages) = (
+        let (phase, since_ack, ack_due, frames, pages, round) = (
             &mut self.phase,
             &mut self.since_ack,
             &mut self.ack_due,
             &mut self.frames,
             &mut self.pages,
+            &mut self.round,
         );
         self.inbox.on_received(
             &mut self.conn,
@@ -1376,6 +1460,7 @@ impl<'a> RecvWorker<'a> {
             |h, plain| {
                 *frames += 1;
                 *since_ack += 1;
+                *round = (*round).max(h.round);
                 let proto = |d: String| MigrateError::Protocol { stream, detail: d };
                 match (h.kind, *phase) {
                     (Kind::Hello, RecvPhase::Rounds) if h.seq.0 == 0 => {

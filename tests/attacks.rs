@@ -1,0 +1,141 @@
+//! Attacks on the data plane, on real sockets through a relay that tampers
+//! with the source→destination stream. Each must fail closed: the
+//! destination never runs the guest, the source's guest keeps running, and
+//! the error names what happened (stream, sequence, round).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{relay, Attack, Target};
+use ferry::demo::{self, DemoError, Failure};
+use ferry_engine::migrate::{IoError, MigrateError};
+
+fn attack(name: &str, target: Target) -> Option<Box<Failure>> {
+    if !common::host_ready(name) {
+        return None;
+    }
+    let mut o = common::small(32 << 20, 2);
+    o.migration.io_timeout = Duration::from_secs(2);
+    o.interpose = Some(relay(Some(target), 2));
+    match demo::run(&o, |_| {}) {
+        Ok(r) => panic!(
+            "{name}: the migration succeeded despite the attack (verified={})",
+            r.verified
+        ),
+        Err(DemoError::Failed(f)) => {
+            eprintln!("{name}: {f}");
+            assert!(f.source_guest_running, "{name}: the source guest is not running: {f}");
+            assert!(
+                !f.destination_guest_ran,
+                "{name}: the destination started the guest: {f}"
+            );
+            assert!(f.source_error.is_some(), "{name}: the source did not notice: {f}");
+            Some(f)
+        }
+        Err(e) => panic!("{name}: setup failed: {e}"),
+    }
+}
+
+fn at(attack: Attack, stream: u16, frame: u64) -> Target {
+    Target { attack, stream, frame }
+}
+
+#[test]
+fn flipped_bit_is_an_integrity_error_naming_stream_and_sequence() {
+    let Some(f) = attack("flipped_bit", at(Attack::FlipBit, 1, 7)) else {
+        return;
+    };
+    match &f.destination_error {
+        Some(MigrateError::Integrity {
+            stream: 1,
+            seq: 7,
+            round: 1,
+            ..
+        }) => {}
+        other => panic!("expected an integrity error on stream 1 at sequence 7, got {other:?}"),
+    }
+    // The destination told the source why.
+    let src = f.source_error.as_ref().map(ToString::to_string).unwrap_or_default();
+    assert!(
+        src.contains("integrity check failed on stream 1 at sequence 7"),
+        "source saw: {src}"
+    );
+}
+
+#[test]
+fn replayed_frame_is_a_sequence_error() {
+    let Some(f) = attack("replayed_frame", at(Attack::Replay, 0, 5)) else {
+        return;
+    };
+    match &f.destination_error {
+        Some(MigrateError::Sequence {
+            stream: 0,
+            expected: 6,
+            got: 5,
+            ..
+        }) => {}
+        other => panic!("expected a sequence error (expected 6, got 5), got {other:?}"),
+    }
+}
+
+#[test]
+fn reordered_frames_are_a_sequence_error() {
+    let Some(f) = attack("reordered_frames", at(Attack::Reorder, 1, 3)) else {
+        return;
+    };
+    match &f.destination_error {
+        Some(MigrateError::Sequence {
+            stream: 1,
+            expected: 3,
+            got: 4,
+            ..
+        }) => {}
+        other => panic!("expected a sequence error (expected 3, got 4), got {other:?}"),
+    }
+}
+
+#[test]
+fn truncated_frame_aborts() {
+    let Some(f) = attack("truncated_frame", at(Attack::Truncate, 0, 9)) else {
+        return;
+    };
+    match &f.destination_error {
+        Some(MigrateError::Transport {
+            stream: 0,
+            source: IoError::Closed,
+            ..
+        }) => {}
+        other => panic!("expected the destination to see stream 0 closed mid-frame, got {other:?}"),
+    }
+}
+
+#[test]
+fn connection_cut_mid_round_aborts() {
+    let Some(f) = attack("connection_cut", at(Attack::Cut, 1, 40)) else {
+        return;
+    };
+    assert!(f.destination_error.is_some(), "destination did not notice the cut");
+}
+
+#[test]
+fn dead_peer_times_out_and_the_source_keeps_the_guest() {
+    let t = Instant::now();
+    let Some(f) = attack("dead_peer", at(Attack::Blackhole, 0, 12)) else {
+        return;
+    };
+    let text = f.to_string();
+    assert!(text.contains("no progress") || text.contains("closed"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(30), "aborting took {:?}", t.elapsed());
+}
+
+#[test]
+fn plain_relay_does_not_disturb_a_migration() {
+    if !common::host_ready("plain_relay") {
+        return;
+    }
+    let mut o = common::small(32 << 20, 2);
+    o.interpose = Some(relay(None, 2));
+    let r = demo::run(&o, |_| {}).expect("migration through an honest relay");
+    assert!(r.verified);
+}

@@ -1,0 +1,167 @@
+//! Shared pieces of the end-to-end tests: host capability checks and a
+//! frame-aware TCP relay that can attack the source→destination direction.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::demo::{DemoOptions, Interpose};
+use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::wire::{FrameHeader, HEADER_LEN};
+
+/// Returns false (after printing a loud SKIPPED line) when the host lacks
+/// io_uring or userfaultfd write-protect.
+pub fn host_ready(test: &str) -> bool {
+    for (what, r) in [
+        ("io_uring", ferry_engine::probe::io_uring()),
+        ("userfaultfd write-protect", ferry_engine::probe::uffd_wp()),
+    ] {
+        if let Err(why) = r {
+            eprintln!("SKIPPED {test}: {what} missing on this host: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// Small, fast migration settings for tests.
+pub fn small(memory_bytes: u64, streams: u16) -> DemoOptions {
+    DemoOptions {
+        memory_bytes,
+        hot_set_bytes: 8 << 20,
+        dirty_rate_pages_per_s: 20_000,
+        zero_fraction: 0.0,
+        prefault_destination: false,
+        migration: MigrationConfig {
+            streams,
+            io_timeout: Duration::from_secs(5),
+            ..MigrationConfig::default()
+        },
+        ..DemoOptions::default()
+    }
+}
+
+/// What the relay does to the frames of one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attack {
+    /// Flip one bit in the payload of frame `n`.
+    FlipBit,
+    /// Send frame `n` twice.
+    Replay,
+    /// Send frame `n + 1` before frame `n`.
+    Reorder,
+    /// Send the first half of frame `n`, then close.
+    Truncate,
+    /// Close both directions before frame `n`.
+    Cut,
+    /// Stop forwarding anything from frame `n` on, keeping the connection open.
+    Blackhole,
+}
+
+/// Where the attack strikes: a stream (by the id in its frames) and the
+/// index of a frame on it (0 is the Hello).
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub attack: Attack,
+    pub stream: u16,
+    pub frame: u64,
+}
+
+/// An `Interpose` hook that starts a relay in front of the destination,
+/// attacking `target` (or just relaying when `None`).
+pub fn relay(target: Option<Target>, streams: u16) -> Interpose {
+    Arc::new(move |dest: SocketAddr| {
+        let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+        let addr = l.local_addr().expect("relay addr");
+        std::thread::spawn(move || {
+            for _ in 0..streams {
+                let Ok((src, _)) = l.accept() else { return };
+                let Ok(dst) = TcpStream::connect(dest) else { return };
+                for s in [&src, &dst] {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    s.set_nodelay(true).ok();
+                }
+                let (src2, dst2) = (src.try_clone().expect("clone"), dst.try_clone().expect("clone"));
+                // Destination → source: plain copy.
+                std::thread::spawn(move || pipe(dst2, src2));
+                // Source → destination: frame by frame.
+                std::thread::spawn(move || frames(src, dst, target));
+            }
+        });
+        addr
+    })
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn read_frame(from: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut hb = [0u8; HEADER_LEN];
+    from.read_exact(&mut hb).ok()?;
+    let h = FrameHeader::decode(&hb).ok()?;
+    let mut f = vec![0u8; h.frame_len()];
+    f[..HEADER_LEN].copy_from_slice(&hb);
+    from.read_exact(&mut f[HEADER_LEN..]).ok()?;
+    Some(f)
+}
+
+fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>) {
+    let close = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.shutdown(Shutdown::Both);
+        let _ = b.shutdown(Shutdown::Both);
+    };
+    let mut index = 0u64;
+    let mut stream = None;
+    while let Some(mut f) = read_frame(&mut from) {
+        let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
+        stream.get_or_insert(h.stream.0);
+        let hit = target.filter(|t| Some(t.stream) == stream && t.frame == index);
+        index += 1;
+        let ok = match hit.map(|t| t.attack) {
+            None => to.write_all(&f).is_ok(),
+            Some(Attack::FlipBit) => {
+                let at = HEADER_LEN + (f.len() - HEADER_LEN) / 2;
+                f[at] ^= 0x10;
+                to.write_all(&f).is_ok()
+            }
+            Some(Attack::Replay) => to.write_all(&f).is_ok() && to.write_all(&f).is_ok(),
+            Some(Attack::Reorder) => match read_frame(&mut from) {
+                Some(next) => {
+                    index += 1;
+                    to.write_all(&next).is_ok() && to.write_all(&f).is_ok()
+                }
+                None => false,
+            },
+            Some(Attack::Truncate) => {
+                let _ = to.write_all(&f[..f.len() / 2]);
+                false
+            }
+            Some(Attack::Cut) => false,
+            Some(Attack::Blackhole) => {
+                // Keep both sockets open, forward nothing, until the peers give up.
+                let mut sink = vec![0u8; 64 << 10];
+                while matches!(from.read(&mut sink), Ok(n) if n > 0) {}
+                false
+            }
+        };
+        if !ok {
+            close(&from, &to);
+            return;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
