@@ -130,6 +130,22 @@ fn dead_peer_times_out_and_the_source_keeps_the_guest() {
 }
 
 #[test]
+fn a_duplicated_stream_cannot_stand_in_for_a_missing_one() {
+    // A man in the middle copies stream 0's (authentic) frames onto the
+    // connection of stream 1 and drops stream 1: the destination must not
+    // take two copies of stream 0 for a complete migration.
+    let Some(f) = attack("duplicated_stream", at(Attack::Duplicate, 1, 0)) else {
+        return;
+    };
+    let dst = f
+        .destination_error
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(dst.contains("stream 0 opened twice"), "destination saw: {dst}");
+}
+
+#[test]
 fn plain_relay_does_not_disturb_a_migration() {
     if !common::host_ready("plain_relay") {
         return;

@@ -1123,7 +1123,7 @@ enum DstCmd {
 }
 
 enum DstReply {
-    Hello,
+    Hello(u16),
     Final,
     State(Vec<u8>),
     Commit,
@@ -1217,6 +1217,8 @@ fn dest_drive(
 ) -> Result<Instant, MigrateError> {
     let n = cmd_txs.len();
     let (mut hellos, mut finals, mut done) = (0, 0, 0);
+    // Streams whose Hello arrived (streams <= 64, checked by validate()).
+    let mut seen = 0u64;
     let mut state: Option<Vec<u8>> = None;
     let mut ready_sent = false;
     let mut resumed_at = None;
@@ -1235,7 +1237,18 @@ fn dest_drive(
             Err(RecvTimeoutError::Disconnected) => return Err(MigrateError::WorkerLost(u16::MAX)),
         };
         match r {
-            DstReply::Hello => {
+            DstReply::Hello(stream) => {
+                // Every stream exactly once: a connection that repeats another
+                // stream (a copied or replayed connection) would otherwise
+                // stand in for a stream that never arrived.
+                let bit = 1u64 << stream;
+                if seen & bit != 0 {
+                    return Err(MigrateError::Protocol {
+                        stream,
+                        detail: format!("stream {stream} opened twice: a duplicated or replayed connection"),
+                    });
+                }
+                seen |= bit;
                 hellos += 1;
             }
             DstReply::Final => finals += 1,
@@ -1473,7 +1486,7 @@ impl<'a> RecvWorker<'a> {
                                 integrity.as_str()
                             )));
                         }
-                        let _ = replies.send((index, DstReply::Hello));
+                        let _ = replies.send((index, DstReply::Hello(stream)));
                     }
                     (Kind::Pages, RecvPhase::Rounds) if h.seq.0 > 0 => {
                         if stream_of(h.first_page, streams) != stream {

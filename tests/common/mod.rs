@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry::demo::{DemoOptions, Interpose};
@@ -58,6 +58,9 @@ pub enum Attack {
     Cut,
     /// Stop forwarding anything from frame `n` on, keeping the connection open.
     Blackhole,
+    /// Drop everything of stream `stream` and send a copy of another
+    /// stream's frames on its connection instead (`frame` is ignored).
+    Duplicate,
 }
 
 /// Where the attack strikes: a stream (by the id in its frames) and the
@@ -75,6 +78,9 @@ pub fn relay(target: Option<Target>, streams: u16) -> Interpose {
     Arc::new(move |dest: SocketAddr| {
         let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         let addr = l.local_addr().expect("relay addr");
+        // For Attack::Duplicate: the victim connection's writer and the
+        // frames another stream sent before the victim connected.
+        let victim: Arc<Mutex<Copying>> = Arc::new(Mutex::new(Copying::default()));
         std::thread::spawn(move || {
             for _ in 0..streams {
                 let Ok((src, _)) = l.accept() else { return };
@@ -87,7 +93,8 @@ pub fn relay(target: Option<Target>, streams: u16) -> Interpose {
                 // Destination → source: plain copy.
                 std::thread::spawn(move || pipe(dst2, src2));
                 // Source → destination: frame by frame.
-                std::thread::spawn(move || frames(src, dst, target));
+                let victim = victim.clone();
+                std::thread::spawn(move || frames(src, dst, target, &victim));
             }
         });
         addr
@@ -119,7 +126,15 @@ fn read_frame(from: &mut TcpStream) -> Option<Vec<u8>> {
     Some(f)
 }
 
-fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>) {
+/// Attack::Duplicate's shared state: where the copy goes, and what to replay
+/// there first.
+#[derive(Default)]
+pub struct Copying {
+    to: Option<TcpStream>,
+    history: Vec<Vec<u8>>,
+}
+
+fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim: &Mutex<Copying>) {
     let close = |a: &TcpStream, b: &TcpStream| {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
@@ -129,10 +144,32 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>) {
     while let Some(mut f) = read_frame(&mut from) {
         let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
         stream.get_or_insert(h.stream.0);
+        if let Some(t) = target.filter(|t| t.attack == Attack::Duplicate) {
+            let mut c = victim.lock().expect("copy lock");
+            if Some(t.stream) == stream {
+                // The victim: its own frames are dropped; its connection to
+                // the destination carries the other stream's frames instead.
+                if index == 0 {
+                    let mut v = to.try_clone().expect("clone");
+                    for old in c.history.drain(..) {
+                        let _ = v.write_all(&old);
+                    }
+                    c.to = Some(v);
+                }
+                index += 1;
+                continue;
+            }
+            match c.to.as_mut() {
+                Some(v) => {
+                    let _ = v.write_all(&f);
+                }
+                None => c.history.push(f.clone()),
+            }
+        }
         let hit = target.filter(|t| Some(t.stream) == stream && t.frame == index);
         index += 1;
         let ok = match hit.map(|t| t.attack) {
-            None => to.write_all(&f).is_ok(),
+            None | Some(Attack::Duplicate) => to.write_all(&f).is_ok(),
             Some(Attack::FlipBit) => {
                 let at = HEADER_LEN + (f.len() - HEADER_LEN) / 2;
                 f[at] ^= 0x10;
