@@ -126,3 +126,13 @@ fn many_small_migrations_all_commit() {
         assert!(r.verified, "run {i} did not verify");
     }
 }
+
+#[test]
+fn one_stream_random_memory_aead() {
+    run_case(1, 0.0, Integrity::Aead);
+}
+
+#[test]
+fn two_streams_half_zero_aead() {
+    run_case(2, 0.5, Integrity::Aead);
+}

@@ -294,7 +294,42 @@ pub fn pages_payload_len(page_count: u32, zero_mask: u64, digests: bool) -> usiz
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoder, and whatever it accepts
+        /// is within the limits and re-encodes to the same bytes.
+        #[test]
+        fn decode_is_total_and_bounded(bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {
+            let b: [u8; HEADER_LEN] = bytes.try_into().unwrap();
+            if let Ok(h) = FrameHeader::decode(&b) {
+                prop_assert!(h.frame_len() <= MAX_FRAME);
+                prop_assert!(h.page_count <= MAX_FRAME_PAGES);
+                prop_assert_eq!(h.encode(), b);
+            }
+        }
+
+        /// Valid magic and version with random fields: same properties.
+        #[test]
+        fn decode_random_fields(kind in 0u8..12, flags in any::<u8>(), pages in any::<u32>(), mask in any::<u64>(), len in any::<u32>()) {
+            let mut b = [0u8; HEADER_LEN];
+            b[0..4].copy_from_slice(&MAGIC);
+            b[4] = VERSION;
+            b[5] = kind;
+            b[6] = flags;
+            b[40..48].copy_from_slice(&mask.to_le_bytes());
+            b[48..52].copy_from_slice(&pages.to_le_bytes());
+            b[52..56].copy_from_slice(&len.to_le_bytes());
+            if let Ok(h) = FrameHeader::decode(&b) {
+                prop_assert!(h.frame_len() <= MAX_FRAME);
+                if h.kind == Kind::Pages {
+                    prop_assert_eq!(h.payload_len as usize, pages_payload_len(h.page_count, h.zero_mask, h.flags & FLAG_DIGESTS != 0));
+                }
+            }
+        }
+    }
 
     fn pages_header() -> FrameHeader {
         FrameHeader {
