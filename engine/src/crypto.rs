@@ -104,9 +104,29 @@ impl SessionKeys {
         }
     }
 
+    /// Keys from the control plane's exported secret (RFC 8446 7.5 exporter
+    /// output of the mutually authenticated control session). Only the
+    /// control plane's admission step calls this; see `ferry-control`.
+    #[doc(hidden)]
+    pub fn from_control_plane_secret(migration: MigrationId, secret: &[u8; 32]) -> SessionKeys {
+        Self::from_secret(migration, secret)
+    }
+
     /// The migration these keys belong to.
     pub fn migration(&self) -> MigrationId {
         self.migration
+    }
+
+    /// The key that data connections MAC their preamble with.
+    pub(crate) fn connection_key(&self) -> ring::hmac::Key {
+        let mig_b = self.migration.0.to_be_bytes();
+        let info: [&[u8]; 2] = [b"ferry v1 connection key", &mig_b];
+        let mut k = [0u8; 32];
+        self.prk
+            .expand(&info, KeyLen(32))
+            .and_then(|okm| okm.fill(&mut k))
+            .expect("HKDF-SHA256 can always expand 32 bytes");
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)
     }
 
     fn key_bytes(&self, dir: Direction, stream: StreamId, epoch: u64) -> [u8; 32] {

@@ -27,6 +27,9 @@ pub enum IoError {
     /// A data stream could not be opened (connect or accept).
     #[error("cannot open data stream: {0}")]
     Connect(#[source] std::io::Error),
+    /// The data connection's session proof failed or could not be exchanged.
+    #[error("{0}")]
+    Preamble(String),
     /// A send or receive failed (reset, broken pipe...).
     #[error("{op} failed: {source}")]
     Op {

@@ -849,9 +849,13 @@ impl<'a> SendWorker<'a> {
         mem: &'a GuestMemory,
         keys: &SessionKeys,
         cfg: &'a MigrationConfig,
-        sock: TcpStream,
+        mut sock: TcpStream,
         boundaries: &'a [u64],
     ) -> Result<Self, MigrateError> {
+        crate::transport::prove_stream(&mut sock, keys, stream, cfg.io_timeout).map_err(|e| MigrateError::Setup {
+            stream,
+            source: IoError::Preamble(e.to_string()),
+        })?;
         let conn = Conn::new(sock, cfg.io_timeout).map_err(|source| MigrateError::Setup { stream, source })?;
         let id = StreamId(stream);
         Ok(SendWorker {
@@ -1333,15 +1337,27 @@ impl<'a> RecvWorker<'a> {
         mem: &'a GuestMemory,
         keys: &'a SessionKeys,
         cfg: &'a MigrationConfig,
-        sock: TcpStream,
+        mut sock: TcpStream,
     ) -> Result<Self, MigrateError> {
         let s = u16::try_from(index).unwrap_or(u16::MAX);
-        // Which stream this connection carries is known from its Hello's
-        // header, peeked (not consumed) before any key is chosen.
-        let stream = peek_stream_id(&sock, cfg).map_err(|e| match e {
-            MigrateError::Setup { source, .. } => MigrateError::Setup { stream: s, source },
-            other => other,
+        // Which stream this connection carries, proven with a MAC over a
+        // fresh nonce under this session's key before any frame is read.
+        let stream = crate::transport::verify_stream(&mut sock, keys, cfg.io_timeout).map_err(|e| match e {
+            crate::transport::PreambleError::BadProof(st) => MigrateError::Protocol {
+                stream: st,
+                detail: e.to_string(),
+            },
+            other => MigrateError::Setup {
+                stream: s,
+                source: IoError::Preamble(other.to_string()),
+            },
         })?;
+        if stream >= cfg.streams {
+            return Err(MigrateError::Protocol {
+                stream,
+                detail: format!("stream {stream} of {}", cfg.streams),
+            });
+        }
         let conn = Conn::new(sock, cfg.io_timeout).map_err(|source| MigrateError::Setup { stream, source })?;
         let id = StreamId(stream);
         let rx = StreamCrypto::new(keys, Direction::ToDestination, id, cfg.aead);
@@ -1585,54 +1601,4 @@ impl<'a> RecvWorker<'a> {
             .start_send(out)
             .map_err(MigrateError::io(self.sid(), 0, "sending acknowledgements"))
     }
-}
-
-/// Peeks (without consuming) the first frame header on `sock` and returns
-/// the stream its Hello names; bounded by the I/O timeout.
-fn peek_stream_id(sock: &TcpStream, cfg: &MigrationConfig) -> Result<u16, MigrateError> {
-    let setup = |e: std::io::Error| MigrateError::Setup {
-        stream: u16::MAX,
-        source: IoError::Op { op: "recv", source: e },
-    };
-    let deadline = Instant::now() + cfg.io_timeout;
-    let mut hb = [0u8; HEADER_LEN];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(MigrateError::Setup {
-                stream: u16::MAX,
-                source: IoError::Timeout(cfg.io_timeout),
-            });
-        }
-        sock.set_read_timeout(Some(left)).map_err(setup)?;
-        match sock.peek(&mut hb) {
-            Ok(0) => {
-                return Err(MigrateError::Setup {
-                    stream: u16::MAX,
-                    source: IoError::Closed,
-                })
-            }
-            Ok(n) if n >= HEADER_LEN => break,
-            Ok(_) => std::thread::sleep(Duration::from_millis(1)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(setup(e)),
-        }
-    }
-    sock.set_read_timeout(None).map_err(setup)?;
-    let h = FrameHeader::decode(&hb).map_err(|source| MigrateError::Malformed {
-        stream: u16::MAX,
-        after_seq: 0,
-        source,
-    })?;
-    if h.kind != Kind::Hello || h.seq.0 != 0 || h.stream.0 >= cfg.streams {
-        return Err(MigrateError::Protocol {
-            stream: h.stream.0,
-            detail: "the first frame must be a Hello for a known stream".into(),
-        });
-    }
-    Ok(h.stream.0)
 }

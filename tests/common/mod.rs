@@ -43,6 +43,9 @@ pub fn small(memory_bytes: u64, streams: u16) -> DemoOptions {
     }
 }
 
+/// Bytes of the data connection's session proof (stream id + HMAC).
+pub const PREAMBLE_LEN: usize = 2 + 32;
+
 /// What the relay does to the frames of one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attack {
@@ -139,11 +142,23 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
     };
+    // The session proof (stream id + MAC) precedes the frames; it travels
+    // with the Hello as the first unit (for Duplicate, it is copied too).
+    let mut first = vec![0u8; PREAMBLE_LEN];
+    if from.read_exact(&mut first).is_err() {
+        close(&from, &to);
+        return;
+    }
+    let Some(hello) = read_frame(&mut from) else {
+        close(&from, &to);
+        return;
+    };
+    let h = FrameHeader::decode(hello[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
+    let stream = Some(h.stream.0);
+    first.extend_from_slice(&hello);
+    let mut next = Some(first);
     let mut index = 0u64;
-    let mut stream = None;
-    while let Some(mut f) = read_frame(&mut from) {
-        let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
-        stream.get_or_insert(h.stream.0);
+    while let Some(mut f) = next.take().or_else(|| read_frame(&mut from)) {
         if let Some(t) = target.filter(|t| t.attack == Attack::Duplicate) {
             let mut c = victim.lock().expect("copy lock");
             if Some(t.stream) == stream {
