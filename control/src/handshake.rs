@@ -1,0 +1,449 @@
+//! The migration request and mutual authentication (paper steps 5-7).
+//!
+//! ```text
+//! source host (TLS client, host cert)              destination daemon (TLS server, host cert)
+//!   TLS 1.3, both certificates verified against the CA; ephemeral ECDHE
+//!   MigrationRequest { authz ticket, offer, ECDSA sig by source host key } ──▶
+//!       checks: peer cert fingerprint = ticket.source_fp; ticket signed by the
+//!       trusted authz key, fresh, for this host; nonce never seen (durable);
+//!       request signature by the peer's key; incoming policy; admission
+//!   ◀── Accept { migration id, data port, signed platform measurement } | Deny { reason }
+//!   source checks: the server certificate is for ticket.dest_host (rustls),
+//!   the acceptance signature, the measurement against its pins
+//!   both: keys = HKDF(TLS exporter("EXPORTER-ferry-data-v1", migration id))
+//! ```
+//! The data-plane keys exist only inside an [`Admitted`], which only these
+//! functions construct, after every check has passed.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use ferry_engine::crypto::SessionKeys;
+use ferry_engine::wire::MigrationId;
+use rustls::{ClientConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::pki::Identity;
+use crate::policy::Policy;
+use crate::replay::ReplayCache;
+use crate::ticket::{self, AuthzClaims, SignedTicket};
+use crate::tls::{Channel, TlsError};
+
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-data-v1";
+
+/// What the source proposes to send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// VM id (must match the ticket).
+    pub vm: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Data streams.
+    pub streams: u16,
+    /// Integrity mode name.
+    pub integrity: String,
+}
+
+/// The source's signed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationRequest {
+    /// The authorization ticket.
+    pub ticket: SignedTicket,
+    /// What will be sent.
+    pub offer: Offer,
+    /// base64url ECDSA P-256 signature by the source host key (non-repudiation).
+    pub sig: String,
+}
+
+/// What the destination runs: SHA-256 of its binary and of its effective config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measurement {
+    /// SHA-256 of the running ferry binary (hex).
+    pub binary_sha256: String,
+    /// SHA-256 of the effective configuration (hex).
+    pub config_sha256: String,
+}
+
+impl Measurement {
+    /// Measures this process: its executable and `config` bytes.
+    pub fn of_self(config: &[u8]) -> std::io::Result<Measurement> {
+        let exe = std::fs::read(std::env::current_exe()?)?;
+        Ok(Measurement {
+            binary_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, &exe).as_ref()),
+            config_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, config).as_ref()),
+        })
+    }
+}
+
+/// The destination's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum RequestReply {
+    /// Admitted.
+    Accept {
+        /// The migration id (from the ticket).
+        migration_id: u64,
+        /// Where to connect the data streams.
+        data_port: u16,
+        /// What the destination runs.
+        measurement: Measurement,
+        /// base64url ECDSA signature by the destination host key over the above.
+        sig: String,
+    },
+    /// Refused, and why.
+    Deny {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a migration was not admitted (either side).
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    /// The TLS channel failed: includes a peer certificate that does not
+    /// verify (other CA, expired, wrong name) and a missing client certificate.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The destination refused, with its reason.
+    #[error("the destination refused the migration: {0}")]
+    Denied(String),
+    /// This side refused the peer, with the reason (also sent to the peer).
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+fn request_message(ticket: &SignedTicket, offer: &Offer) -> Vec<u8> {
+    let mut m = b"ferry-request-v1\n".to_vec();
+    m.extend_from_slice(ticket.body.as_bytes());
+    m.push(b'\n');
+    m.extend_from_slice(&serde_json::to_vec(offer).expect("offer serialises"));
+    m
+}
+
+fn accept_message(migration_id: u64, data_port: u16, m: &Measurement, request_sig: &str) -> Vec<u8> {
+    let mut v = b"ferry-accept-v1\n".to_vec();
+    v.extend_from_slice(&migration_id.to_be_bytes());
+    v.extend_from_slice(&data_port.to_be_bytes());
+    v.extend_from_slice(&serde_json::to_vec(m).expect("measurement serialises"));
+    // Binds the acceptance to this very request.
+    v.extend_from_slice(request_sig.as_bytes());
+    v
+}
+
+fn keys(ch: &Channel, migration_id: u64) -> Result<SessionKeys, TlsError> {
+    let secret = ch.export(EXPORTER_LABEL, &migration_id.to_be_bytes())?;
+    Ok(SessionKeys::from_control_plane_secret(
+        MigrationId(migration_id),
+        &secret,
+    ))
+}
+
+/// Proof that a migration passed authentication, authorization, the ticket
+/// and replay checks, both sides' policies and admission control. The only
+/// way to the data plane's keys.
+#[derive(Debug)]
+pub struct Admitted {
+    keys: SessionKeys,
+    offer: Offer,
+    claims: AuthzClaims,
+    data_port: u16,
+    measurement: Measurement,
+    _slot: Option<Slot>,
+    channel: Channel,
+}
+
+impl Admitted {
+    /// The data plane's keys for this migration.
+    pub fn session_keys(&self) -> &SessionKeys {
+        &self.keys
+    }
+    /// What the source offered.
+    pub fn offer(&self) -> &Offer {
+        &self.offer
+    }
+    /// The authorization ticket's claims.
+    pub fn claims(&self) -> &AuthzClaims {
+        &self.claims
+    }
+    /// The destination's data port.
+    pub fn data_port(&self) -> u16 {
+        self.data_port
+    }
+    /// The destination's platform measurement.
+    pub fn measurement(&self) -> &Measurement {
+        &self.measurement
+    }
+    /// The control channel, for what follows the data transfer.
+    pub fn channel(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+}
+
+/// Settings of a destination daemon.
+#[derive(Debug)]
+pub struct DestinationConfig {
+    /// This host's name (tickets must name it).
+    pub name: String,
+    /// The trusted authorization servers' Ed25519 keys.
+    pub authz_keys: Vec<Vec<u8>>,
+    /// Incoming policy.
+    pub policy: Policy,
+    /// Durable replay cache.
+    pub replay: ReplayCache,
+    /// Most migrations received at once.
+    pub max_concurrent: usize,
+    /// Most guest memory committed to incoming migrations at once.
+    pub max_memory_bytes: u64,
+    /// Largest stream count accepted.
+    pub max_streams: u16,
+    /// This daemon's measurement.
+    pub measurement: Measurement,
+    /// Timeout of every control read and write.
+    pub io_timeout: Duration,
+}
+
+/// A destination daemon's admission logic.
+#[derive(Debug)]
+pub struct Destination {
+    cfg: DestinationConfig,
+    identity: Identity,
+    tls: Arc<ServerConfig>,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    active: AtomicUsize,
+    memory: AtomicU64,
+}
+
+/// An admission slot, released on drop.
+#[derive(Debug)]
+struct Slot {
+    counters: Arc<Counters>,
+    memory: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counters.active.fetch_sub(1, Ordering::AcqRel);
+        self.counters.memory.fetch_sub(self.memory, Ordering::AcqRel);
+    }
+}
+
+impl Destination {
+    /// A destination with identity `identity` and TLS config `tls`
+    /// (from [`crate::tls::server_config`]).
+    pub fn new(cfg: DestinationConfig, identity: Identity, tls: Arc<ServerConfig>) -> Destination {
+        Destination {
+            cfg,
+            identity,
+            tls,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Takes one control connection through TLS and every check; on success
+    /// answers Accept (data streams to `data_port`) and returns the proof.
+    pub fn admit(&self, sock: TcpStream, data_port: u16) -> Result<Admitted, HandshakeError> {
+        let mut ch = Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout)?;
+        let peer = ch
+            .peer_cert()
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| TlsError::Config("no client certificate".into()))?;
+        let req: MigrationRequest = match ch.recv() {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = ch.send(&RequestReply::Deny { reason: reason.clone() });
+                return Err(HandshakeError::Refused(reason));
+            }
+        };
+        match self.check(&peer, &req) {
+            Ok((claims, slot)) => {
+                let migration_id = claims.migration_id;
+                let sig = self
+                    .identity
+                    .sign(&accept_message(
+                        migration_id,
+                        data_port,
+                        &self.cfg.measurement,
+                        &req.sig,
+                    ))
+                    .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+                ch.send(&RequestReply::Accept {
+                    migration_id,
+                    data_port,
+                    measurement: self.cfg.measurement.clone(),
+                    sig: B64.encode(sig),
+                })?;
+                tracing::info!(vm = %claims.vm, from = %claims.source_host, migration = migration_id, "destination: admitted");
+                Ok(Admitted {
+                    keys: keys(&ch, migration_id)?,
+                    offer: req.offer,
+                    claims,
+                    data_port,
+                    measurement: self.cfg.measurement.clone(),
+                    _slot: Some(slot),
+                    channel: ch,
+                })
+            }
+            Err(reason) => {
+                tracing::warn!("destination: refused: {reason}");
+                let _ = ch.send(&RequestReply::Deny { reason: reason.clone() });
+                Err(HandshakeError::Refused(reason))
+            }
+        }
+    }
+
+    fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), String> {
+        let now = crate::now_unix_s();
+        let claims: AuthzClaims = self
+            .cfg
+            .authz_keys
+            .iter()
+            .find_map(|k| ticket::verify(&req.ticket, "authz", k).ok())
+            .ok_or_else(|| {
+                ticket::verify::<AuthzClaims>(&req.ticket, "authz", &[0u8; 32])
+                    .err()
+                    .map_or("ticket rejected".into(), |e| e.to_string())
+            })?;
+        ticket::check_time(claims.iat, claims.exp, now).map_err(|e| format!("authorization {e}"))?;
+        if claims.exp > claims.iat + crate::servers::AUTHZ_TTL_MAX_S {
+            return Err("authorization ticket lives longer than 5 minutes".into());
+        }
+        if claims.dest_host != self.cfg.name {
+            return Err(format!(
+                "ticket is for destination {:?}, this is {:?}",
+                claims.dest_host, self.cfg.name
+            ));
+        }
+        if crate::fingerprint(peer) != claims.source_fp {
+            return Err("the source's certificate is not the one named in the ticket".into());
+        }
+        if req.offer.vm != claims.vm {
+            return Err(format!(
+                "ticket is for VM {:?}, the request offers {:?}",
+                claims.vm, req.offer.vm
+            ));
+        }
+        let sig = B64
+            .decode(&req.sig)
+            .map_err(|_| "request signature is not base64url".to_string())?;
+        if !crate::pki::verify_by_cert(peer, &request_message(&req.ticket, &req.offer), &sig) {
+            return Err("request signature does not verify under the source's certificate".into());
+        }
+        self.cfg.policy.admits(&claims.source_host, &claims.vm)?;
+        if req.offer.streams == 0 || req.offer.streams > self.cfg.max_streams {
+            return Err(format!(
+                "{} streams offered, at most {} accepted",
+                req.offer.streams, self.cfg.max_streams
+            ));
+        }
+        // Admission: count and memory, reserved atomically.
+        let c = &self.counters;
+        if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_concurrent {
+            c.active.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("busy: {} migrations already incoming", self.cfg.max_concurrent));
+        }
+        let mem = req.offer.memory_bytes;
+        let before = c.memory.fetch_add(mem, Ordering::AcqRel);
+        let slot = Slot {
+            counters: c.clone(),
+            memory: mem,
+        };
+        if before.saturating_add(mem) > self.cfg.max_memory_bytes {
+            return Err(format!(
+                "not enough memory: {mem} bytes offered, {} of {} committed",
+                before, self.cfg.max_memory_bytes
+            ));
+        }
+        // Last: spend the nonce only for a request that passed everything else.
+        self.cfg
+            .replay
+            .check_and_insert(&claims.nonce, claims.exp, now)
+            .map_err(|e| e.to_string())?;
+        Ok((claims, slot))
+    }
+}
+
+/// The source's half: requests the migration from the destination at
+/// `addr`, which must present a certificate for `dest_host` (the ticket's);
+/// with non-empty `pinned`, its measurement must be one of them.
+#[allow(clippy::too_many_arguments)]
+pub fn request(
+    addr: SocketAddr,
+    dest_host: &str,
+    source: &Identity,
+    cfg: Arc<ClientConfig>,
+    ticket: &SignedTicket,
+    claims: &AuthzClaims,
+    offer: Offer,
+    pinned: &[Measurement],
+    timeout: Duration,
+) -> Result<Admitted, HandshakeError> {
+    if claims.dest_host != dest_host {
+        return Err(HandshakeError::Refused(format!(
+            "the ticket is for destination {:?}, not {dest_host:?}",
+            claims.dest_host
+        )));
+    }
+    let mut ch = Channel::connect(addr, dest_host, cfg, timeout)?;
+    let sig = source
+        .sign(&request_message(ticket, &offer))
+        .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+    let req = MigrationRequest {
+        ticket: ticket.clone(),
+        offer: offer.clone(),
+        sig: B64.encode(&sig),
+    };
+    ch.send(&req)?;
+    match ch.recv::<RequestReply>()? {
+        RequestReply::Deny { reason } => Err(HandshakeError::Denied(reason)),
+        RequestReply::Accept {
+            migration_id,
+            data_port,
+            measurement,
+            sig: accept_sig,
+        } => {
+            if migration_id != claims.migration_id {
+                return Err(HandshakeError::Refused("acceptance names another migration".into()));
+            }
+            let peer = ch
+                .peer_cert()
+                .ok_or_else(|| TlsError::Config("no server certificate".into()))?;
+            let s = B64
+                .decode(&accept_sig)
+                .map_err(|_| HandshakeError::Refused("bad acceptance signature".into()))?;
+            if !crate::pki::verify_by_cert(
+                peer,
+                &accept_message(migration_id, data_port, &measurement, &req.sig),
+                &s,
+            ) {
+                return Err(HandshakeError::Refused(
+                    "the acceptance is not signed by the destination's certificate".into(),
+                ));
+            }
+            if !pinned.is_empty() && !pinned.contains(&measurement) {
+                return Err(HandshakeError::Refused(format!(
+                    "destination measurement {} / {} is not among the pinned ones",
+                    measurement.binary_sha256, measurement.config_sha256
+                )));
+            }
+            Ok(Admitted {
+                keys: keys(&ch, migration_id)?,
+                offer,
+                claims: claims.clone(),
+                data_port,
+                measurement,
+                _slot: None,
+                channel: ch,
+            })
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The authentication server (checks the migration client's certificate,
+//! issues an authentication ticket) and the authorization server (checks
+//! that ticket and the policy, issues an authorization ticket). Each can be
+//! embedded (call [`AuthnServer::issue`] / [`AuthzServer::authorize`] with
+//! the certificate that authenticated a TLS session) or served over mutual
+//! TLS with [`serve`] (`ferry serve authn|authz`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ring::signature::Ed25519KeyPair;
+use rustls::{ClientConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policy;
+use crate::ticket::{self, AuthnClaims, AuthzClaims, SignedTicket};
+use crate::tls::{Channel, TlsError};
+
+/// Audience of authentication tickets.
+pub const AUTHZ_AUDIENCE: &str = "ferry-authz";
+/// Longest an authorization ticket may live.
+pub const AUTHZ_TTL_MAX_S: u64 = 300;
+
+/// A request to either server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerRequest {
+    /// Authenticate me (by my TLS client certificate).
+    Authn,
+    /// Authorize this migration (with my authentication ticket).
+    Authz {
+        /// The authentication ticket.
+        authn: SignedTicket,
+        /// VM to migrate.
+        vm: String,
+        /// Destination host.
+        dest_host: String,
+    },
+}
+
+/// Either server's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ServerReply {
+    /// Granted.
+    Ticket {
+        /// The ticket.
+        ticket: SignedTicket,
+    },
+    /// Refused, and why.
+    Deny {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The authentication server.
+pub struct AuthnServer {
+    key: Ed25519KeyPair,
+    ttl_s: u64,
+}
+
+impl std::fmt::Debug for AuthnServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthnServer")
+            .field("ttl_s", &self.ttl_s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthnServer {
+    /// A server signing with `key`, tickets valid `ttl_s` seconds (default 60).
+    pub fn new(key: Ed25519KeyPair, ttl_s: u64) -> AuthnServer {
+        AuthnServer { key, ttl_s }
+    }
+
+    /// Issues an authentication ticket for the client whose certificate
+    /// (already verified by the TLS handshake) is `client_cert`.
+    pub fn issue(&self, client_cert: &[u8], now: u64) -> Result<SignedTicket, String> {
+        let client = crate::pki::cert_names(client_cert)
+            .into_iter()
+            .next()
+            .ok_or("client certificate names nobody")?;
+        let claims = AuthnClaims {
+            client,
+            client_fp: crate::fingerprint(client_cert),
+            nonce: crate::random_hex(16).map_err(|_| "random generator failed")?,
+            iat: now,
+            exp: now + self.ttl_s,
+            aud: AUTHZ_AUDIENCE.into(),
+        };
+        tracing::info!(client = %claims.client, "authn: ticket issued");
+        Ok(ticket::sign("authn", &claims, &self.key))
+    }
+}
+
+/// The authorization server of a source domain.
+pub struct AuthzServer {
+    key: Ed25519KeyPair,
+    authn_key: Vec<u8>,
+    policy: Policy,
+    ttl_s: u64,
+    source_host: String,
+    source_fp: String,
+}
+
+impl std::fmt::Debug for AuthzServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthzServer")
+            .field("source_host", &self.source_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthzServer {
+    /// A server for source host `source_host` (certificate fingerprint
+    /// `source_fp`), trusting authentication tickets under `authn_key`.
+    pub fn new(
+        key: Ed25519KeyPair,
+        authn_key: Vec<u8>,
+        policy: Policy,
+        ttl_s: u64,
+        source_host: String,
+        source_fp: String,
+    ) -> AuthzServer {
+        AuthzServer {
+            key,
+            authn_key,
+            policy,
+            ttl_s: ttl_s.min(AUTHZ_TTL_MAX_S),
+            source_host,
+            source_fp,
+        }
+    }
+
+    /// Checks the authentication ticket (signature, audience, time, and that
+    /// it is presented by the client it names) and the policy; issues an
+    /// authorization ticket bound to the VM, the source certificate, the
+    /// destination and a fresh migration id. Every decision is logged.
+    pub fn authorize(
+        &self,
+        presenter_cert: &[u8],
+        authn: &SignedTicket,
+        vm: &str,
+        dest_host: &str,
+        now: u64,
+    ) -> Result<(SignedTicket, AuthzClaims), String> {
+        let r = self.decide(presenter_cert, authn, vm, dest_host, now);
+        match &r {
+            Ok((_, c)) => {
+                tracing::info!(principal = %c.principal, vm, dest_host, migration = c.migration_id, "authz: allow")
+            }
+            Err(why) => tracing::warn!(vm, dest_host, "authz: deny: {why}"),
+        }
+        r
+    }
+
+    fn decide(
+        &self,
+        presenter_cert: &[u8],
+        authn: &SignedTicket,
+        vm: &str,
+        dest_host: &str,
+        now: u64,
+    ) -> Result<(SignedTicket, AuthzClaims), String> {
+        let a: AuthnClaims = ticket::verify(authn, "authn", &self.authn_key).map_err(|e| e.to_string())?;
+        ticket::check_time(a.iat, a.exp, now).map_err(|e| format!("authentication {e}"))?;
+        if a.aud != AUTHZ_AUDIENCE {
+            return Err(format!("authentication ticket is for {:?}, not this server", a.aud));
+        }
+        if a.client_fp != crate::fingerprint(presenter_cert) {
+            return Err("authentication ticket presented by a client other than the one it names".into());
+        }
+        self.policy.allows(&a.client, vm, &self.source_host, dest_host, now)?;
+        let claims = AuthzClaims {
+            principal: a.client,
+            vm: vm.into(),
+            source_host: self.source_host.clone(),
+            source_fp: self.source_fp.clone(),
+            dest_host: dest_host.into(),
+            migration_id: crate::random_u64().map_err(|_| "random generator failed")?,
+            nonce: crate::random_hex(16).map_err(|_| "random generator failed")?,
+            iat: now,
+            exp: now + self.ttl_s,
+        };
+        Ok((ticket::sign("authz", &claims, &self.key), claims))
+    }
+}
+
+/// Handles one request: the peer's verified certificate and its request.
+pub type Handler = Arc<dyn Fn(&[u8], ServerRequest) -> ServerReply + Send + Sync>;
+
+/// Serves `handler` over mutual TLS on `listener` until `stop` is set; at
+/// most `max_conns` connections at once (more are closed at once).
+pub fn serve(
+    listener: TcpListener,
+    cfg: Arc<ServerConfig>,
+    handler: Handler,
+    stop: Arc<AtomicBool>,
+    max_conns: usize,
+) -> std::io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let live = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new().name("ferry-serve".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let sock = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if live.load(Ordering::Acquire) >= max_conns || sock.set_nonblocking(false).is_err() {
+                continue; // dropped: closed at once
+            }
+            live.fetch_add(1, Ordering::AcqRel);
+            let (cfg, handler, live) = (cfg.clone(), handler.clone(), live.clone());
+            let spawned = std::thread::Builder::new()
+                .name("ferry-serve-conn".into())
+                .spawn(move || {
+                    if let Ok(mut ch) = Channel::accept(sock, cfg, Duration::from_secs(10)) {
+                        if let (Some(peer), Ok(req)) = (ch.peer_cert().map(<[u8]>::to_vec), ch.recv::<ServerRequest>())
+                        {
+                            let _ = ch.send(&handler(&peer, req));
+                        }
+                    }
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                // The closure (and its guard on `live`) was dropped unrun.
+                tracing::warn!("serve: could not spawn a connection thread");
+            }
+        }
+    })
+}
+
+/// A handler for an authentication server.
+pub fn authn_handler(server: Arc<AuthnServer>) -> Handler {
+    Arc::new(move |peer, req| match req {
+        ServerRequest::Authn => match server.issue(peer, crate::now_unix_s()) {
+            Ok(ticket) => ServerReply::Ticket { ticket },
+            Err(reason) => ServerReply::Deny { reason },
+        },
+        ServerRequest::Authz { .. } => ServerReply::Deny {
+            reason: "this is an authentication server".into(),
+        },
+    })
+}
+
+/// A handler for an authorization server.
+pub fn authz_handler(server: Arc<AuthzServer>) -> Handler {
+    Arc::new(move |peer, req| match req {
+        ServerRequest::Authz { authn, vm, dest_host } => {
+            match server.authorize(peer, &authn, &vm, &dest_host, crate::now_unix_s()) {
+                Ok((ticket, _)) => ServerReply::Ticket { ticket },
+                Err(reason) => ServerReply::Deny { reason },
+            }
+        }
+        ServerRequest::Authn => ServerReply::Deny {
+            reason: "this is an authorization server".into(),
+        },
+    })
+}
+
+/// Asks a server over mutual TLS.
+pub fn ask(
+    addr: SocketAddr,
+    server_name: &str,
+    cfg: Arc<ClientConfig>,
+    req: &ServerRequest,
+    timeout: Duration,
+) -> Result<ServerReply, TlsError> {
+    let mut ch = Channel::connect(addr, server_name, cfg, timeout)?;
+    ch.send(req)?;
+    ch.recv()
+}
