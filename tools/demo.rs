@@ -3,24 +3,28 @@
 //! io_uring, real dirty tracking — then a check that the destination's image
 //! is exactly the source's.
 //!
-//! Until the control plane lands, the session keys come from
-//! [`SessionKeys::test_only_unauthenticated`]; the report says so.
+//! The data plane's keys come from the control plane, run for real on
+//! loopback: lab PKI, authentication and authorization servers over mutual
+//! TLS, a signed migration request admitted by the destination, keys
+//! exported from that TLS session ([`crate::lab`]).
 
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_control::handshake::Offer;
 use ferry_engine::bitmap::AtomicBitmap;
-use ferry_engine::crypto::{AeadBackend, SessionKeys};
+use ferry_engine::crypto::AeadBackend;
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::transport::{accept_streams, connect_streams};
-use ferry_engine::wire::MigrationId;
 use ferry_engine::workload::{self, SyntheticGuest, WorkloadConfig};
 use ferry_engine::{alloc, GuestMemory};
 use serde::Serialize;
+
+use crate::lab;
 
 /// Which dirty tracker the source uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -114,6 +118,12 @@ pub struct DemoReport {
     pub tracker: &'static str,
     /// Where the session keys came from.
     pub keys: &'static str,
+    /// Authentication ticket + authorization ticket + request/accept, in ms.
+    pub handshake_ms: f64,
+    /// Every protocol step with its duration.
+    pub steps: Vec<crate::lab::Step>,
+    /// The migration id the authorization server assigned.
+    pub migration_id: u64,
     /// Rounds, the final (paused) one included.
     pub rounds: usize,
     /// Guest paused at the source until resumed at the destination.
@@ -235,12 +245,41 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let mut dst_guest = SyntheticGuest::incoming(dst_mem.clone());
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
     let addr = listener.local_addr().map_err(|e| setup(&e))?;
-    let keys = SessionKeys::test_only_unauthenticated(MigrationId(rand_id())).map_err(|e| setup(&e))?;
     say(&format!(
-        "destination: listening on {addr}, memory {} ({:.0} ms); keys: TEST-ONLY, unauthenticated (control plane not yet wired in)",
-        if opts.prefault_destination { "prefaulted" } else { "cold" },
+        "destination: data streams on {addr}, memory {} ({:.0} ms)",
+        if opts.prefault_destination {
+            "prefaulted"
+        } else {
+            "cold"
+        },
         dest_prefault_ms
     ));
+
+    // Control plane: steps 1-7 of the paper, for real, on loopback.
+    let mut lab = lab::Lab::start(lab::POLICY).map_err(|e| setup(&e))?;
+    let (ticket, claims) = lab.tickets("operator", lab::VM, lab::DEST).map_err(|e| setup(&e))?;
+    let daemon = lab
+        .destination(lab::DEST, lab::POLICY, 1 << 40)
+        .map_err(|e| setup(&e))?;
+    let offer = Offer {
+        vm: lab::VM.into(),
+        memory_bytes: opts.memory_bytes,
+        streams: cfg.streams,
+        integrity: cfg.integrity.as_str().into(),
+    };
+    let (src_admitted, dst_admitted) = lab
+        .admit(&daemon, &ticket, &claims, offer, addr.port())
+        .map_err(|e| setup(&e))?;
+    for st in &lab.steps {
+        say(&format!("control: {:<80} {:>7.2} ms", st.name, st.ms));
+    }
+    let handshake_ms: f64 = lab.steps.iter().skip(1).map(|s| s.ms).sum();
+    say(&format!(
+        "control: migration {:#x} of {:?} admitted; data keys exported from the TLS session (handshake {handshake_ms:.1} ms)",
+        claims.migration_id, claims.vm
+    ));
+    let keys = src_admitted.session_keys().clone();
+    let dst_keys = dst_admitted.session_keys().clone();
 
     let holes = |m: &GuestMemory| -> Result<u64, DemoError> {
         let mut b = ferry_engine::bitmap::DirtyBitmap::new(m.pages());
@@ -252,7 +291,6 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     alloc::reset_peak();
     let writes_at_start = src_guest.heartbeat();
     let (src_result, dst_result) = std::thread::scope(|s| {
-        let dst_keys = keys.clone();
         let dst_cfg = cfg.clone();
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
@@ -352,7 +390,10 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         integrity: cfg.integrity,
         aead: cfg.aead,
         tracker: src.tracker,
-        keys: "test-only-unauthenticated",
+        keys: "control-plane: TLS 1.3 exporter of the admitted mutually authenticated session",
+        handshake_ms,
+        steps: lab.steps.clone(),
+        migration_id: claims.migration_id,
         rounds: src.rounds.len(),
         downtime_ms,
         total_ms,
@@ -381,12 +422,4 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
 
 fn ferry_engine_io_error(e: std::io::Error) -> ferry_engine::migrate::IoError {
     ferry_engine::migrate::IoError::Connect(e)
-}
-
-/// A migration id: not secret (keys are random), only distinct per run.
-fn rand_id() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    (u64::from(nanos) << 32) ^ u64::from(std::process::id())
 }

@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod lab;
 pub mod size;

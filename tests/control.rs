@@ -1,0 +1,396 @@
+//! Attacks on the control plane, on real sockets with real certificates:
+//! each must fail closed (no admission, so no data-plane keys exist and not
+//! a page moves) with an error that says what was wrong.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::lab::{self, Lab, DEST, POLICY, SOURCE, VM};
+use ferry_control::handshake::{self, Admitted, Destination, HandshakeError, Offer};
+use ferry_control::pki::{self, Identity, Role, Validity};
+use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
+use ferry_control::tls;
+
+fn offer(vm: &str) -> Offer {
+    Offer {
+        vm: vm.into(),
+        memory_bytes: 1 << 30,
+        streams: 2,
+        integrity: "aead+sha256".into(),
+    }
+}
+
+/// Runs the request from `source` (trusting `roots_dir`'s CA) against `dest`;
+/// returns (source result, destination result).
+fn attempt(
+    lab: &Lab,
+    dest: &Destination,
+    source: &Identity,
+    roots_dir: &std::path::Path,
+    ticket: &SignedTicket,
+    claims: &AuthzClaims,
+    offer: Offer,
+) -> (Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>) {
+    let _ = lab;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = tls::client_config(source, pki::roots(roots_dir).unwrap()).unwrap();
+    std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            let (sock, _) = listener.accept().unwrap();
+            dest.admit(sock, 9)
+        });
+        let c = handshake::request(
+            addr,
+            &claims.dest_host,
+            source,
+            cfg,
+            ticket,
+            claims,
+            offer,
+            &[],
+            Duration::from_secs(3),
+        );
+        (c, d.join().unwrap())
+    })
+}
+
+fn setup() -> (Lab, Destination, SignedTicket, AuthzClaims, Identity) {
+    let mut lab = Lab::start(POLICY).unwrap();
+    let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
+    let dest = lab.destination(DEST, POLICY, 1 << 40).unwrap();
+    let src = Identity::load(lab.dir.path(), Role::Host, SOURCE).unwrap();
+    (lab, dest, t, c, src)
+}
+
+fn refused(r: &(Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>), want: &str) {
+    let (c, d) = r;
+    assert!(c.is_err() && d.is_err(), "admitted despite the attack");
+    let text = format!(
+        "source: {}; destination: {}",
+        c.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+        d.as_ref().err().map(ToString::to_string).unwrap_or_default()
+    );
+    assert!(text.contains(want), "expected {want:?} in: {text}");
+}
+
+#[test]
+fn the_honest_path_is_admitted_with_matching_keys() {
+    let (lab, dest, t, c, src) = setup();
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    let (s, d) = (s.unwrap(), d.unwrap());
+    assert_eq!(s.claims().migration_id, d.claims().migration_id);
+    // Both sides derived the same keys: a data connection proves itself.
+    let (mut a, mut b) = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    };
+    let sk = s.session_keys().clone();
+    let t = std::thread::spawn(move || ferry_engine::transport::prove_stream(&mut a, &sk, 1, Duration::from_secs(2)));
+    assert_eq!(
+        ferry_engine::transport::verify_stream(&mut b, d.session_keys(), Duration::from_secs(2)).unwrap(),
+        1
+    );
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn source_certificate_from_another_ca_is_refused() {
+    let (lab, dest, t, c, _) = setup();
+    let other = lab::LabDir::new().unwrap();
+    pki::init(other.path(), &[SOURCE.into()]).unwrap();
+    let impostor = Identity::load(other.path(), Role::Host, SOURCE).unwrap();
+    // The impostor trusts the real CA (to reach the destination at all).
+    let r = attempt(&lab, &dest, &impostor, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "control channel");
+}
+
+#[test]
+fn destination_certificate_from_another_ca_is_refused_by_the_source() {
+    let (lab, _, t, c, src) = setup();
+    let other = lab::LabDir::new().unwrap();
+    pki::init(other.path(), &[DEST.into()]).unwrap();
+    // A rogue destination with a valid-looking certificate for "dst" from another CA.
+    let rogue_id = Identity::load(other.path(), Role::Host, DEST).unwrap();
+    let rogue = tls::server_config(&rogue_id, pki::roots(lab.dir.path()).unwrap()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        tls::Channel::accept(sock, rogue, Duration::from_secs(3)).map(|_| ())
+    });
+    let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
+    let r = handshake::request(addr, DEST, &src, cfg, &t, &c, offer(VM), &[], Duration::from_secs(3));
+    let e = r.expect_err("the source must refuse a destination certificate from another CA");
+    assert!(e.to_string().contains("control channel"), "{e}");
+    let _ = srv.join();
+}
+
+#[test]
+fn expired_source_certificate_is_refused() {
+    let (lab, dest, t, c, _) = setup();
+    let now = i64::try_from(ferry_control::now_unix_s()).unwrap();
+    pki::issue(
+        lab.dir.path(),
+        SOURCE,
+        Role::Host,
+        Validity {
+            not_before_s: now - 10 * 86_400,
+            not_after_s: now - 86_400,
+        },
+    )
+    .unwrap();
+    let expired = Identity::load(lab.dir.path(), Role::Host, SOURCE).unwrap();
+    let r = attempt(&lab, &dest, &expired, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "control channel");
+}
+
+#[test]
+fn valid_certificate_of_another_host_is_not_the_tickets() {
+    let (lab, dest, t, c, _) = setup();
+    pki::issue(lab.dir.path(), "evil", Role::Host, Validity::days(1)).unwrap();
+    let evil = Identity::load(lab.dir.path(), Role::Host, "evil").unwrap();
+    let r = attempt(&lab, &dest, &evil, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "not the one named in the ticket");
+}
+
+#[test]
+fn no_client_certificate_is_refused() {
+    let (lab, dest, _, _, _) = setup();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let d = s.spawn(|| dest.admit(listener.accept().unwrap().0, 9));
+        // A TLS client that presents no certificate at all.
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(pki::roots(lab.dir.path()).unwrap())
+            .with_no_client_auth();
+        let r = tls::Channel::connect(addr, DEST, Arc::new(cfg), Duration::from_secs(3)).and_then(|mut ch| {
+            ch.send(&"hello")?;
+            ch.recv::<serde_json::Value>()
+        });
+        assert!(r.is_err(), "a client without a certificate got an answer");
+        let e = d.join().unwrap().expect_err("admitted without a client certificate");
+        assert!(e.to_string().contains("control channel"), "{e}");
+    });
+}
+
+#[test]
+fn forged_ticket_signature_is_refused() {
+    let (lab, dest, mut t, c, src) = setup();
+    // Rewrite the claims (another VM) and keep the old signature.
+    let mut forged = c.clone();
+    forged.vm = "demo-other".into();
+    use base64::Engine;
+    t.body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &forged, offer("demo-other"));
+    refused(&r, "signature does not verify");
+}
+
+/// A ticket signed with the lab's real authz key but with chosen claims.
+fn mint(lab: &Lab, f: impl FnOnce(&mut AuthzClaims), base: &AuthzClaims) -> (SignedTicket, AuthzClaims) {
+    let mut c = base.clone();
+    f(&mut c);
+    let key = pki::signing_key(lab.dir.path(), "authz").unwrap();
+    (ticket::sign("authz", &c, &key), c)
+}
+
+#[test]
+fn expired_ticket_is_refused() {
+    let (lab, dest, _, c, src) = setup();
+    let (t, c) = mint(
+        &lab,
+        |c| {
+            c.iat -= 600;
+            c.exp = c.iat + 60;
+            c.nonce = "expired".into();
+        },
+        &c,
+    );
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "expired");
+}
+
+#[test]
+fn ticket_for_another_vm_is_refused() {
+    let (lab, dest, t, c, src) = setup();
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer("demo-other"));
+    refused(&r, "ticket is for VM");
+}
+
+#[test]
+fn ticket_for_another_destination_is_refused() {
+    let (lab, dest, _, c, src) = setup();
+    pki::issue(lab.dir.path(), "dst2", Role::Host, Validity::days(1)).unwrap();
+    // The ticket names dst2; the source connects to dst (whose certificate is
+    // for dst): the source itself refuses, before a byte is sent.
+    let (t, c2) = mint(&lab, |c| c.dest_host = "dst2".into(), &c);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
+    let r = handshake::request(
+        listener.local_addr().unwrap(),
+        DEST,
+        &src,
+        cfg,
+        &t,
+        &c2,
+        offer(VM),
+        &[],
+        Duration::from_secs(3),
+    );
+    assert!(r
+        .expect_err("must refuse")
+        .to_string()
+        .contains("ticket is for destination"));
+    // And a destination refuses a ticket that names another host.
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    let _ = s;
+    let e = d.expect_err("destination must refuse");
+    assert!(e.to_string().contains("ticket is for destination"), "{e}");
+}
+
+#[test]
+fn replayed_ticket_is_refused_also_after_a_destination_restart() {
+    let (lab, dest, t, c, src) = setup();
+    let first = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    assert!(first.0.is_ok() && first.1.is_ok());
+    drop(first);
+    let again = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&again, "already used");
+    // Restart: a new daemon over the same replay file.
+    drop(dest);
+    let restarted = lab.destination(DEST, POLICY, 1 << 40).unwrap();
+    let after = attempt(&lab, &restarted, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&after, "already used");
+}
+
+#[test]
+fn source_policy_denies() {
+    let mut lab = Lab::start(POLICY).unwrap();
+    let e = lab
+        .tickets("operator", "prod-db", DEST)
+        .expect_err("policy allows only demo-*");
+    assert!(e.to_string().contains("no rule allows"), "{e}");
+}
+
+#[test]
+fn destination_incoming_policy_denies() {
+    let (lab, _, t, c, src) = setup();
+    let closed = "[[incoming]]\nfrom = [\"someone-else\"]\nvms = [\"*\"]\n";
+    let dest = lab.destination(DEST, closed, 1 << 40).unwrap();
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "incoming policy does not admit");
+}
+
+#[test]
+fn admission_limits_refuse_what_does_not_fit() {
+    let (mut lab, _, t, c, src) = setup();
+    // Memory: 1 GiB offered, 512 MiB allowed.
+    let small = lab.destination(DEST, POLICY, 512 << 20).unwrap();
+    let r = attempt(&lab, &small, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "not enough memory");
+    // Concurrency: four admitted and still held, the fifth is refused.
+    let dest = lab.destination(DEST, POLICY, 1 << 40).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
+        let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+        held.push((s.unwrap(), d.unwrap()));
+    }
+    let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused(&r, "busy");
+    // Releasing one frees its slot.
+    held.pop();
+    let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    assert!(s.is_ok() && d.is_ok());
+}
+
+#[test]
+fn garbage_and_truncated_control_messages_are_refused() {
+    let (lab, dest, _, _, src) = setup();
+    // Not TLS at all.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let d = s.spawn(|| dest.admit(listener.accept().unwrap().0, 9));
+        let mut raw = TcpStream::connect(addr).unwrap();
+        raw.write_all(b"GET / HTTP/1.1\r\n\r\n garbage garbage").unwrap();
+        let e = d.join().unwrap().expect_err("garbage admitted");
+        assert!(e.to_string().contains("control channel"), "{e}");
+    });
+    // Valid TLS, then a message that is not a request, then a truncated one.
+    for bad in [
+        &b"\x00\x00\x00\x05hello"[..],
+        &b"\x00\x00\x10\x00{\"ticket\":"[..],
+        &b"\xff\xff\xff\xff"[..],
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
+        std::thread::scope(|s| {
+            let d = s.spawn(|| dest.admit(listener.accept().unwrap().0, 9));
+            let sock = TcpStream::connect(addr).unwrap();
+            let conn = rustls::ClientConnection::new(cfg, DEST.try_into().unwrap()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let _ = tls.write_all(bad);
+            let _ = tls.flush();
+            drop(tls); // truncation: close mid-message
+            let e = d.join().unwrap().expect_err("a bad message was admitted");
+            let text = e.to_string();
+            assert!(
+                text.contains("malformed") || text.contains("control channel") || text.contains("refused"),
+                "{text}"
+            );
+        });
+    }
+}
+
+#[test]
+fn a_flood_of_bogus_handshakes_does_not_stop_a_legitimate_migration() {
+    let (mut lab, dest, _, _, src) = setup();
+    let dest = Arc::new(dest);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The daemon takes connections one at a time: every bogus one must be
+    // refused fast enough that the legitimate one, queued among them, is
+    // admitted within the bound.
+    let d2 = dest.clone();
+    let served = std::thread::spawn(move || {
+        let mut admitted = 0;
+        for sock in listener.incoming().take(1001) {
+            let Ok(sock) = sock else { continue };
+            if d2.admit(sock, 9).is_ok() {
+                admitted += 1;
+            }
+        }
+        admitted
+    });
+    // 1000 bogus clients: connect, send garbage, leave.
+    let flood = std::thread::spawn(move || {
+        for _ in 0..1000 {
+            if let Ok(mut s) = TcpStream::connect(addr) {
+                let _ = s.write_all(b"\x16\x03\x01\x00\x05junk");
+            }
+        }
+    });
+    let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
+    let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
+    let start = Instant::now();
+    let r = handshake::request(addr, DEST, &src, cfg, &t, &c, offer(VM), &[], Duration::from_secs(10));
+    let took = start.elapsed();
+    r.expect("the legitimate migration must be admitted during the flood");
+    eprintln!("legitimate admission during a flood of 1000 bogus handshakes took {took:?}");
+    // The functional bound of issue #3 (the benchmark gives the figure).
+    assert!(took < Duration::from_secs(5), "admission took {took:?} under the flood");
+    flood.join().unwrap();
+    assert_eq!(served.join().unwrap(), 1);
+}

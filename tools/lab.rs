@@ -1,0 +1,277 @@
+//! A whole control plane on loopback, for the demo and the tests: a lab PKI
+//! in a temporary folder, the source domain's authentication and
+//! authorization servers (mutual TLS), and a destination daemon's admission.
+//! Every step is the real one; only the hosts share a machine.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_control::handshake::{self, Admitted, Destination, DestinationConfig, HandshakeError, Measurement, Offer};
+use ferry_control::pki::{self, Identity, Role};
+use ferry_control::policy::Policy;
+use ferry_control::replay::ReplayCache;
+use ferry_control::servers::{self, AuthnServer, AuthzServer, ServerReply, ServerRequest};
+use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
+use ferry_control::tls;
+use serde::Serialize;
+
+/// Source and destination host names in the lab.
+pub const SOURCE: &str = "src";
+/// Destination host name.
+pub const DEST: &str = "dst";
+/// The VM the demo migrates.
+pub const VM: &str = "demo-vm";
+
+/// The lab's default policy: the operator may move `demo-*` from src to dst;
+/// dst admits `demo-*` from src.
+pub const POLICY: &str = r#"
+[[allow]]
+principal = "operator"
+vms = ["demo-*"]
+from = ["src"]
+to = ["dst"]
+
+[[incoming]]
+from = ["src"]
+vms = ["demo-*"]
+"#;
+
+/// One timed protocol step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// What happened.
+    pub name: String,
+    /// How long it took, in milliseconds.
+    pub ms: f64,
+}
+
+/// A lab folder that is removed when dropped.
+#[derive(Debug)]
+pub struct LabDir(PathBuf);
+
+impl LabDir {
+    /// A fresh folder under the system temp dir.
+    pub fn new() -> std::io::Result<LabDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = std::env::temp_dir().join(format!("ferry-lab-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(LabDir(p))
+    }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LabDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Errors of the lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// Setup failed.
+    #[error("lab setup: {0}")]
+    Setup(String),
+    /// A server refused.
+    #[error("{server} server refused: {reason}")]
+    Denied {
+        /// Which server.
+        server: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The migration request was not admitted.
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+}
+
+fn setup<E: std::fmt::Display>(e: E) -> LabError {
+    LabError::Setup(e.to_string())
+}
+
+/// The running control plane of the lab.
+pub struct Lab {
+    /// The PKI folder.
+    pub dir: LabDir,
+    /// Where the authentication server listens.
+    pub authn_addr: SocketAddr,
+    /// Where the authorization server listens.
+    pub authz_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Timed steps so far.
+    pub steps: Vec<Step>,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn timed<T>(steps: &mut Vec<Step>, name: &str, f: impl FnOnce() -> Result<T, LabError>) -> Result<T, LabError> {
+    let t = Instant::now();
+    let r = f()?;
+    steps.push(Step {
+        name: name.into(),
+        ms: t.elapsed().as_secs_f64() * 1e3,
+    });
+    Ok(r)
+}
+
+impl Lab {
+    /// Makes the PKI (CA; hosts src and dst; operator) and starts the source
+    /// domain's authentication and authorization servers with `policy`.
+    pub fn start(policy: &str) -> Result<Lab, LabError> {
+        let dir = LabDir::new().map_err(setup)?;
+        let mut steps = Vec::new();
+        timed(&mut steps, "pki: CA, host and client certificates, server keys", || {
+            pki::init(dir.path(), &[SOURCE.into(), DEST.into()]).map_err(setup)
+        })?;
+        let d = dir.path();
+        let src = Identity::load(d, Role::Host, SOURCE).map_err(setup)?;
+        let tls_cfg = tls::server_config(&src, pki::roots(d).map_err(setup)?).map_err(setup)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let authn = Arc::new(AuthnServer::new(pki::signing_key(d, "authn").map_err(setup)?, 60));
+        let authz = Arc::new(AuthzServer::new(
+            pki::signing_key(d, "authz").map_err(setup)?,
+            pki::verify_key(d, "authn").map_err(setup)?,
+            Policy::from_toml(policy).map_err(setup)?,
+            300,
+            SOURCE.into(),
+            src.fingerprint(),
+        ));
+        let l1 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+        let l2 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+        let (authn_addr, authz_addr) = (l1.local_addr().map_err(setup)?, l2.local_addr().map_err(setup)?);
+        servers::serve(l1, tls_cfg.clone(), servers::authn_handler(authn), stop.clone(), 64).map_err(setup)?;
+        servers::serve(l2, tls_cfg, servers::authz_handler(authz), stop.clone(), 64).map_err(setup)?;
+        Ok(Lab {
+            dir,
+            authn_addr,
+            authz_addr,
+            stop,
+            steps,
+        })
+    }
+
+    /// The operator's steps 3 and 4: an authentication ticket, then an
+    /// authorization ticket for `vm` to `dest`.
+    pub fn tickets(&mut self, client: &str, vm: &str, dest: &str) -> Result<(SignedTicket, AuthzClaims), LabError> {
+        let d = self.dir.path().to_path_buf();
+        let op = Identity::load(&d, Role::Client, client).map_err(setup)?;
+        let cfg = tls::client_config(&op, pki::roots(&d).map_err(setup)?).map_err(setup)?;
+        let t = Duration::from_secs(5);
+        let authn_addr = self.authn_addr;
+        let authn = timed(
+            &mut self.steps,
+            "authn: client certificate checked, authentication ticket issued",
+            || match servers::ask(authn_addr, SOURCE, cfg.clone(), &ServerRequest::Authn, t).map_err(setup)? {
+                ServerReply::Ticket { ticket } => Ok(ticket),
+                ServerReply::Deny { reason } => Err(LabError::Denied {
+                    server: "authentication",
+                    reason,
+                }),
+            },
+        )?;
+        let authz_addr = self.authz_addr;
+        let req = ServerRequest::Authz {
+            authn,
+            vm: vm.into(),
+            dest_host: dest.into(),
+        };
+        let tk = timed(
+            &mut self.steps,
+            "authz: ticket and policy checked, authorization ticket issued",
+            || match servers::ask(authz_addr, SOURCE, cfg, &req, t).map_err(setup)? {
+                ServerReply::Ticket { ticket } => Ok(ticket),
+                ServerReply::Deny { reason } => Err(LabError::Denied {
+                    server: "authorization",
+                    reason,
+                }),
+            },
+        )?;
+        // The source reads its ticket's claims with its domain's authz key.
+        let claims: AuthzClaims =
+            ticket::verify(&tk, "authz", &pki::verify_key(&d, "authz").map_err(setup)?).map_err(setup)?;
+        Ok((tk, claims))
+    }
+
+    /// A destination daemon for host `name` of this lab (its policy: the
+    /// `[[incoming]]` rules of `policy`), with a replay cache file in the lab.
+    pub fn destination(&self, name: &str, policy: &str, max_memory_bytes: u64) -> Result<Destination, LabError> {
+        let d = self.dir.path();
+        let id = Identity::load(d, Role::Host, name).map_err(setup)?;
+        let tls_cfg = tls::server_config(&id, pki::roots(d).map_err(setup)?).map_err(setup)?;
+        let cfg = DestinationConfig {
+            name: name.into(),
+            authz_keys: vec![pki::verify_key(d, "authz").map_err(setup)?],
+            policy: Policy::from_toml(policy).map_err(setup)?,
+            replay: ReplayCache::open(&d.join(format!("replay-{name}")), ferry_control::now_unix_s()).map_err(setup)?,
+            max_concurrent: 4,
+            max_memory_bytes,
+            max_streams: 64,
+            measurement: Measurement::of_self(policy.as_bytes()).map_err(setup)?,
+            io_timeout: Duration::from_secs(5),
+        };
+        Ok(Destination::new(cfg, id, tls_cfg))
+    }
+
+    /// Steps 5-7 between the source host and a destination daemon listening
+    /// on `control`: request, mutual authentication, admission, keys. Returns
+    /// both sides' proofs.
+    pub fn admit(
+        &mut self,
+        dest: &Destination,
+        ticket: &SignedTicket,
+        claims: &AuthzClaims,
+        offer: Offer,
+        data_port: u16,
+    ) -> Result<(Admitted, Admitted), LabError> {
+        let d = self.dir.path().to_path_buf();
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+        let addr = listener.local_addr().map_err(setup)?;
+        let src = Identity::load(&d, Role::Host, SOURCE).map_err(setup)?;
+        let cfg = tls::client_config(&src, pki::roots(&d).map_err(setup)?).map_err(setup)?;
+        timed(
+            &mut self.steps,
+            "request: mutual TLS 1.3, ticket and policy checked, accepted, keys exported",
+            || {
+                std::thread::scope(|s| {
+                    let server = s.spawn(|| {
+                        let (sock, _) = listener.accept().map_err(setup)?;
+                        dest.admit(sock, data_port).map_err(LabError::from)
+                    });
+                    let client = handshake::request(
+                        addr,
+                        &claims.dest_host,
+                        &src,
+                        cfg,
+                        ticket,
+                        claims,
+                        offer,
+                        &[],
+                        Duration::from_secs(5),
+                    );
+                    let server = server
+                        .join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("destination thread panicked".into())));
+                    Ok((client?, server?))
+                })
+            },
+        )
+    }
+}
