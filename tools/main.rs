@@ -38,9 +38,27 @@ enum Cmd {
         after_help = "Examples:\n  ferry demo\n  ferry demo --json --memory 1GiB --dirty-rate 0\n  ferry demo --streams 1 --integrity aead --zero-fraction 0.5"
     )]
     Demo(DemoArgs),
+    /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
+    #[command(subcommand)]
+    Pki(PkiCmd),
     /// Run the synthetic guest alone and print the dirty rate the tracker sees.
     #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
     Workload(WorkloadArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create DIR/ca, DIR/hosts/NAME (one per host), DIR/clients/operator and
+    /// DIR/servers/{authn,authz}; private keys are mode 0600.
+    #[command(after_help = "Example:\n  ferry pki init --out /etc/ferry/pki --hosts src,dst")]
+    Init {
+        /// Folder to create the PKI in.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Host names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -134,6 +152,16 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Demo(a) => run_demo(a),
         Cmd::Workload(a) => run_workload(a),
+        Cmd::Pki(PkiCmd::Init { out, hosts }) => ferry_control::pki::init(&out, &hosts)
+            .map(|()| {
+                println!(
+                    "PKI created in {}: CA, hosts {}, client operator, authn and authz keys",
+                    out.display(),
+                    hosts.join(", ")
+                );
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
     };
     match r {
         Ok(code) => code,

@@ -50,6 +50,9 @@ pub enum PkiError {
         /// What is wrong with it.
         what: String,
     },
+    /// The folder already holds a PKI.
+    #[error("{0} already holds a PKI (ca/cert.pem exists); choose a new folder or remove it first")]
+    Exists(PathBuf),
     /// A name that cannot be a host name.
     #[error("invalid name {0:?}: use letters, digits, '-' and '.'")]
     BadName(String),
@@ -143,6 +146,10 @@ impl Validity {
 pub fn init(out: &Path, hosts: &[String]) -> Result<(), PkiError> {
     for h in hosts {
         check_name(h)?;
+    }
+    if out.join("ca/cert.pem").exists() {
+        // A new CA would silently invalidate every certificate of the old one.
+        return Err(PkiError::Exists(out.to_path_buf()));
     }
     let ca_key = KeyPair::generate()?;
     let ca = ca_params()?.self_signed(&ca_key)?;
@@ -391,6 +398,14 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(init(d.path(), &["bad name".into()]).is_err());
+        assert!(
+            matches!(init(d.path(), &["x".into()]), Err(PkiError::Exists(_))),
+            "re-init refused"
+        );
+        let e = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            init(e.path(), &["bad name".into()]),
+            Err(PkiError::BadName(_))
+        ));
     }
 }
