@@ -67,6 +67,25 @@ fn setup() -> (Lab, Destination, SignedTicket, AuthzClaims, Identity) {
     (lab, dest, t, c, src)
 }
 
+/// The destination's audit log's last entry: an audited refusal naming why.
+fn last_audit(lab: &Lab) -> serde_json::Value {
+    let text = std::fs::read_to_string(lab.dir.path().join(format!("audit-{DEST}.jsonl"))).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+fn refused_and_audited(
+    lab: &Lab,
+    r: &(Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>),
+    want: &str,
+) {
+    refused(r, want);
+    let e = last_audit(lab);
+    assert_eq!(e["event"], "refuse", "{e}");
+    assert!(!e["detail"]["reason"].as_str().unwrap_or_default().is_empty(), "{e}");
+    let dst = Identity::load(lab.dir.path(), Role::Host, DEST).unwrap();
+    ferry_control::audit::verify_file(&lab.dir.path().join(format!("audit-{DEST}.jsonl")), dst.cert()).unwrap();
+}
+
 fn refused(r: &(Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>), want: &str) {
     let (c, d) = r;
     assert!(c.is_err() && d.is_err(), "admitted despite the attack");
@@ -107,7 +126,7 @@ fn source_certificate_from_another_ca_is_refused() {
     let impostor = Identity::load(other.path(), Role::Host, SOURCE).unwrap();
     // The impostor trusts the real CA (to reach the destination at all).
     let r = attempt(&lab, &dest, &impostor, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "control channel");
+    refused_and_audited(&lab, &r, "control channel");
 }
 
 #[test]
@@ -147,7 +166,7 @@ fn expired_source_certificate_is_refused() {
     .unwrap();
     let expired = Identity::load(lab.dir.path(), Role::Host, SOURCE).unwrap();
     let r = attempt(&lab, &dest, &expired, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "control channel");
+    refused_and_audited(&lab, &r, "control channel");
 }
 
 #[test]
@@ -156,7 +175,7 @@ fn valid_certificate_of_another_host_is_not_the_tickets() {
     pki::issue(lab.dir.path(), "evil", Role::Host, Validity::days(1)).unwrap();
     let evil = Identity::load(lab.dir.path(), Role::Host, "evil").unwrap();
     let r = attempt(&lab, &dest, &evil, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "not the one named in the ticket");
+    refused_and_audited(&lab, &r, "not the one named in the ticket");
 }
 
 #[test]
@@ -191,7 +210,7 @@ fn forged_ticket_signature_is_refused() {
     use base64::Engine;
     t.body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &forged, offer("demo-other"));
-    refused(&r, "signature does not verify");
+    refused_and_audited(&lab, &r, "signature does not verify");
 }
 
 /// A ticket signed with the lab's real authz key but with chosen claims.
@@ -215,14 +234,14 @@ fn expired_ticket_is_refused() {
         &c,
     );
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "expired");
+    refused_and_audited(&lab, &r, "expired");
 }
 
 #[test]
 fn ticket_for_another_vm_is_refused() {
     let (lab, dest, t, c, src) = setup();
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer("demo-other"));
-    refused(&r, "ticket is for VM");
+    refused_and_audited(&lab, &r, "ticket is for VM");
 }
 
 #[test]
@@ -263,7 +282,7 @@ fn replayed_ticket_is_refused_also_after_a_destination_restart() {
     assert!(first.0.is_ok() && first.1.is_ok());
     drop(first);
     let again = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
-    refused(&again, "already used");
+    refused_and_audited(&lab, &again, "already used");
     // Restart: a new daemon over the same replay file.
     drop(dest);
     let restarted = lab.destination(DEST, POLICY, 1 << 40).unwrap();
@@ -286,7 +305,7 @@ fn destination_incoming_policy_denies() {
     let closed = "[[incoming]]\nfrom = [\"someone-else\"]\nvms = [\"*\"]\n";
     let dest = lab.destination(DEST, closed, 1 << 40).unwrap();
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "incoming policy does not admit");
+    refused_and_audited(&lab, &r, "incoming policy does not admit");
 }
 
 #[test]
@@ -306,7 +325,7 @@ fn admission_limits_refuse_what_does_not_fit() {
     }
     let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
-    refused(&r, "busy");
+    refused_and_audited(&lab, &r, "busy");
     // Releasing one frees its slot.
     held.pop();
     let (t, c) = lab.tickets("operator", VM, DEST).unwrap();

@@ -124,6 +124,11 @@ pub struct DemoReport {
     pub steps: Vec<crate::lab::Step>,
     /// The migration id the authorization server assigned.
     pub migration_id: u64,
+    /// Both audit logs (source domain, destination) verified after the run:
+    /// hash chain and every signature.
+    pub audit_verified: bool,
+    /// Entries in the source domain's and the destination's audit logs.
+    pub audit_entries: (usize, usize),
     /// Rounds, the final (paused) one included.
     pub rounds: usize,
     /// Guest paused at the source until resumed at the destination.
@@ -373,6 +378,27 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let images_equal = src_mem.digest() == dst_mem.digest();
     let state_equal = dst_guest.save_state().map_err(|e| setup(&e))? == replayed_state;
     let verified = images_equal && state_equal && source_stopped;
+    let outcome = serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm,
+        "pages_sent": src.pages_sent, "bytes_on_wire": src.bytes_on_wire, "rounds": src.rounds.len(),
+        "downtime_ms": downtime_ms, "verified": verified});
+    let audited = lab
+        .src_audit
+        .append("commit", outcome)
+        .map_err(|e| e.to_string())
+        .and_then(|()| lab.verify_audit(lab::DEST).map_err(|e| e.to_string()));
+    let (audit_verified, audit_entries) = match audited {
+        Ok(n) => (true, n),
+        Err(e) => {
+            say(&format!("audit: FAILED: {e}"));
+            (false, (0, 0))
+        }
+    };
+    say(&format!(
+        "audit: source domain log {} entries, destination log {} entries: hash chains and signatures {}",
+        audit_entries.0,
+        audit_entries.1,
+        if audit_verified { "verified" } else { "NOT verified" }
+    ));
     say(&format!(
         "verify: destination image {} the source's frozen image (+{} replayed guest writes), guest state {}, source {} ({:.0} ms)",
         if images_equal { "EQUALS" } else { "DIFFERS FROM" },
@@ -394,6 +420,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         handshake_ms,
         steps: lab.steps.clone(),
         migration_id: claims.migration_id,
+        audit_verified,
+        audit_entries,
         rounds: src.rounds.len(),
         downtime_ms,
         total_ms,

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_control::audit::{self, AuditLog};
 use ferry_control::handshake::{self, Admitted, Destination, DestinationConfig, HandshakeError, Measurement, Offer};
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
@@ -22,6 +23,9 @@ use serde::Serialize;
 pub const SOURCE: &str = "src";
 /// Destination host name.
 pub const DEST: &str = "dst";
+/// The source domain's audit log file, in the lab folder.
+pub const SOURCE_AUDIT: &str = "audit-src.jsonl";
+
 /// The VM the demo migrates.
 pub const VM: &str = "demo-vm";
 
@@ -108,6 +112,8 @@ pub struct Lab {
     stop: Arc<AtomicBool>,
     /// Timed steps so far.
     pub steps: Vec<Step>,
+    /// The source domain's audit log (authz decisions, requests, commits).
+    pub src_audit: Arc<AuditLog>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -146,14 +152,25 @@ impl Lab {
         let tls_cfg = tls::server_config(&src, pki::roots(d).map_err(setup)?).map_err(setup)?;
         let stop = Arc::new(AtomicBool::new(false));
         let authn = Arc::new(AuthnServer::new(pki::signing_key(d, "authn").map_err(setup)?, 60));
-        let authz = Arc::new(AuthzServer::new(
-            pki::signing_key(d, "authz").map_err(setup)?,
-            pki::verify_key(d, "authn").map_err(setup)?,
-            Policy::from_toml(policy).map_err(setup)?,
-            300,
-            SOURCE.into(),
-            src.fingerprint(),
-        ));
+        let src_audit = Arc::new(
+            AuditLog::open(
+                &d.join(SOURCE_AUDIT),
+                "source domain",
+                Identity::load(d, Role::Host, SOURCE).map_err(setup)?,
+            )
+            .map_err(setup)?,
+        );
+        let authz = Arc::new(
+            AuthzServer::new(
+                pki::signing_key(d, "authz").map_err(setup)?,
+                pki::verify_key(d, "authn").map_err(setup)?,
+                Policy::from_toml(policy).map_err(setup)?,
+                300,
+                SOURCE.into(),
+                src.fingerprint(),
+            )
+            .with_audit(src_audit.clone()),
+        );
         let l1 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let l2 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let (authn_addr, authz_addr) = (l1.local_addr().map_err(setup)?, l2.local_addr().map_err(setup)?);
@@ -165,6 +182,7 @@ impl Lab {
             authz_addr,
             stop,
             steps,
+            src_audit,
         })
     }
 
@@ -227,7 +245,24 @@ impl Lab {
             measurement: Measurement::of_self(policy.as_bytes()).map_err(setup)?,
             io_timeout: Duration::from_secs(5),
         };
-        Ok(Destination::new(cfg, id, tls_cfg))
+        let log = AuditLog::open(
+            &d.join(format!("audit-{name}.jsonl")),
+            &format!("destination {name}"),
+            Identity::load(d, Role::Host, name).map_err(setup)?,
+        )
+        .map_err(setup)?;
+        Ok(Destination::new(cfg, id, tls_cfg).with_audit(Arc::new(log)))
+    }
+
+    /// Verifies both audit logs (the source domain's and `dest`'s), each
+    /// against its host certificate; returns the entries in each.
+    pub fn verify_audit(&self, dest: &str) -> Result<(usize, usize), LabError> {
+        let d = self.dir.path();
+        let src = Identity::load(d, Role::Host, SOURCE).map_err(setup)?;
+        let dst = Identity::load(d, Role::Host, dest).map_err(setup)?;
+        let (a, _) = audit::verify_file(&d.join(SOURCE_AUDIT), src.cert()).map_err(setup)?;
+        let (b, _) = audit::verify_file(&d.join(format!("audit-{dest}.jsonl")), dst.cert()).map_err(setup)?;
+        Ok((a, b))
     }
 
     /// Steps 5-7 between the source host and a destination daemon listening

@@ -41,6 +41,9 @@ enum Cmd {
     /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Audit logs: verify a log's hash chain and signatures.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Run the synthetic guest alone and print the dirty rate the tracker sees.
     #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
     Workload(WorkloadArgs),
@@ -58,6 +61,22 @@ enum PkiCmd {
         /// Host names, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         hosts: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check every entry of FILE: hash chain, sequence, and signatures by the
+    /// key of CERT (the host that wrote it). Says where the log breaks.
+    #[command(
+        after_help = "Example:\n  ferry audit verify /var/lib/ferry/audit.jsonl --cert /etc/ferry/pki/hosts/dst/cert.pem"
+    )]
+    Verify {
+        /// The audit log.
+        file: std::path::PathBuf,
+        /// The certificate (PEM) of the host that signed it.
+        #[arg(long)]
+        cert: std::path::PathBuf,
     },
 }
 
@@ -152,6 +171,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Demo(a) => run_demo(a),
         Cmd::Workload(a) => run_workload(a),
+        Cmd::Audit(AuditCmd::Verify { file, cert }) => audit_verify(&file, &cert),
         Cmd::Pki(PkiCmd::Init { out, hosts }) => ferry_control::pki::init(&out, &hosts)
             .map(|()| {
                 println!(
@@ -226,6 +246,23 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn audit_verify(file: &std::path::Path, cert: &std::path::Path) -> Result<ExitCode, String> {
+    let der = ferry_control::pki::cert_from_pem_file(cert).map_err(|e| e.to_string())?;
+    match ferry_control::audit::verify_file(file, &der) {
+        Ok((n, last)) => {
+            println!(
+                "{}: {n} entries, hash chain and signatures verified (last entry hash {last})",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn run_workload(a: WorkloadArgs) -> Result<ExitCode, String> {

@@ -214,6 +214,7 @@ pub struct Destination {
     identity: Identity,
     tls: Arc<ServerConfig>,
     counters: Arc<Counters>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 #[derive(Debug, Default)]
@@ -245,12 +246,47 @@ impl Destination {
             identity,
             tls,
             counters: Arc::new(Counters::default()),
+            audit: None,
+        }
+    }
+
+    /// Records every admission and refusal in `log`.
+    pub fn with_audit(mut self, log: Arc<crate::audit::AuditLog>) -> Destination {
+        self.audit = Some(log);
+        self
+    }
+
+    fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), String> {
+        match &self.audit {
+            Some(log) => log.append(event, detail).map_err(|e| e.to_string()),
+            None => Ok(()),
         }
     }
 
     /// Takes one control connection through TLS and every check; on success
     /// answers Accept (data streams to `data_port`) and returns the proof.
+    /// Every outcome is audited.
     pub fn admit(&self, sock: TcpStream, data_port: u16) -> Result<Admitted, HandshakeError> {
+        let peer_addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let r = self.admit_inner(sock, data_port);
+        let detail = match &r {
+            Ok(a) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
+                "migration_id": a.claims.migration_id, "nonce": a.claims.nonce}),
+            Err(e) => serde_json::json!({"peer": peer_addr, "reason": e.to_string()}),
+        };
+        let event = if r.is_ok() { "admit" } else { "refuse" };
+        if let Err(e) = self.record(event, detail) {
+            tracing::error!("destination audit log failed: {e}");
+            if r.is_ok() {
+                // Unrecorded admissions are not allowed: fail closed.
+                return Err(HandshakeError::Refused(format!("cannot record the admission: {e}")));
+            }
+        }
+        r
+    }
+
+    /// [`Destination::admit`] without the audit record.
+    fn admit_inner(&self, sock: TcpStream, data_port: u16) -> Result<Admitted, HandshakeError> {
         let mut ch = Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout)?;
         let peer = ch
             .peer_cert()

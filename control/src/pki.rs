@@ -300,6 +300,14 @@ impl Identity {
     }
 }
 
+/// Reads a PEM certificate (DER returned).
+pub fn cert_from_pem_file(path: &Path) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_file(path).map_err(|e| PkiError::Bad {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
 /// Verifies an ECDSA P-256 signature made by the key of certificate `cert_der`.
 pub fn verify_by_cert(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> bool {
     let der = CertificateDer::from(cert_der);

@@ -105,6 +105,7 @@ pub struct AuthzServer {
     ttl_s: u64,
     source_host: String,
     source_fp: String,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl std::fmt::Debug for AuthzServer {
@@ -133,7 +134,15 @@ impl AuthzServer {
             ttl_s: ttl_s.min(AUTHZ_TTL_MAX_S),
             source_host,
             source_fp,
+            audit: None,
         }
+    }
+
+    /// Records every decision in `log` (a decision that cannot be recorded
+    /// is a deny).
+    pub fn with_audit(mut self, log: Arc<crate::audit::AuditLog>) -> AuthzServer {
+        self.audit = Some(log);
+        self
     }
 
     /// Checks the authentication ticket (signature, audience, time, and that
@@ -149,11 +158,28 @@ impl AuthzServer {
         now: u64,
     ) -> Result<(SignedTicket, AuthzClaims), String> {
         let r = self.decide(presenter_cert, authn, vm, dest_host, now);
-        match &r {
+        let presenter = crate::fingerprint(presenter_cert);
+        let (event, detail) = match &r {
             Ok((_, c)) => {
-                tracing::info!(principal = %c.principal, vm, dest_host, migration = c.migration_id, "authz: allow")
+                tracing::info!(principal = %c.principal, vm, dest_host, migration = c.migration_id, "authz: allow");
+                (
+                    "allow",
+                    serde_json::json!({"principal": c.principal, "vm": vm, "dest_host": dest_host,
+                        "migration_id": c.migration_id, "nonce": c.nonce, "presenter": presenter}),
+                )
             }
-            Err(why) => tracing::warn!(vm, dest_host, "authz: deny: {why}"),
+            Err(why) => {
+                tracing::warn!(vm, dest_host, "authz: deny: {why}");
+                (
+                    "deny",
+                    serde_json::json!({"vm": vm, "dest_host": dest_host, "reason": why, "presenter": presenter}),
+                )
+            }
+        };
+        if let Some(log) = &self.audit {
+            if let Err(e) = log.append(event, detail) {
+                return Err(format!("cannot record the decision, so it is a deny: {e}"));
+            }
         }
         r
     }
