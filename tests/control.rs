@@ -413,3 +413,53 @@ fn a_flood_of_bogus_handshakes_does_not_stop_a_legitimate_migration() {
     flood.join().unwrap();
     assert_eq!(served.join().unwrap(), 1);
 }
+
+#[test]
+fn an_unpinned_destination_measurement_is_refused_by_the_source() {
+    let (mut lab, dest, t, c, src) = setup();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
+    let pinned = [handshake::Measurement {
+        binary_sha256: "00".repeat(32),
+        config_sha256: "00".repeat(32),
+    }];
+    std::thread::scope(|s| {
+        let d = s.spawn(|| dest.admit(listener.accept().unwrap().0, 9));
+        let r = handshake::request(
+            addr,
+            DEST,
+            &src,
+            cfg.clone(),
+            &t,
+            &c,
+            offer(VM),
+            &pinned,
+            Duration::from_secs(3),
+        );
+        let e = r.expect_err("the source must refuse a destination it cannot attest");
+        assert!(e.to_string().contains("not among the pinned ones"), "{e}");
+        let _ = d.join();
+    });
+    // Pinning the destination's real measurement is accepted.
+    let (t2, c2) = lab.tickets("operator", VM, DEST).unwrap();
+    let good = handshake::Measurement::of_self(POLICY.as_bytes()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let d = s.spawn(|| dest.admit(listener.accept().unwrap().0, 9));
+        let r = handshake::request(
+            addr,
+            DEST,
+            &src,
+            cfg,
+            &t2,
+            &c2,
+            offer(VM),
+            &[good],
+            Duration::from_secs(3),
+        );
+        assert!(r.is_ok(), "{:?}", r.err());
+        assert!(d.join().unwrap().is_ok());
+    });
+}
