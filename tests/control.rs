@@ -463,3 +463,59 @@ fn an_unpinned_destination_measurement_is_refused_by_the_source() {
         assert!(d.join().unwrap().is_ok());
     });
 }
+
+fn manifest(c: &AuthzClaims, root: &[u8; 32]) -> handshake::Manifest {
+    handshake::Manifest {
+        migration_id: c.migration_id,
+        vm: c.vm.clone(),
+        memory_bytes: 1 << 30,
+        pages_sent: 262_144,
+        bytes_on_wire: 1 << 30,
+        rounds: 3,
+        started_unix_ms: 1,
+        finished_unix_ms: 2,
+        downtime_us: 1500,
+        transcript_root: ferry_control::hex(root),
+    }
+}
+
+#[test]
+fn a_manifest_that_differs_from_what_was_received_gets_no_clean_receipt() {
+    let (lab, dest, t, c, src) = setup();
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    let (mut s, mut d) = (s.unwrap(), d.unwrap());
+    let dst_id = Identity::load(lab.dir.path(), Role::Host, DEST).unwrap();
+    let received = [7u8; 32];
+    let claimed = [8u8; 32];
+    let m = manifest(&c, &claimed);
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| d.receive_manifest(&dst_id, &received));
+        let e = s
+            .exchange_manifest(&src, &m)
+            .expect_err("a mismatching manifest must not be confirmed");
+        assert!(e.to_string().contains("transcript"), "{e}");
+        let e = h.join().unwrap().expect_err("the destination must refuse it");
+        assert!(e.to_string().contains("transcript root differs"), "{e}");
+    });
+}
+
+#[test]
+fn a_manifest_signed_by_another_key_is_refused() {
+    let (lab, dest, t, c, src) = setup();
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    let (mut s, mut d) = (s.unwrap(), d.unwrap());
+    pki::issue(lab.dir.path(), "evil", Role::Host, Validity::days(1)).unwrap();
+    let evil = Identity::load(lab.dir.path(), Role::Host, "evil").unwrap();
+    let dst_id = Identity::load(lab.dir.path(), Role::Host, DEST).unwrap();
+    let root = [1u8; 32];
+    let m = manifest(&c, &root);
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| d.receive_manifest(&dst_id, &root));
+        let _ = s.exchange_manifest(&evil, &m);
+        let e = h
+            .join()
+            .unwrap()
+            .expect_err("a manifest not signed by the source must be refused");
+        assert!(e.to_string().contains("not signed by the peer's certificate"), "{e}");
+    });
+}

@@ -19,6 +19,11 @@ fn run_case(streams: u16, zero_fraction: f64, integrity: Integrity) {
     o.migration.integrity = integrity;
     let r = demo::run(&o, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(r.verified, "{name}: destination image differs from the source's");
+    assert!(
+        r.manifest_verified,
+        "{name}: the signed manifest and receipt did not verify"
+    );
+    assert!(r.audit_verified, "{name}: the audit logs did not verify");
     assert!(r.guest_resumed, "{name}: guest did not run at the destination");
     assert!(r.source_stopped, "{name}: source guest still running after commit");
     assert!(

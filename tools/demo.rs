@@ -12,7 +12,8 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_control::handshake::Offer;
+use ferry_control::handshake::{HandshakeError, Manifest, Offer};
+use ferry_control::pki::{Identity, Role};
 use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::AeadBackend;
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
@@ -129,6 +130,11 @@ pub struct DemoReport {
     pub audit_verified: bool,
     /// Entries in the source domain's and the destination's audit logs.
     pub audit_entries: (usize, usize),
+    /// The source's signed manifest was verified by the destination against
+    /// its own transcript, and its signed receipt by the source.
+    pub manifest_verified: bool,
+    /// SHA-256 root over every stream's transcript of frame tags (hex).
+    pub transcript_root: String,
     /// Rounds, the final (paused) one included.
     pub rounds: usize,
     /// Guest paused at the source until resumed at the destination.
@@ -272,7 +278,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         streams: cfg.streams,
         integrity: cfg.integrity.as_str().into(),
     };
-    let (src_admitted, dst_admitted) = lab
+    let (mut src_admitted, mut dst_admitted) = lab
         .admit(&daemon, &ticket, &claims, offer, addr.port())
         .map_err(|e| setup(&e))?;
     for st in &lab.steps {
@@ -292,6 +298,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         Ok(b.count())
     };
     let holes_before = holes(&src_mem)?;
+    let started_unix_ms = unix_ms();
     let heap_base = alloc::current_bytes();
     alloc::reset_peak();
     let writes_at_start = src_guest.heartbeat();
@@ -334,6 +341,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         }
     };
 
+    let finished_unix_ms = unix_ms();
     let source_holes_filled = holes_before.saturating_sub(holes(&src_mem)?);
     for r in &src.rounds {
         say(&format!(
@@ -378,9 +386,48 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let images_equal = src_mem.digest() == dst_mem.digest();
     let state_equal = dst_guest.save_state().map_err(|e| setup(&e))? == replayed_state;
     let verified = images_equal && state_equal && source_stopped;
-    let outcome = serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm,
-        "pages_sent": src.pages_sent, "bytes_on_wire": src.bytes_on_wire, "rounds": src.rounds.len(),
-        "downtime_ms": downtime_ms, "verified": verified});
+    // Non-repudiation: the source signs what it sent; the destination checks
+    // it against its own transcript and signs a receipt.
+    let manifest = Manifest {
+        migration_id: claims.migration_id,
+        vm: claims.vm.clone(),
+        memory_bytes: opts.memory_bytes,
+        pages_sent: src.pages_sent,
+        bytes_on_wire: src.bytes_on_wire,
+        rounds: src.rounds.len() as u64,
+        started_unix_ms,
+        finished_unix_ms,
+        downtime_us: u64::try_from(dst.resumed_at.saturating_duration_since(src.paused_at).as_micros())
+            .unwrap_or(u64::MAX),
+        transcript_root: ferry_control::hex(&src.transcript_root),
+    };
+    let ids = (
+        Identity::load(lab.dir.path(), Role::Host, lab::SOURCE).map_err(|e| setup(&e))?,
+        Identity::load(lab.dir.path(), Role::Host, lab::DEST).map_err(|e| setup(&e))?,
+    );
+    let (sent, received) = std::thread::scope(|s| {
+        let d = s.spawn(|| dst_admitted.receive_manifest(&ids.1, &dst.transcript_root));
+        let r = src_admitted.exchange_manifest(&ids.0, &manifest);
+        (
+            r,
+            d.join()
+                .unwrap_or_else(|_| Err(HandshakeError::Refused("destination thread panicked".into()))),
+        )
+    });
+    let manifest_verified = sent.is_ok() && received.is_ok();
+    let receipt = match (&sent, &received) {
+        (Ok(r), Ok(_)) => {
+            serde_json::json!({"manifest_sha256": r.manifest_sha256, "transcript_matches": r.transcript_matches})
+        }
+        (a, b) => serde_json::json!({"error": format!("{:?} / {:?}", a.as_ref().err(), b.as_ref().err())}),
+    };
+    say(&format!(
+        "manifest: signed by the source, {} by the destination against its own transcript (root {}), receipt signed",
+        if manifest_verified { "VERIFIED" } else { "NOT verified" },
+        &manifest.transcript_root[..16]
+    ));
+    let _ = daemon.record("receipt", receipt.clone());
+    let outcome = serde_json::json!({"manifest": manifest, "receipt": receipt, "verified": verified});
     let audited = lab
         .src_audit
         .append("commit", outcome)
@@ -422,6 +469,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         migration_id: claims.migration_id,
         audit_verified,
         audit_entries,
+        manifest_verified,
+        transcript_root: manifest.transcript_root.clone(),
         rounds: src.rounds.len(),
         downtime_ms,
         total_ms,
@@ -450,4 +499,10 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
 
 fn ferry_engine_io_error(e: std::io::Error) -> ferry_engine::migrate::IoError {
     ferry_engine::migrate::IoError::Connect(e)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

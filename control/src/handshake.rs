@@ -256,7 +256,8 @@ impl Destination {
         self
     }
 
-    fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), String> {
+    /// Records an event of this daemon (e.g. a receipt) in its audit log.
+    pub fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), String> {
         match &self.audit {
             Some(log) => log.append(event, detail).map_err(|e| e.to_string()),
             None => Ok(()),
@@ -481,5 +482,143 @@ pub fn request(
                 channel: ch,
             })
         }
+    }
+}
+
+/// JSON bytes signed by a host key, carried as they were signed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedBlob {
+    /// "manifest" or "receipt".
+    pub kind: String,
+    /// base64url of the JSON that was signed.
+    pub body: String,
+    /// base64url ECDSA P-256 signature over `kind || 0 || body`.
+    pub sig: String,
+}
+
+fn blob_message(kind: &str, body: &str) -> Vec<u8> {
+    let mut m = kind.as_bytes().to_vec();
+    m.push(0);
+    m.extend_from_slice(body.as_bytes());
+    m
+}
+
+fn sign_blob<T: Serialize>(kind: &str, value: &T, id: &Identity) -> Result<SignedBlob, HandshakeError> {
+    let body = B64.encode(serde_json::to_vec(value).expect("serialises"));
+    let sig = id
+        .sign(&blob_message(kind, &body))
+        .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+    Ok(SignedBlob {
+        kind: kind.into(),
+        body,
+        sig: B64.encode(sig),
+    })
+}
+
+fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &str, cert: &[u8]) -> Result<T, String> {
+    if b.kind != kind || b.body.len() > crate::tls::MAX_MESSAGE {
+        return Err(format!("expected a {kind}"));
+    }
+    let sig = B64.decode(&b.sig).map_err(|_| "signature is not base64url")?;
+    if !crate::pki::verify_by_cert(cert, &blob_message(kind, &b.body), &sig) {
+        return Err(format!("the {kind} is not signed by the peer's certificate"));
+    }
+    let json = B64.decode(&b.body).map_err(|_| "body is not base64url")?;
+    serde_json::from_slice(&json).map_err(|e| format!("malformed {kind}: {e}"))
+}
+
+/// What the source says it sent, signed with its host key (non-repudiation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Migration id.
+    pub migration_id: u64,
+    /// VM id.
+    pub vm: String,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Pages sent over all rounds.
+    pub pages_sent: u64,
+    /// Bytes written to the data streams.
+    pub bytes_on_wire: u64,
+    /// Rounds, the final one included.
+    pub rounds: u64,
+    /// Start and end of the transfer (Unix milliseconds).
+    pub started_unix_ms: u64,
+    /// End of the transfer.
+    pub finished_unix_ms: u64,
+    /// Guest downtime in microseconds.
+    pub downtime_us: u64,
+    /// SHA-256 root (hex) over every stream's transcript of frame tags.
+    pub transcript_root: String,
+}
+
+/// The destination's signed acknowledgement of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Migration id.
+    pub migration_id: u64,
+    /// SHA-256 (hex) of the manifest body as signed by the source.
+    pub manifest_sha256: String,
+    /// Whether the destination's own transcript root equals the manifest's.
+    pub transcript_matches: bool,
+    /// When (Unix seconds).
+    pub time: u64,
+}
+
+impl Admitted {
+    /// Source: signs and sends `manifest`; returns the destination's
+    /// verified receipt (an error if it does not confirm the transcript).
+    pub fn exchange_manifest(&mut self, source: &Identity, manifest: &Manifest) -> Result<Receipt, HandshakeError> {
+        let blob = sign_blob("manifest", manifest, source)?;
+        let manifest_sha256 = crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref());
+        self.channel.send(&blob)?;
+        let reply: SignedBlob = self.channel.recv()?;
+        let peer = self
+            .channel
+            .peer_cert()
+            .ok_or_else(|| HandshakeError::Refused("no peer certificate".into()))?;
+        let receipt: Receipt = open_blob(&reply, "receipt", peer).map_err(HandshakeError::Refused)?;
+        if receipt.migration_id != manifest.migration_id || receipt.manifest_sha256 != manifest_sha256 {
+            return Err(HandshakeError::Refused("the receipt is for another manifest".into()));
+        }
+        if !receipt.transcript_matches {
+            return Err(HandshakeError::Denied(
+                "the destination's transcript of the transfer differs from the manifest".into(),
+            ));
+        }
+        Ok(receipt)
+    }
+
+    /// Destination: receives the source's manifest, checks its signature
+    /// (the source's certificate), its migration id and its transcript root
+    /// against `own_root`, and answers with a signed receipt.
+    pub fn receive_manifest(
+        &mut self,
+        dest: &Identity,
+        own_root: &[u8; 32],
+    ) -> Result<(Manifest, Receipt), HandshakeError> {
+        let blob: SignedBlob = self.channel.recv()?;
+        let peer = self
+            .channel
+            .peer_cert()
+            .ok_or_else(|| HandshakeError::Refused("no peer certificate".into()))?
+            .to_vec();
+        let manifest: Manifest = open_blob(&blob, "manifest", &peer).map_err(HandshakeError::Refused)?;
+        if manifest.migration_id != self.claims.migration_id || manifest.vm != self.claims.vm {
+            return Err(HandshakeError::Refused("the manifest is for another migration".into()));
+        }
+        let receipt = Receipt {
+            migration_id: manifest.migration_id,
+            manifest_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref()),
+            transcript_matches: manifest.transcript_root == crate::hex(own_root),
+            time: crate::now_unix_s(),
+        };
+        self.channel.send(&sign_blob("receipt", &receipt, dest)?)?;
+        if !receipt.transcript_matches {
+            return Err(HandshakeError::Refused(
+                "the manifest's transcript root differs from what this destination received".into(),
+            ));
+        }
+        Ok((manifest, receipt))
     }
 }

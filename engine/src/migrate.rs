@@ -232,6 +232,9 @@ pub struct RoundStats {
     pub dirty_scan_ms: f64,
     /// Whether the guest was paused (the stop-and-copy round).
     pub is_final: bool,
+    /// The stream's transcript (final round, per-stream reports only).
+    #[serde(skip)]
+    transcript: Option<[u8; 32]>,
 }
 
 /// What the source saw.
@@ -261,6 +264,9 @@ pub struct SourceReport {
     /// When the migration started.
     #[serde(skip)]
     pub started_at: Instant,
+    /// SHA-256 root over every stream's transcript of what was sent.
+    #[serde(skip)]
+    pub transcript_root: [u8; 32],
 }
 
 /// What the destination saw.
@@ -275,6 +281,9 @@ pub struct DestReport {
     /// When the guest was resumed here.
     #[serde(skip)]
     pub resumed_at: Instant,
+    /// SHA-256 root over every stream's transcript of what was received.
+    #[serde(skip)]
+    pub transcript_root: [u8; 32],
 }
 
 // ------------------------------------------------------------------ source
@@ -379,6 +388,7 @@ fn source_inner(
         }
         drop(reply_tx);
         let mut ctl = SourceCtl {
+            transcripts: vec![None; usize::from(cfg.streams)],
             cmd_txs,
             replies: reply_rx,
             socks: &socks,
@@ -419,6 +429,8 @@ fn pin(cfg: &MigrationConfig, index: usize) {
 }
 
 struct SourceCtl<'a> {
+    /// Per-stream transcripts, reported with the final round.
+    transcripts: Vec<Option<[u8; 32]>>,
     cmd_txs: Vec<Sender<SrcCmd>>,
     replies: Receiver<(u16, SrcReply)>,
     socks: &'a [TcpStream],
@@ -466,7 +478,7 @@ impl SourceCtl<'_> {
     }
 
     fn run_round(
-        &self,
+        &mut self,
         round: u32,
         dirty: Arc<DirtyBitmap>,
         known_zero: Option<Arc<DirtyBitmap>>,
@@ -495,7 +507,12 @@ impl SourceCtl<'_> {
         let mut ready = false;
         while done < self.cmd_txs.len() {
             match self.reply()? {
-                (_, SrcReply::RoundDone { stats }) => {
+                (s, SrcReply::RoundDone { stats }) => {
+                    if let Some(t) = stats.transcript {
+                        if let Some(slot) = self.transcripts.get_mut(usize::from(s)) {
+                            *slot = Some(t);
+                        }
+                    }
                     total.pages += stats.pages;
                     total.zero_pages += stats.zero_pages;
                     total.frames += stats.frames;
@@ -632,8 +649,42 @@ impl SourceCtl<'_> {
             committed_at,
             resumed_confirmed_at,
             started_at,
+            transcript_root: transcript_root(&self.transcripts).ok_or(MigrateError::WorkerLost(u16::MAX))?,
         })
     }
+}
+
+/// A running SHA-256 over (sequence, kind, AEAD tag) of every frame a
+/// stream carries from source to destination (Commit excepted): both sides
+/// compute it independently, and the manifest compares them.
+#[derive(Clone)]
+struct Transcript(ring::digest::Context);
+
+impl Transcript {
+    fn new() -> Transcript {
+        Transcript(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+    fn add(&mut self, kind: Kind, seq: u64, tag: &[u8]) {
+        self.0.update(&seq.to_le_bytes());
+        self.0.update(&[kind as u8]);
+        self.0.update(tag);
+    }
+    fn root(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.0.clone().finish().as_ref());
+        out
+    }
+}
+
+/// SHA-256 over the stream transcripts in stream order.
+fn transcript_root(streams: &[Option<[u8; 32]>]) -> Option<[u8; 32]> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for s in streams {
+        ctx.update(s.as_ref()?);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Some(out)
 }
 
 /// How long a failing side waits for its other streams' reports.
@@ -696,6 +747,7 @@ fn hello_payload(cfg: &MigrationConfig) -> [u8; HELLO_LEN] {
 /// The receiving half both kinds of worker share: a buffer of bytes read
 /// from the stream, parsed into frames that are opened in place.
 struct Inbox {
+    transcript: Transcript,
     buf: Option<Vec<u8>>,
     fill: usize,
     next_seq: u64,
@@ -706,6 +758,7 @@ struct Inbox {
 impl Inbox {
     fn new(capacity: usize, crypto: StreamCrypto) -> Inbox {
         Inbox {
+            transcript: Transcript::new(),
             buf: Some(vec![0u8; capacity]),
             fill: 0,
             next_seq: 0,
@@ -776,6 +829,7 @@ impl Inbox {
                 });
             }
             let frame = &mut buf[pos..pos + len];
+            self.transcript.add(h.kind, h.seq.0, &frame[len - wire::TAG_LEN..]);
             let plain_len = {
                 let p =
                     pipeline::open_frame(&h, frame, &mut self.crypto).map_err(|detail| MigrateError::Integrity {
@@ -841,6 +895,7 @@ struct SendWorker<'a> {
     round: u32,
     ready: bool,
     resumed: bool,
+    transcript: Transcript,
 }
 
 impl<'a> SendWorker<'a> {
@@ -880,6 +935,7 @@ impl<'a> SendWorker<'a> {
             round: 0,
             ready: false,
             resumed: false,
+            transcript: Transcript::new(),
         })
     }
 
@@ -981,6 +1037,8 @@ impl<'a> SendWorker<'a> {
                     &mut self.tx,
                     &mut self.cur,
                 );
+                let tag = &self.cur[self.cur.len() - wire::TAG_LEN..];
+                self.transcript.add(Kind::Pages, self.next_seq, tag);
                 self.next_seq += 1;
                 stats.pages += u64::from(e.pages);
                 stats.zero_pages += u64::from(e.zero_pages);
@@ -1002,6 +1060,9 @@ impl<'a> SendWorker<'a> {
             self.wait_event("waiting for acknowledgements")?;
         }
         stats.frames = self.next_seq - seq0;
+        if is_final {
+            stats.transcript = Some(self.transcript.root());
+        }
         Ok(stats)
     }
 
@@ -1033,6 +1094,10 @@ impl<'a> SendWorker<'a> {
             &mut self.tx,
             &mut self.cur,
         );
+        if kind != Kind::Commit {
+            let tag = &self.cur[self.cur.len() - wire::TAG_LEN..];
+            self.transcript.add(kind, self.next_seq, tag);
+        }
         self.next_seq += 1;
         Ok(n)
     }
@@ -1128,7 +1193,7 @@ enum DstCmd {
 
 enum DstReply {
     Hello(u16),
-    Final,
+    Final([u8; 32]),
     State(Vec<u8>),
     Commit,
     Done,
@@ -1197,7 +1262,7 @@ pub fn migrate_destination(
         drop(cmd_txs);
         r
     });
-    let resumed_at = result?;
+    let (resumed_at, transcript_root) = result?;
     let (mut frames, mut pages, mut bytes) = (0, 0, 0);
     for s in &stats {
         let (f, p, b) = *s.lock().map_err(|_| MigrateError::WorkerLost(u16::MAX))?;
@@ -1210,6 +1275,7 @@ pub fn migrate_destination(
         pages,
         bytes_received: bytes,
         resumed_at,
+        transcript_root,
     })
 }
 
@@ -1218,9 +1284,11 @@ fn dest_drive(
     cmd_txs: &[Sender<DstCmd>],
     replies: &Receiver<(usize, DstReply)>,
     cfg: &MigrationConfig,
-) -> Result<Instant, MigrateError> {
+) -> Result<(Instant, [u8; 32]), MigrateError> {
     let n = cmd_txs.len();
     let (mut hellos, mut finals, mut done) = (0, 0, 0);
+    let mut stream_of_worker: Vec<Option<usize>> = vec![None; n];
+    let mut transcripts: Vec<Option<[u8; 32]>> = vec![None; n];
     // Streams whose Hello arrived (streams <= 64, checked by validate()).
     let mut seen = 0u64;
     let mut state: Option<Vec<u8>> = None;
@@ -1254,8 +1322,14 @@ fn dest_drive(
                 }
                 seen |= bit;
                 hellos += 1;
+                stream_of_worker[i] = Some(usize::from(stream));
             }
-            DstReply::Final => finals += 1,
+            DstReply::Final(t) => {
+                finals += 1;
+                if let Some(slot) = transcripts.get_mut(stream_of_worker[i].unwrap_or(usize::MAX)) {
+                    *slot = Some(t);
+                }
+            }
             DstReply::State(s) => {
                 zero_worker = Some(i);
                 state = Some(s);
@@ -1269,10 +1343,12 @@ fn dest_drive(
             DstReply::Done => {
                 done += 1;
                 if done == n {
-                    return resumed_at.ok_or(MigrateError::Protocol {
+                    let resumed_at = resumed_at.ok_or(MigrateError::Protocol {
                         stream: 0,
                         detail: "streams ended without a commit".into(),
-                    });
+                    })?;
+                    let root = transcript_root(&transcripts).ok_or(MigrateError::WorkerLost(u16::MAX))?;
+                    return Ok((resumed_at, root));
                 }
             }
             DstReply::Failed(e) => {
@@ -1444,7 +1520,14 @@ impl<'a> RecvWorker<'a> {
                     b.clear();
                     self.out_spare = Some(b);
                 }
-                Event::Received { buf, start, n } => self.on_received(buf, start, n, replies)?,
+                Event::Received { buf, start, n } => {
+                    let was_rounds = self.phase == RecvPhase::Rounds;
+                    self.on_received(buf, start, n, replies)?;
+                    if was_rounds && matches!(self.phase, RecvPhase::AwaitGo | RecvPhase::Finishing) {
+                        // The final round ended: nothing before Commit follows.
+                        let _ = replies.send((self.index, DstReply::Final(self.inbox.transcript.root())));
+                    }
+                }
             }
         }
     }
@@ -1532,7 +1615,6 @@ impl<'a> RecvWorker<'a> {
                     (Kind::RoundEnd, RecvPhase::Rounds) => {
                         *ack_due = true;
                         if h.flags & FLAG_FINAL != 0 {
-                            let _ = replies.send((index, DstReply::Final));
                             *phase = if stream == 0 {
                                 RecvPhase::AwaitGo
                             } else {
