@@ -375,32 +375,41 @@ fn garbage_and_truncated_control_messages_are_refused() {
 
 #[test]
 fn a_flood_of_bogus_handshakes_does_not_stop_a_legitimate_migration() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let (mut lab, dest, _, _, src) = setup();
-    let dest = Arc::new(dest);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    // The daemon takes connections one at a time: every bogus one must be
-    // refused fast enough that the legitimate one, queued among them, is
-    // admitted within the bound.
-    let d2 = dest.clone();
-    let served = std::thread::spawn(move || {
-        let mut admitted = 0;
-        for sock in listener.incoming().take(1001) {
-            let Ok(sock) = sock else { continue };
-            if d2.admit(sock, 9).is_ok() {
-                admitted += 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let a2 = admitted.clone();
+    let daemon = handshake::serve_destination(
+        listener,
+        Arc::new(dest),
+        handshake::ServeLimits::default(),
+        Arc::new(move |_, _| {
+            a2.fetch_add(1, Ordering::SeqCst);
+        }),
+        stop.clone(),
+    )
+    .unwrap();
+    // 1000 bogus handshakes from another address (127.0.0.2): half connect
+    // and stay silent (each would hold a handshake until its timeout), half
+    // send junk. They are held open until the end.
+    let mut flood = Vec::new();
+    for i in 0..1000 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&"127.0.0.2:0".parse::<std::net::SocketAddr>().unwrap().into())
+            .unwrap();
+        if s.connect(&addr.into()).is_ok() {
+            let mut t: TcpStream = s.into();
+            if i % 2 == 1 {
+                let _ = t.write_all(b"\x16\x03\x01\x00\x05junk");
             }
+            flood.push(t);
         }
-        admitted
-    });
-    // 1000 bogus clients: connect, send garbage, leave.
-    let flood = std::thread::spawn(move || {
-        for _ in 0..1000 {
-            if let Ok(mut s) = TcpStream::connect(addr) {
-                let _ = s.write_all(b"\x16\x03\x01\x00\x05junk");
-            }
-        }
-    });
+    }
+    assert!(flood.len() > 900, "only {} flood connections opened", flood.len());
+    // Meanwhile, a legitimate migration from 127.0.0.1.
     let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
     let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
     let start = Instant::now();
@@ -408,10 +417,36 @@ fn a_flood_of_bogus_handshakes_does_not_stop_a_legitimate_migration() {
     let took = start.elapsed();
     r.expect("the legitimate migration must be admitted during the flood");
     eprintln!("legitimate admission during a flood of 1000 bogus handshakes took {took:?}");
-    // The functional bound of issue #3 (the benchmark gives the figure).
-    assert!(took < Duration::from_secs(5), "admission took {took:?} under the flood");
-    flood.join().unwrap();
-    assert_eq!(served.join().unwrap(), 1);
+    // Issue #3: within 1 s under the flood (a functional bound; the figure is in PERF.md).
+    assert!(took < Duration::from_secs(1), "admission took {took:?} under the flood");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while admitted.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 1);
+    // The flood was refused at once, not queued: beyond the per-peer cap of
+    // pending handshakes, the daemon closed the connections it accepted.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut closed = 0;
+    for t in &mut flood {
+        t.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 64];
+        match std::io::Read::read(t, &mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => {}
+        }
+    }
+    let limits = handshake::ServeLimits::default();
+    assert!(
+        closed >= flood.len() - limits.pending_per_peer - 8,
+        "only {closed} of {} flood connections were refused at once",
+        flood.len()
+    );
+    eprintln!("{closed} of {} flood connections refused at once", flood.len());
+    drop(flood);
+    stop.store(true, Ordering::SeqCst);
+    daemon.join().unwrap();
 }
 
 #[test]

@@ -15,9 +15,11 @@
 //! The data-plane keys exist only inside an [`Admitted`], which only these
 //! functions construct, after every check has passed.
 
-use std::net::{SocketAddr, TcpStream};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -621,4 +623,120 @@ impl Admitted {
         }
         Ok((manifest, receipt))
     }
+}
+
+/// Handshakes in progress: per peer address, and in all.
+type Pending = Mutex<(HashMap<IpAddr, usize>, usize)>;
+
+/// One handshake's claim on the pending counts, released on drop.
+struct PendingSlot {
+    pending: Arc<Pending>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut g = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (per, total) = &mut *g;
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+        *total -= 1;
+    }
+}
+
+/// Limits of a destination's accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Handshakes in progress from one peer address at most; more are
+    /// closed at once.
+    pub pending_per_peer: usize,
+    /// Handshakes in progress in all.
+    pub pending_total: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            pending_per_peer: 8,
+            pending_total: 256,
+        }
+    }
+}
+
+/// Called with each admitted migration and the listener its data streams
+/// will connect to (already announced in the acceptance).
+pub type OnAdmitted = Arc<dyn Fn(Admitted, std::net::TcpListener) + Send + Sync>;
+
+/// A destination daemon's accept loop: each control connection gets a
+/// thread and a data listener of its own; handshakes in progress are capped
+/// per peer address and in total (a flood is refused at once, and a peer
+/// that connects and stays silent holds only its own slots until the
+/// handshake times out). Runs until `stop` is set.
+pub fn serve_destination(
+    listener: std::net::TcpListener,
+    dest: Arc<Destination>,
+    limits: ServeLimits,
+    on_admitted: OnAdmitted,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let data_ip = listener.local_addr()?.ip();
+    let pending: Arc<Pending> = Arc::new(Mutex::new((HashMap::new(), 0)));
+    std::thread::Builder::new().name("ferry-receive".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let (sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let ip = peer.ip();
+            {
+                let mut g = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (per, total) = &mut *g;
+                let mine = per.entry(ip).or_insert(0);
+                if *mine >= limits.pending_per_peer || *total >= limits.pending_total {
+                    drop(g);
+                    tracing::warn!(%peer, "receive: too many handshakes in progress; connection refused");
+                    continue; // `sock` dropped: closed at once
+                }
+                *mine += 1;
+                *total += 1;
+            }
+            // Released on drop: after the handshake, or if the thread never starts.
+            let slot = PendingSlot {
+                pending: pending.clone(),
+                ip,
+            };
+            let (dest, on_admitted) = (dest.clone(), on_admitted.clone());
+            let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {
+                let admitted = sock
+                    .set_nonblocking(false)
+                    .ok()
+                    .and_then(|()| std::net::TcpListener::bind((data_ip, 0)).ok())
+                    .and_then(|data| {
+                        let port = data.local_addr().ok()?.port();
+                        let a = dest.admit(sock, port);
+                        if let Err(e) = &a {
+                            tracing::info!(%peer, "receive: not admitted: {e}");
+                        }
+                        a.ok().map(|a| (a, data))
+                    });
+                // The handshake is over: free the slot before the transfer.
+                drop(slot);
+                if let Some((a, data)) = admitted {
+                    on_admitted(a, data);
+                }
+            });
+            if spawned.is_err() {
+                tracing::error!("receive: cannot spawn a handshake thread");
+            }
+        }
+    })
 }
