@@ -14,7 +14,7 @@ use ferry_control::handshake::{self, Admitted, Destination, DestinationConfig, H
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
-use ferry_control::servers::{self, AuthnServer, AuthzServer, ServerReply, ServerRequest};
+use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
 use ferry_control::tls;
 use serde::Serialize;
@@ -192,34 +192,27 @@ impl Lab {
         let d = self.dir.path().to_path_buf();
         let op = Identity::load(&d, Role::Client, client).map_err(setup)?;
         let cfg = tls::client_config(&op, pki::roots(&d).map_err(setup)?).map_err(setup)?;
-        let t = Duration::from_secs(5);
-        let authn_addr = self.authn_addr;
+        let (authn_addr, authz_addr) = (self.authn_addr, self.authz_addr);
         let authn = timed(
             &mut self.steps,
             "authn: client certificate checked, authentication ticket issued",
-            || match servers::ask(authn_addr, SOURCE, cfg.clone(), &ServerRequest::Authn, t).map_err(setup)? {
-                ServerReply::Ticket { ticket } => Ok(ticket),
-                ServerReply::Deny { reason } => Err(LabError::Denied {
+            || {
+                crate::source::authn_ticket(cfg.clone(), authn_addr, SOURCE).map_err(|reason| LabError::Denied {
                     server: "authentication",
                     reason,
-                }),
+                })
             },
         )?;
-        let authz_addr = self.authz_addr;
-        let req = ServerRequest::Authz {
-            authn,
-            vm: vm.into(),
-            dest_host: dest.into(),
-        };
         let tk = timed(
             &mut self.steps,
             "authz: ticket and policy checked, authorization ticket issued",
-            || match servers::ask(authz_addr, SOURCE, cfg, &req, t).map_err(setup)? {
-                ServerReply::Ticket { ticket } => Ok(ticket),
-                ServerReply::Deny { reason } => Err(LabError::Denied {
-                    server: "authorization",
-                    reason,
-                }),
+            || {
+                crate::source::authz_ticket(cfg, authz_addr, SOURCE, authn, vm, dest).map_err(|reason| {
+                    LabError::Denied {
+                        server: "authorization",
+                        reason,
+                    }
+                })
             },
         )?;
         // The source reads its ticket's claims with its domain's authz key.

@@ -2,6 +2,8 @@
 //! parsing) shared by the binary, the end-to-end tests and the benches.
 #![forbid(unsafe_code)]
 
+pub mod daemon;
 pub mod demo;
 pub mod lab;
 pub mod size;
+pub mod source;

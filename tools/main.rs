@@ -41,6 +41,14 @@ enum Cmd {
     /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Run a control-plane server: the authentication or the authorization server.
+    #[command(subcommand)]
+    Serve(ServeCmd),
+    /// Run the destination daemon: admit and receive migrations.
+    #[command(
+        after_help = "Example:\n  ferry receive --pki /etc/ferry/pki --name dst --listen 0.0.0.0:7700 --policy /etc/ferry/incoming.toml --state-dir /var/lib/ferry"
+    )]
+    Receive(ReceiveArgs),
     /// Audit logs: verify a log's hash chain and signatures.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -62,6 +70,78 @@ enum PkiCmd {
         #[arg(long, value_delimiter = ',', required = true)]
         hosts: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ServeCmd {
+    /// Issue authentication tickets to clients with a certificate from the CA.
+    #[command(after_help = "Example:\n  ferry serve authn --pki /etc/ferry/pki --name src --listen 0.0.0.0:7701")]
+    Authn {
+        /// PKI folder (see `ferry pki init`).
+        #[arg(long)]
+        pki: std::path::PathBuf,
+        /// This host's name (its certificate serves TLS).
+        #[arg(long)]
+        name: String,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Ticket lifetime in seconds.
+        #[arg(long, default_value_t = 60)]
+        ttl_s: u64,
+    },
+    /// Issue authorization tickets under a policy, auditing every decision.
+    #[command(
+        after_help = "Example:\n  ferry serve authz --pki /etc/ferry/pki --name src --listen 0.0.0.0:7702 --policy policy.toml --audit /var/lib/ferry/authz-audit.jsonl"
+    )]
+    Authz {
+        /// PKI folder.
+        #[arg(long)]
+        pki: std::path::PathBuf,
+        /// The source host this server authorizes migrations from.
+        #[arg(long)]
+        name: String,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Policy file (TOML, `[[allow]]` rules).
+        #[arg(long)]
+        policy: std::path::PathBuf,
+        /// Audit log file.
+        #[arg(long)]
+        audit: std::path::PathBuf,
+        /// Ticket lifetime in seconds (at most 300).
+        #[arg(long, default_value_t = 300)]
+        ttl_s: u64,
+    },
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// PKI folder.
+    #[arg(long)]
+    pki: std::path::PathBuf,
+    /// This host's name (tickets must name it).
+    #[arg(long)]
+    name: String,
+    /// Control address to listen on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Incoming policy (TOML, `[[incoming]]` rules).
+    #[arg(long)]
+    policy: std::path::PathBuf,
+    /// Folder for the replay cache and the audit log.
+    #[arg(long)]
+    state_dir: std::path::PathBuf,
+    /// Most guest memory committed to incoming migrations at once.
+    #[arg(long, default_value = "64GiB", value_parser = parse_size)]
+    max_memory: u64,
+    /// Most incoming migrations at once.
+    #[arg(long, default_value_t = 4)]
+    max_concurrent: usize,
+    /// Seconds without network progress before a migration aborts.
+    #[arg(long, default_value_t = 10)]
+    io_timeout_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -172,6 +252,31 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => run_demo(a),
         Cmd::Workload(a) => run_workload(a),
         Cmd::Audit(AuditCmd::Verify { file, cert }) => audit_verify(&file, &cert),
+        Cmd::Serve(ServeCmd::Authn {
+            pki,
+            name,
+            listen,
+            ttl_s,
+        }) => ferry::daemon::serve_authn(&pki, &name, listen, ttl_s).map(|()| ExitCode::SUCCESS),
+        Cmd::Serve(ServeCmd::Authz {
+            pki,
+            name,
+            listen,
+            policy,
+            audit,
+            ttl_s,
+        }) => ferry::daemon::serve_authz(&pki, &name, listen, &policy, &audit, ttl_s).map(|()| ExitCode::SUCCESS),
+        Cmd::Receive(a) => ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
+            pki: a.pki,
+            name: a.name,
+            listen: a.listen,
+            policy: a.policy,
+            state_dir: a.state_dir,
+            max_memory_bytes: a.max_memory,
+            max_concurrent: a.max_concurrent,
+            io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
+        })
+        .map(|()| ExitCode::SUCCESS),
         Cmd::Pki(PkiCmd::Init { out, hosts }) => ferry_control::pki::init(&out, &hosts)
             .map(|()| {
                 println!(

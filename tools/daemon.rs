@@ -1,0 +1,209 @@
+//! `ferry serve authn|authz` and `ferry receive`: the control-plane servers
+//! and the destination daemon as processes. Each prints one JSON line per
+//! event on stdout (first: where it listens), so scripts and tests can
+//! follow it; logs go to stderr.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_control::audit::AuditLog;
+use ferry_control::handshake::{self, Destination, DestinationConfig, Measurement, ServeLimits};
+use ferry_control::pki::{self, Identity, Role};
+use ferry_control::policy::Policy;
+use ferry_control::replay::ReplayCache;
+use ferry_control::servers::{self, AuthnServer, AuthzServer};
+use ferry_control::tls;
+use ferry_engine::migrate::{migrate_destination, MigrationConfig};
+use ferry_engine::transport::accept_streams;
+use ferry_engine::workload::SyntheticGuest;
+use ferry_engine::GuestMemory;
+
+fn e(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+/// Prints one event line (JSON) on stdout.
+pub fn event(v: &serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+fn bind(listen: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(listen).map_err(|x| format!("cannot listen on {listen}: {x}"))
+}
+
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// `ferry serve authn`: issues authentication tickets to clients whose
+/// certificates chain to the CA under `pki`.
+pub fn serve_authn(pki_dir: &Path, name: &str, listen: SocketAddr, ttl_s: u64) -> Result<(), String> {
+    let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
+    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
+    let server = Arc::new(AuthnServer::new(pki::signing_key(pki_dir, "authn").map_err(e)?, ttl_s));
+    let l = bind(listen)?;
+    let addr = l.local_addr().map_err(e)?;
+    servers::serve(
+        l,
+        cfg,
+        servers::authn_handler(server),
+        Arc::new(AtomicBool::new(false)),
+        256,
+    )
+    .map_err(e)?;
+    event(&serde_json::json!({"event": "listening", "server": "authn", "addr": addr.to_string()}));
+    park_forever()
+}
+
+/// `ferry serve authz`: issues authorization tickets under `policy` for
+/// migrations from host `name`, auditing every decision in `audit`.
+pub fn serve_authz(
+    pki_dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    policy: &Path,
+    audit: &Path,
+    ttl_s: u64,
+) -> Result<(), String> {
+    let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
+    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
+    let log = AuditLog::open(audit, "authz", Identity::load(pki_dir, Role::Host, name).map_err(e)?).map_err(e)?;
+    let server = Arc::new(
+        AuthzServer::new(
+            pki::signing_key(pki_dir, "authz").map_err(e)?,
+            pki::verify_key(pki_dir, "authn").map_err(e)?,
+            Policy::load(policy).map_err(e)?,
+            ttl_s,
+            name.into(),
+            id.fingerprint(),
+        )
+        .with_audit(Arc::new(log)),
+    );
+    let l = bind(listen)?;
+    let addr = l.local_addr().map_err(e)?;
+    servers::serve(
+        l,
+        cfg,
+        servers::authz_handler(server),
+        Arc::new(AtomicBool::new(false)),
+        256,
+    )
+    .map_err(e)?;
+    event(&serde_json::json!({"event": "listening", "server": "authz", "addr": addr.to_string()}));
+    park_forever()
+}
+
+/// Settings of `ferry receive`.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// PKI folder.
+    pub pki: PathBuf,
+    /// This host's name.
+    pub name: String,
+    /// Control address.
+    pub listen: SocketAddr,
+    /// Incoming policy file.
+    pub policy: PathBuf,
+    /// Where the replay cache and the audit log live.
+    pub state_dir: PathBuf,
+    /// Most guest memory committed to incoming migrations at once.
+    pub max_memory_bytes: u64,
+    /// Most incoming migrations at once.
+    pub max_concurrent: usize,
+    /// Timeout of every network wait.
+    pub io_timeout: Duration,
+}
+
+/// `ferry receive`: admits migrations that pass every check and receives
+/// their guests (synthetic guests until the KVM VMM lands), which then run
+/// in this daemon.
+pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
+    std::fs::create_dir_all(&o.state_dir).map_err(|x| format!("{}: {x}", o.state_dir.display()))?;
+    let id = || Identity::load(&o.pki, Role::Host, &o.name).map_err(e);
+    let policy_text = std::fs::read_to_string(&o.policy).map_err(|x| format!("{}: {x}", o.policy.display()))?;
+    let cfg = DestinationConfig {
+        name: o.name.clone(),
+        authz_keys: vec![pki::verify_key(&o.pki, "authz").map_err(e)?],
+        policy: Policy::from_toml(&policy_text).map_err(e)?,
+        replay: ReplayCache::open(&o.state_dir.join("replay"), ferry_control::now_unix_s()).map_err(e)?,
+        max_concurrent: o.max_concurrent,
+        max_memory_bytes: o.max_memory_bytes,
+        max_streams: 64,
+        measurement: Measurement::of_self(policy_text.as_bytes()).map_err(e)?,
+        io_timeout: o.io_timeout,
+    };
+    let tls_cfg = tls::server_config(&id()?, pki::roots(&o.pki).map_err(e)?).map_err(e)?;
+    let audit = Arc::new(
+        AuditLog::open(
+            &o.state_dir.join("audit.jsonl"),
+            &format!("destination {}", o.name),
+            id()?,
+        )
+        .map_err(e)?,
+    );
+    let dest = Arc::new(Destination::new(cfg, id()?, tls_cfg).with_audit(audit.clone()));
+    let l = bind(o.listen)?;
+    let addr = l.local_addr().map_err(e)?;
+    // Received guests keep running here until the daemon exits.
+    let running: Arc<Mutex<Vec<SyntheticGuest>>> = Arc::new(Mutex::new(Vec::new()));
+    let me = id()?;
+    let io_timeout = o.io_timeout;
+    let audit2 = audit.clone();
+    let on_admitted: handshake::OnAdmitted = Arc::new(move |mut admitted, data| {
+        let claims = admitted.claims().clone();
+        let offer = admitted.offer().clone();
+        let result = (|| -> Result<serde_json::Value, String> {
+            let integrity = offer.integrity.parse().map_err(|x: String| x)?;
+            let mem = Arc::new(GuestMemory::new(offer.memory_bytes).map_err(e)?);
+            // Fault the memory in off the receiver threads, as it arrives.
+            let m2 = mem.clone();
+            let prefault = std::thread::spawn(move || m2.prefault());
+            let mut guest = SyntheticGuest::incoming(mem.clone());
+            let conns = accept_streams(&data, offer.streams, io_timeout).map_err(e)?;
+            let cfg = MigrationConfig {
+                streams: offer.streams,
+                integrity,
+                io_timeout,
+                ..MigrationConfig::default()
+            };
+            let report = migrate_destination(&mem, &mut guest, conns, admitted.session_keys(), &cfg).map_err(e)?;
+            let _ = prefault.join();
+            let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
+            if let Ok(mut r) = running.lock() {
+                r.push(guest);
+            }
+            Ok(
+                serde_json::json!({"event": "received", "migration_id": claims.migration_id, "vm": claims.vm,
+                "source_host": claims.source_host, "pages": report.pages, "frames": report.frames,
+                "transcript_matches": receipt.transcript_matches, "manifest": manifest}),
+            )
+        })();
+        let (name, line) = match result {
+            Ok(v) => ("received", v),
+            Err(why) => (
+                "aborted",
+                serde_json::json!({"event": "aborted", "migration_id": claims.migration_id, "vm": claims.vm, "reason": why}),
+            ),
+        };
+        let _ = audit2.append(name, line.clone());
+        event(&line);
+    });
+    handshake::serve_destination(
+        l,
+        dest,
+        ServeLimits::default(),
+        on_admitted,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(e)?;
+    event(&serde_json::json!({"event": "listening", "server": "receive", "addr": addr.to_string(), "name": o.name}));
+    park_forever()
+}

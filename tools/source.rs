@@ -1,0 +1,146 @@
+//! The source side of a migration against real daemons, as a VMM embedding
+//! ferry runs it: ask the authentication and authorization servers for
+//! tickets, request admission from the destination, move the guest, then
+//! exchange the signed manifest and receipt.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_control::handshake::{self, Manifest, Offer, Receipt};
+use ferry_control::pki::{self, Identity, Role};
+use ferry_control::servers::{self, ServerReply, ServerRequest};
+use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
+use ferry_control::tls;
+use ferry_engine::dirty::DirtyTracker;
+use ferry_engine::guest::GuestControl;
+use ferry_engine::migrate::{migrate_source, MigrationConfig, SourceReport};
+use ferry_engine::transport::connect_streams;
+use ferry_engine::GuestMemory;
+use rustls::ClientConfig;
+
+fn ask(
+    cfg: Arc<ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+    req: &ServerRequest,
+    what: &str,
+) -> Result<SignedTicket, String> {
+    match servers::ask(addr, server_name, cfg, req, Duration::from_secs(5)).map_err(|e| format!("{what}: {e}"))? {
+        ServerReply::Ticket { ticket } => Ok(ticket),
+        ServerReply::Deny { reason } => Err(format!("{what} server refused: {reason}")),
+    }
+}
+
+/// Step 3: an authentication ticket for the client of `cfg`.
+pub fn authn_ticket(cfg: Arc<ClientConfig>, addr: SocketAddr, server_name: &str) -> Result<SignedTicket, String> {
+    ask(cfg, addr, server_name, &ServerRequest::Authn, "authentication")
+}
+
+/// Step 4: an authorization ticket for `vm` to `dest_host`.
+pub fn authz_ticket(
+    cfg: Arc<ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+    authn: SignedTicket,
+    vm: &str,
+    dest_host: &str,
+) -> Result<SignedTicket, String> {
+    let req = ServerRequest::Authz {
+        authn,
+        vm: vm.into(),
+        dest_host: dest_host.into(),
+    };
+    ask(cfg, addr, server_name, &req, "authorization")
+}
+
+/// Where the servers are and who is asking.
+#[derive(Debug, Clone)]
+pub struct Endpoints<'a> {
+    /// The PKI folder (this host's and the client's credentials, the CA).
+    pub pki: &'a Path,
+    /// This (source) host's name.
+    pub host: &'a str,
+    /// The migration client's name (`clients/NAME`).
+    pub client: &'a str,
+    /// Authentication server.
+    pub authn: SocketAddr,
+    /// Authorization server.
+    pub authz: SocketAddr,
+    /// The name on the authn/authz servers' certificates.
+    pub servers_name: &'a str,
+    /// The destination daemon's control address.
+    pub dest: SocketAddr,
+    /// The destination's host name (its certificate must be for it).
+    pub dest_host: &'a str,
+}
+
+/// Migrates `vm` (memory `mem`, tracked by `tracker`, run by `guest`) to the
+/// destination of `at`; returns the engine's report and the destination's
+/// verified receipt.
+pub fn migrate(
+    at: &Endpoints<'_>,
+    vm: &str,
+    mem: &GuestMemory,
+    tracker: &mut dyn DirtyTracker,
+    guest: &mut dyn GuestControl,
+    cfg: &MigrationConfig,
+) -> Result<(SourceReport, Receipt), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let roots = || pki::roots(at.pki).map_err(|x| e(&x));
+    let client = Identity::load(at.pki, Role::Client, at.client).map_err(|x| e(&x))?;
+    let ccfg = tls::client_config(&client, roots()?).map_err(|x| e(&x))?;
+    let authn = authn_ticket(ccfg.clone(), at.authn, at.servers_name)?;
+    let ticket = authz_ticket(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host)?;
+    let claims: AuthzClaims =
+        ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+    let host = Identity::load(at.pki, Role::Host, at.host).map_err(|x| e(&x))?;
+    let hcfg = tls::client_config(&host, roots()?).map_err(|x| e(&x))?;
+    let offer = Offer {
+        vm: vm.into(),
+        memory_bytes: mem.size_bytes(),
+        streams: cfg.streams,
+        integrity: cfg.integrity.as_str().into(),
+    };
+    let mut admitted = handshake::request(
+        at.dest,
+        at.dest_host,
+        &host,
+        hcfg,
+        &ticket,
+        &claims,
+        offer,
+        &[],
+        cfg.io_timeout,
+    )
+    .map_err(|x| e(&x))?;
+    let data = SocketAddr::new(at.dest.ip(), admitted.data_port());
+    let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|x| e(&x))?;
+    let started = std::time::SystemTime::now();
+    let report = migrate_source(mem, tracker, guest, conns, admitted.session_keys(), cfg).map_err(|x| e(&x))?;
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    };
+    let manifest = Manifest {
+        migration_id: claims.migration_id,
+        vm: vm.into(),
+        memory_bytes: mem.size_bytes(),
+        pages_sent: report.pages_sent,
+        bytes_on_wire: report.bytes_on_wire,
+        rounds: report.rounds.len() as u64,
+        started_unix_ms: ms(started),
+        finished_unix_ms: ms(std::time::SystemTime::now()),
+        downtime_us: u64::try_from(
+            report
+                .resumed_confirmed_at
+                .saturating_duration_since(report.paused_at)
+                .as_micros(),
+        )
+        .unwrap_or(u64::MAX),
+        transcript_root: ferry_control::hex(&report.transcript_root),
+    };
+    let receipt = admitted.exchange_manifest(&host, &manifest).map_err(|x| e(&x))?;
+    Ok((report, receipt))
+}
