@@ -21,6 +21,32 @@ use ferry_engine::{workload, GuestMemory, PageIndex, PAGE_SIZE};
 const MEM: u64 = 64 << 20;
 const CHUNK: u32 = 32;
 
+/// Seals every page of `mem` into `out` as CHUNK-page frames, from `seq`;
+/// with `flush_at`, clears `out` whenever it passes that size (a null sink).
+fn seal_image(
+    mem: &GuestMemory,
+    integrity: Integrity,
+    tx: &mut StreamCrypto,
+    seq: &mut u64,
+    out: &mut Vec<u8>,
+    flush_at: Option<usize>,
+) {
+    let hdr = StreamHeader {
+        migration: MigrationId(1),
+        stream: StreamId(0),
+    };
+    let mut first = 0;
+    while first < mem.pages() {
+        pipeline::encode_pages(mem, PageIndex(first), CHUNK, hdr, 1, Seq(*seq), integrity, 0, tx, out);
+        *seq += 1;
+        first += u64::from(CHUNK);
+        if flush_at.is_some_and(|n| out.len() >= n) {
+            black_box(&*out);
+            out.clear();
+        }
+    }
+}
+
 fn backends() -> Vec<AeadBackend> {
     let mut v = vec![AeadBackend::Ring];
     if cfg!(feature = "rustcrypto-aead") {
@@ -41,10 +67,6 @@ fn seal(c: &mut Criterion) {
     let mem = GuestMemory::new(MEM).expect("guest memory");
     workload::fill(&mem, 7, 0.0);
     let keys = SessionKeys::test_only_unauthenticated(MigrationId(1)).expect("keys");
-    let hdr = StreamHeader {
-        migration: MigrationId(1),
-        stream: StreamId(0),
-    };
     let mut g = c.benchmark_group("seal");
     g.throughput(Throughput::Bytes(MEM));
     g.sample_size(10).measurement_time(Duration::from_secs(4));
@@ -54,30 +76,7 @@ fn seal(c: &mut Criterion) {
             let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
             let mut seq = 0u64;
             g.bench_function(BenchmarkId::from_parameter(label(integrity, backend)), |b| {
-                b.iter(|| {
-                    let pages = mem.pages();
-                    let mut first = 0;
-                    while first < pages {
-                        pipeline::encode_pages(
-                            &mem,
-                            PageIndex(first),
-                            CHUNK,
-                            hdr,
-                            1,
-                            Seq(seq),
-                            integrity,
-                            0,
-                            &mut tx,
-                            &mut out,
-                        );
-                        seq += 1;
-                        first += u64::from(CHUNK);
-                        if out.len() >= 1 << 20 {
-                            black_box(&out);
-                            out.clear();
-                        }
-                    }
-                })
+                b.iter(|| seal_image(&mem, integrity, &mut tx, &mut seq, &mut out, Some(1 << 20)))
             });
         }
     }
@@ -119,10 +118,6 @@ fn open(c: &mut Criterion) {
     let dst = GuestMemory::new(MEM).expect("guest memory");
     dst.prefault().expect("prefault");
     let keys = SessionKeys::test_only_unauthenticated(MigrationId(1)).expect("keys");
-    let hdr = StreamHeader {
-        migration: MigrationId(1),
-        stream: StreamId(0),
-    };
     let mut g = c.benchmark_group("open");
     g.throughput(Throughput::Bytes(MEM));
     g.sample_size(10).measurement_time(Duration::from_secs(4));
@@ -130,24 +125,7 @@ fn open(c: &mut Criterion) {
         // Seal the whole image once; each iteration opens a fresh copy.
         let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut sealed = Vec::new();
-        let mut first = 0;
-        let mut seq = 0;
-        while first < mem.pages() {
-            pipeline::encode_pages(
-                &mem,
-                PageIndex(first),
-                CHUNK,
-                hdr,
-                1,
-                Seq(seq),
-                integrity,
-                0,
-                &mut tx,
-                &mut sealed,
-            );
-            first += u64::from(CHUNK);
-            seq += 1;
-        }
+        seal_image(&mem, integrity, &mut tx, &mut 0, &mut sealed, None);
         g.bench_function(BenchmarkId::from_parameter(integrity.as_str()), |b| {
             // A fresh copy of the sealed frames per iteration, made outside
             // the timed part (opening is in place).

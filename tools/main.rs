@@ -72,20 +72,27 @@ enum PkiCmd {
     },
 }
 
+/// Who a daemon is and where it listens.
+#[derive(Args)]
+struct HostArgs {
+    /// PKI folder (see `ferry pki init`).
+    #[arg(long)]
+    pki: std::path::PathBuf,
+    /// This host's name: its certificate `hosts/NAME` serves TLS.
+    #[arg(long)]
+    name: String,
+    /// Address to listen on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+}
+
 #[derive(Subcommand)]
 enum ServeCmd {
     /// Issue authentication tickets to clients with a certificate from the CA.
     #[command(after_help = "Example:\n  ferry serve authn --pki /etc/ferry/pki --name src --listen 0.0.0.0:7701")]
     Authn {
-        /// PKI folder (see `ferry pki init`).
-        #[arg(long)]
-        pki: std::path::PathBuf,
-        /// This host's name (its certificate serves TLS).
-        #[arg(long)]
-        name: String,
-        /// Address to listen on.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        host: HostArgs,
         /// Ticket lifetime in seconds.
         #[arg(long, default_value_t = 60)]
         ttl_s: u64,
@@ -95,15 +102,8 @@ enum ServeCmd {
         after_help = "Example:\n  ferry serve authz --pki /etc/ferry/pki --name src --listen 0.0.0.0:7702 --policy policy.toml --audit /var/lib/ferry/authz-audit.jsonl"
     )]
     Authz {
-        /// PKI folder.
-        #[arg(long)]
-        pki: std::path::PathBuf,
-        /// The source host this server authorizes migrations from.
-        #[arg(long)]
-        name: String,
-        /// Address to listen on.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        host: HostArgs,
         /// Policy file (TOML, `[[allow]]` rules).
         #[arg(long)]
         policy: std::path::PathBuf,
@@ -118,15 +118,8 @@ enum ServeCmd {
 
 #[derive(Args)]
 struct ReceiveArgs {
-    /// PKI folder.
-    #[arg(long)]
-    pki: std::path::PathBuf,
-    /// This host's name (tickets must name it).
-    #[arg(long)]
-    name: String,
-    /// Control address to listen on.
-    #[arg(long)]
-    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    host: HostArgs,
     /// Incoming policy (TOML, `[[incoming]]` rules).
     #[arg(long)]
     policy: std::path::PathBuf,
@@ -252,24 +245,20 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => run_demo(a),
         Cmd::Workload(a) => run_workload(a),
         Cmd::Audit(AuditCmd::Verify { file, cert }) => audit_verify(&file, &cert),
-        Cmd::Serve(ServeCmd::Authn {
-            pki,
-            name,
-            listen,
-            ttl_s,
-        }) => ferry::daemon::serve_authn(&pki, &name, listen, ttl_s).map(|()| ExitCode::SUCCESS),
+        Cmd::Serve(ServeCmd::Authn { host, ttl_s }) => {
+            ferry::daemon::serve_authn(&host.pki, &host.name, host.listen, ttl_s).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Serve(ServeCmd::Authz {
-            pki,
-            name,
-            listen,
+            host,
             policy,
             audit,
             ttl_s,
-        }) => ferry::daemon::serve_authz(&pki, &name, listen, &policy, &audit, ttl_s).map(|()| ExitCode::SUCCESS),
+        }) => ferry::daemon::serve_authz(&host.pki, &host.name, host.listen, &policy, &audit, ttl_s)
+            .map(|()| ExitCode::SUCCESS),
         Cmd::Receive(a) => ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
-            pki: a.pki,
-            name: a.name,
-            listen: a.listen,
+            pki: a.host.pki,
+            name: a.host.name,
+            listen: a.host.listen,
             policy: a.policy,
             state_dir: a.state_dir,
             max_memory_bytes: a.max_memory,

@@ -41,3 +41,17 @@ compile_error!("ferry-engine supports 64-bit Linux only");
 pub(crate) const fn usize_from(v: u64) -> usize {
     v as usize
 }
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected pair of TCP streams on loopback.
+    pub(crate) fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+}

@@ -121,12 +121,7 @@ mod tests {
     use super::*;
     use crate::wire::MigrationId;
 
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
+    use crate::testutil::tcp_pair as pair;
 
     #[test]
     fn a_connection_proves_its_session_and_stream() {
