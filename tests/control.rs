@@ -145,7 +145,11 @@ fn destination_certificate_from_another_ca_is_refused_by_the_source() {
     });
     let cfg = tls::client_config(&src, pki::roots(lab.dir.path()).unwrap()).unwrap();
     let r = handshake::request(addr, DEST, &src, cfg, &t, &c, offer(VM), &[], Duration::from_secs(3));
+    handshake::audit_request(&lab.src_audit, &c, &r).unwrap();
     let e = r.expect_err("the source must refuse a destination certificate from another CA");
+    let log = std::fs::read_to_string(lab.dir.path().join(lab::SOURCE_AUDIT)).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "request-refused", "{last}");
     assert!(e.to_string().contains("control channel"), "{e}");
     let _ = srv.join();
 }

@@ -133,6 +133,7 @@ fn migrate_to_real_daemons_and_audit() {
         servers_name: "src",
         dest,
         dest_host: "dst",
+        audit: None,
     };
     let cfg = MigrationConfig {
         io_timeout: Duration::from_secs(5),

@@ -294,6 +294,7 @@ impl Lab {
                         &[],
                         Duration::from_secs(5),
                     );
+                    let _ = handshake::audit_request(&self.src_audit, claims, &client);
                     let server = server
                         .join()
                         .unwrap_or_else(|_| Err(LabError::Setup("destination thread panicked".into())));

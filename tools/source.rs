@@ -74,6 +74,8 @@ pub struct Endpoints<'a> {
     pub dest: SocketAddr,
     /// The destination's host name (its certificate must be for it).
     pub dest_host: &'a str,
+    /// The source's audit log (the request's outcome is recorded there).
+    pub audit: Option<&'a ferry_control::audit::AuditLog>,
 }
 
 /// Migrates `vm` (memory `mem`, tracked by `tracker`, run by `guest`) to the
@@ -103,7 +105,7 @@ pub fn migrate(
         streams: cfg.streams,
         integrity: cfg.integrity.as_str().into(),
     };
-    let mut admitted = handshake::request(
+    let requested = handshake::request(
         at.dest,
         at.dest_host,
         &host,
@@ -113,8 +115,11 @@ pub fn migrate(
         offer,
         &[],
         cfg.io_timeout,
-    )
-    .map_err(|x| e(&x))?;
+    );
+    if let Some(log) = at.audit {
+        handshake::audit_request(log, &claims, &requested).map_err(|x| e(&x))?;
+    }
+    let mut admitted = requested.map_err(|x| e(&x))?;
     let data = SocketAddr::new(at.dest.ip(), admitted.data_port());
     let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|x| e(&x))?;
     let started = std::time::SystemTime::now();

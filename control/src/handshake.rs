@@ -740,3 +740,24 @@ pub fn serve_destination(
         }
     })
 }
+
+/// Records the outcome of a [`request`] in the source's audit log: admitted
+/// (with the destination's measurement) or refused, and why.
+pub fn audit_request(
+    log: &crate::audit::AuditLog,
+    claims: &AuthzClaims,
+    result: &Result<Admitted, HandshakeError>,
+) -> Result<(), crate::audit::AuditError> {
+    match result {
+        Ok(a) => log.append(
+            "request-admitted",
+            serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm, "dest_host": claims.dest_host,
+                "measurement": a.measurement}),
+        ),
+        Err(e) => log.append(
+            "request-refused",
+            serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm, "dest_host": claims.dest_host,
+                "reason": e.to_string()}),
+        ),
+    }
+}
