@@ -43,24 +43,28 @@ fn park_forever() -> ! {
     }
 }
 
+/// Serves `handler` over mutual TLS as host `name` on `listen` until killed.
+fn serve_as(
+    pki_dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    label: &str,
+    handler: servers::Handler,
+) -> Result<(), String> {
+    let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
+    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
+    let l = bind(listen)?;
+    let addr = l.local_addr().map_err(e)?;
+    servers::serve(l, cfg, handler, Arc::new(AtomicBool::new(false)), 256).map_err(e)?;
+    event(&serde_json::json!({"event": "listening", "server": label, "addr": addr.to_string()}));
+    park_forever()
+}
+
 /// `ferry serve authn`: issues authentication tickets to clients whose
 /// certificates chain to the CA under `pki`.
 pub fn serve_authn(pki_dir: &Path, name: &str, listen: SocketAddr, ttl_s: u64) -> Result<(), String> {
-    let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
-    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
     let server = Arc::new(AuthnServer::new(pki::signing_key(pki_dir, "authn").map_err(e)?, ttl_s));
-    let l = bind(listen)?;
-    let addr = l.local_addr().map_err(e)?;
-    servers::serve(
-        l,
-        cfg,
-        servers::authn_handler(server),
-        Arc::new(AtomicBool::new(false)),
-        256,
-    )
-    .map_err(e)?;
-    event(&serde_json::json!({"event": "listening", "server": "authn", "addr": addr.to_string()}));
-    park_forever()
+    serve_as(pki_dir, name, listen, "authn", servers::authn_handler(server))
 }
 
 /// `ferry serve authz`: issues authorization tickets under `policy` for
@@ -74,8 +78,8 @@ pub fn serve_authz(
     ttl_s: u64,
 ) -> Result<(), String> {
     let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
-    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
-    let log = AuditLog::open(audit, "authz", Identity::load(pki_dir, Role::Host, name).map_err(e)?).map_err(e)?;
+    let fingerprint = id.fingerprint();
+    let log = AuditLog::open(audit, "authz", id).map_err(e)?;
     let server = Arc::new(
         AuthzServer::new(
             pki::signing_key(pki_dir, "authz").map_err(e)?,
@@ -83,22 +87,11 @@ pub fn serve_authz(
             Policy::load(policy).map_err(e)?,
             ttl_s,
             name.into(),
-            id.fingerprint(),
+            fingerprint,
         )
         .with_audit(Arc::new(log)),
     );
-    let l = bind(listen)?;
-    let addr = l.local_addr().map_err(e)?;
-    servers::serve(
-        l,
-        cfg,
-        servers::authz_handler(server),
-        Arc::new(AtomicBool::new(false)),
-        256,
-    )
-    .map_err(e)?;
-    event(&serde_json::json!({"event": "listening", "server": "authz", "addr": addr.to_string()}));
-    park_forever()
+    serve_as(pki_dir, name, listen, "authz", servers::authz_handler(server))
 }
 
 /// Settings of `ferry receive`.

@@ -280,7 +280,12 @@ impl Lab {
             || {
                 std::thread::scope(|s| {
                     let server = s.spawn(|| {
-                        let (sock, _) = listener.accept().map_err(setup)?;
+                        // Bounded: a source that gives up before connecting must
+                        // not leave this side waiting forever.
+                        let sock = ferry_engine::transport::accept_streams(&listener, 1, Duration::from_secs(5))
+                            .map_err(setup)?
+                            .pop()
+                            .ok_or_else(|| LabError::Setup("no control connection".into()))?;
                         dest.admit(sock, data_port).map_err(LabError::from)
                     });
                     let client = handshake::request(
