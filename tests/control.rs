@@ -332,6 +332,22 @@ fn admission_limits_refuse_what_does_not_fit() {
     refused_and_audited(&lab, &r, "busy");
     // Releasing one frees its slot.
     held.pop();
+    // A received guest that runs on keeps its memory reserved, but not its
+    // concurrency slot.
+    let tight = lab.destination(DEST, POLICY, (1 << 30) + (512 << 20)).unwrap();
+    let (t1, c1) = lab.tickets("operator", VM, DEST).unwrap();
+    let (_, d1) = attempt(&lab, &tight, &src, lab.dir.path(), &t1, &c1, offer(VM));
+    let resident = d1
+        .unwrap()
+        .into_memory_reservation()
+        .expect("a destination-side admission");
+    let (t2, c2) = lab.tickets("operator", VM, DEST).unwrap();
+    let r = attempt(&lab, &tight, &src, lab.dir.path(), &t2, &c2, offer(VM));
+    refused(&r, "not enough memory");
+    drop(resident);
+    let (t3, c3) = lab.tickets("operator", VM, DEST).unwrap();
+    let (s3, d3) = attempt(&lab, &tight, &src, lab.dir.path(), &t3, &c3, offer(VM));
+    assert!(s3.is_ok() && d3.is_ok(), "the memory came back when the guest went");
     let (t, c) = lab.tickets("operator", VM, DEST).unwrap();
     let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
     assert!(s.is_ok() && d.is_ok());

@@ -146,7 +146,8 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.
-    let running: Arc<Mutex<Vec<SyntheticGuest>>> = Arc::new(Mutex::new(Vec::new()));
+    type Resident = (SyntheticGuest, Option<handshake::MemoryReservation>);
+    let running: Arc<Mutex<Vec<Resident>>> = Arc::new(Mutex::new(Vec::new()));
     let me = id()?;
     let io_timeout = o.io_timeout;
     let audit2 = audit.clone();
@@ -170,8 +171,11 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
             let report = migrate_destination(&mem, &mut guest, conns, admitted.session_keys(), &cfg).map_err(e)?;
             let _ = prefault.join();
             let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
+            // The guest runs here now: its memory stays committed (it counts
+            // against --max-memory) until the daemon lets it go.
+            let reservation = admitted.into_memory_reservation();
             if let Ok(mut r) = running.lock() {
-                r.push(guest);
+                r.push((guest, reservation));
             }
             Ok(
                 serde_json::json!({"event": "received", "migration_id": claims.migration_id, "vm": claims.vm,

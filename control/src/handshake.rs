@@ -184,6 +184,17 @@ impl Admitted {
     pub fn channel(&mut self) -> &mut Channel {
         &mut self.channel
     }
+
+    /// Destination, after a completed migration: gives up the migration's
+    /// concurrency slot and its control channel, and keeps its memory
+    /// reserved for as long as the returned value lives (the received guest
+    /// runs here). `None` on the source side.
+    pub fn into_memory_reservation(mut self) -> Option<MemoryReservation> {
+        let mut slot = self._slot.take()?;
+        slot.counters.active.fetch_sub(1, Ordering::AcqRel);
+        slot.active = false;
+        Some(MemoryReservation { _slot: slot })
+    }
 }
 
 /// Settings of a destination daemon.
@@ -225,18 +236,29 @@ struct Counters {
     memory: AtomicU64,
 }
 
-/// An admission slot, released on drop.
+/// An admission slot (one of `max_concurrent`, and the offered memory),
+/// released on drop.
 #[derive(Debug)]
 struct Slot {
     counters: Arc<Counters>,
     memory: u64,
+    active: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.counters.active.fetch_sub(1, Ordering::AcqRel);
+        if self.active {
+            self.counters.active.fetch_sub(1, Ordering::AcqRel);
+        }
         self.counters.memory.fetch_sub(self.memory, Ordering::AcqRel);
     }
+}
+
+/// Memory a destination keeps reserved for a received guest that runs here;
+/// released when dropped (when the guest goes).
+#[derive(Debug)]
+pub struct MemoryReservation {
+    _slot: Slot,
 }
 
 impl Destination {
@@ -395,6 +417,7 @@ impl Destination {
         let slot = Slot {
             counters: c.clone(),
             memory: mem,
+            active: true,
         };
         if before.saturating_add(mem) > self.cfg.max_memory_bytes {
             return Err(format!(
