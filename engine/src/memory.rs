@@ -210,11 +210,10 @@ impl GuestMemory {
     /// Whether page `page` is all zeros (racy read, see the module docs).
     pub fn page_is_zero(&self, page: PageIndex) -> bool {
         let src = self.run_ptr(page, 1).expect("page index out of range");
-        // SAFETY: PAGE_SIZE bytes at `src` are mapped and 8-byte aligned (page
-        // aligned); we read them as u64 words without holding a reference
-        // beyond this call.
-        let words = unsafe { std::slice::from_raw_parts(src.cast::<u64>(), PAGE_SIZE / 8) };
-        is_zero(words)
+        // SAFETY: PAGE_SIZE bytes at `src` are mapped (run_ptr); the slice
+        // lives only for this check (racy read, see the module docs).
+        let bytes = unsafe { std::slice::from_raw_parts(src, PAGE_SIZE) };
+        is_zero(bytes)
     }
 
     /// Faults every page in ahead of use (MADV_POPULATE_WRITE), so that a
@@ -300,18 +299,17 @@ impl GuestMemory {
     }
 }
 
-/// Whether every word is zero; early exit on the first non-zero word.
+/// Whether every byte is zero; early exit on the first non-zero 64-byte
+/// block (a random page exits after one block).
 #[inline]
-pub fn is_zero(words: &[u64]) -> bool {
-    // Check 8 words at a time: the OR of a block vectorises, and a random
-    // page exits after the first block.
-    let mut chunks = words.chunks_exact(8);
-    for c in &mut chunks {
-        if c.iter().fold(0, |a, w| a | w) != 0 {
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, x| a | x) != 0 {
             return false;
         }
     }
-    chunks.remainder().iter().all(|w| *w == 0)
+    blocks.remainder().iter().all(|x| *x == 0)
 }
 
 fn memfd(size: u64) -> Result<File, MemoryError> {

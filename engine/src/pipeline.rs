@@ -16,7 +16,7 @@
 use thiserror::Error;
 
 use crate::crypto::{CryptoError, StreamCrypto};
-use crate::memory::{GuestMemory, PageIndex, PAGE_SIZE};
+use crate::memory::{is_zero, GuestMemory, PageIndex, PAGE_SIZE};
 use crate::wire::{self, FrameHeader, Kind, MigrationId, Seq, StreamId, DIGEST_LEN, FLAG_DIGESTS, HEADER_LEN, TAG_LEN};
 
 /// What protects page contents in transit.
@@ -135,7 +135,7 @@ pub fn encode_pages(
             // SAFETY: the PAGE_SIZE bytes at `d` were just initialised and
             // nothing else refers to them while this slice lives.
             let bytes = unsafe { std::slice::from_raw_parts(d, PAGE_SIZE) };
-            if is_zero_bytes(bytes) {
+            if is_zero(bytes) {
                 zero_mask |= 1 << i;
             } else {
                 if digests {
@@ -191,19 +191,6 @@ fn prefetch_page(p: *const u8) {
         // program state, whatever the address.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(line).cast()) };
     }
-}
-
-/// Whether a page's bytes are all zero (early exit on the first non-zero
-/// 64-byte block).
-#[inline]
-fn is_zero_bytes(page: &[u8]) -> bool {
-    let mut blocks = page.chunks_exact(64);
-    for b in &mut blocks {
-        if b.iter().fold(0u8, |a, x| a | x) != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|x| *x == 0)
 }
 
 /// Appends one sealed control frame (`kind`, plaintext `payload`) to `out`.
