@@ -19,6 +19,7 @@ pub mod crypto;
 pub mod dirty;
 pub mod guest;
 mod io;
+pub mod kvm;
 pub mod memory;
 pub mod migrate;
 pub mod pipeline;

@@ -180,6 +180,26 @@ impl GuestMemory {
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), PAGE_SIZE) };
     }
 
+    /// Copies guest memory from guest-physical `at` into `out` (across
+    /// regions; panics if the range is outside guest memory).
+    pub fn read_into(&self, at: u64, out: &mut [u8]) {
+        let mut done = 0usize;
+        while done < out.len() {
+            let gpa = at + done as u64;
+            let r = self
+                .regions
+                .iter()
+                .find(|r| gpa >= r.guest_base().0 && gpa < r.guest_base().0 + r.len_bytes() as u64)
+                .expect("read outside guest memory");
+            let off = crate::usize_from(gpa - r.guest_base().0);
+            let n = (r.len_bytes() - off).min(out.len() - done);
+            // SAFETY: `off + n <= len_bytes`, inside the region's mapping;
+            // `out` is ordinary memory, not guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(r.host_addr().add(off), out[done..].as_mut_ptr(), n) };
+            done += n;
+        }
+    }
+
     /// Writes `data` (whole pages) starting at page `first`. Returns `false`
     /// (and writes nothing) if the run is not inside one region.
     pub fn write_pages(&self, first: PageIndex, data: &[u8]) -> bool {

@@ -1,0 +1,1061 @@
+//! A minimal KVM VMM: guest RAM from the engine's [`GuestMemory`], one or
+//! more vCPUs running ferry's built-in guest program in 64-bit mode at
+//! privilege level 3, the [`GuestControl`] the engine drives (pause, save
+//! and load vCPU state, resume), and a dirty tracker on KVM's dirty log
+//! ([`KvmDirtyTracker`]).
+//!
+//! Why CPL 3: on the hosts ferry targets, KVM runs guest code natively only
+//! when it is 64-bit user-mode code; everything else is emulated. So the VMM
+//! builds long mode itself (page tables with the user bit at every level, a
+//! GDT and TSS, EFER.LME/LMA) and starts the guest directly in user mode with
+//! IOPL 3, so that its `out` instructions exit to the VMM.
+//!
+//! The guest program (`guest.S`, embedded as `guest.bin`) fills its memory
+//! with pseudo-random data, then writes a hot set at a set pace, beats a
+//! heartbeat, and on request computes a checksum of its own memory (see the
+//! source for the exact layout).
+//!
+//! Each vCPU runs on its own thread. Pausing sets `immediate_exit` in the
+//! vCPU's `kvm_run` and sends the thread a signal, so a vCPU inside the
+//! guest leaves at once and one about to enter does not enter.
+//!
+//! No in-kernel devices are created (no irqchip, no PIT): the vCPUs' state
+//! is the whole device state.
+
+mod dirty;
+mod state;
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+pub use self::dirty::KvmDirtyTracker;
+use self::state::{VcpuState, VmState};
+use crate::bitmap::AtomicBitmap;
+use crate::guest::{GuestControl, GuestError};
+use crate::memory::{GuestMemory, PageIndex, PAGE_SIZE_U64};
+
+/// The guest program, assembled from `guest.S` (beside this file).
+pub const GUEST_PROGRAM: &[u8] = include_bytes!("guest.bin");
+
+/// Most vCPUs a ferry VM has.
+pub const MAX_VCPUS: u32 = 16;
+
+// Guest-physical layout (identity mapped). The low 2 MiB hold the VMM's
+// tables, the mailbox and the program; the guest's data starts at 2 MiB.
+const GDT: u64 = 0x0800;
+const TSS: u64 = 0x0900;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+/// Guest-physical address of the mailbox: one 64-byte slot per vCPU.
+pub const MAILBOX: u64 = 0x5000;
+const PARAMS: u64 = 0x5800;
+const CODE: u64 = 0x6000;
+const PD_BASE: u64 = 0x10_0000;
+/// Where the guest's data region (filled, written and checksummed) starts.
+pub const DATA_START: u64 = 0x20_0000;
+/// Largest guest: one page directory (1 GiB) per page between PD_BASE and
+/// DATA_START.
+pub const MAX_MEMORY_BYTES: u64 = (DATA_START - PD_BASE) / 4096 * (1 << 30);
+/// Smallest guest.
+pub const MIN_MEMORY_BYTES: u64 = 2 * DATA_START;
+
+// Slot fields (see guest.S).
+const S_HEARTBEAT: u64 = 0x00;
+const S_REQUEST: u64 = 0x08;
+const S_CHECKSUM: u64 = 0x18;
+const S_FILLED: u64 = 0x20;
+const S_WRITES: u64 = 0x30;
+
+const PORT_HEARTBEAT: u16 = 0x10;
+const PORT_CHECKSUM: u16 = 0x11;
+const PORT_FILLED: u16 = 0x12;
+
+const SEL_USER_DATA: u16 = 0x18 | 3;
+const SEL_USER_CODE: u16 = 0x20 | 3;
+const SEL_TSS: u16 = 0x28;
+
+/// MSRs carried with the vCPU state (those the host supports): the TSC, so
+/// the guest's clock goes on where it stopped, and the syscall/segment MSRs
+/// a user-mode program's state can depend on.
+const MSRS_TO_SAVE: [u32; 10] = [
+    0x10,        // IA32_TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// How the built-in guest program behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestProgram {
+    /// Bytes of the hot set vCPU 0 keeps writing (from the start of the data
+    /// region).
+    pub hot_set_bytes: u64,
+    /// Hot-set writes per second (one 8-byte word into one page each; 0:
+    /// none).
+    pub writes_per_s: u64,
+    /// Heartbeats per second.
+    pub heartbeat_hz: u64,
+    /// Seed of the pseudo-random fill (non-zero).
+    pub seed: u64,
+}
+
+impl Default for GuestProgram {
+    fn default() -> Self {
+        GuestProgram {
+            hot_set_bytes: 64 << 20,
+            writes_per_s: 20_000,
+            heartbeat_hz: 1000,
+            seed: 0x00f3_441e_d00d_5eed,
+        }
+    }
+}
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// /dev/kvm or an ioctl failed.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The kernel's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration cannot work.
+    #[error("VM configuration: {0}")]
+    Config(String),
+    /// The guest did not do what was asked in time, or crashed.
+    #[error("guest: {0}")]
+    Guest(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Kvm { what, source }
+}
+
+impl From<KvmError> for GuestError {
+    fn from(e: KvmError) -> Self {
+        GuestError::Control(e.to_string())
+    }
+}
+
+/// Whether this host can run ferry's KVM guests: /dev/kvm opens, a VM can be
+/// made, and `immediate_exit` is supported.
+pub fn available() -> Result<(), String> {
+    let kvm = Kvm::new().map_err(|e| format!("/dev/kvm unavailable ({e})"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM cannot create a VM ({e})"))?;
+    if !vm.check_extension(kvm_ioctls::Cap::ImmediateExit) {
+        return Err("KVM lacks KVM_CAP_IMMEDIATE_EXIT (Linux >= 4.11)".into());
+    }
+    Ok(())
+}
+
+/// The VM fd and the memory it maps: the fd is dropped first, so KVM never
+/// holds an address whose mapping is gone.
+struct Core {
+    vm: VmFd,
+    mem: Arc<GuestMemory>,
+}
+
+/// A byte of a vCPU's `kvm_run` mapping that other threads set.
+#[derive(Clone, Copy)]
+struct ImmediateExit(*const AtomicU8);
+
+// SAFETY: the pointer is into the vCPU's kvm_run mapping, which lives as
+// long as its VcpuFd; every holder of this value (the vCPU's `Shared`) is
+// owned by the `Vcpu` that also owns that VcpuFd, and the byte is only
+// touched atomically.
+unsafe impl Send for ImmediateExit {}
+// SAFETY: as above; all access is through atomic operations.
+unsafe impl Sync for ImmediateExit {}
+
+impl ImmediateExit {
+    fn set(self, v: u8) {
+        // SAFETY: see the Send impl: the mapping outlives every use, and the
+        // kernel reads the byte only at KVM_RUN entry.
+        unsafe { (*self.0).store(v, Ordering::SeqCst) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    want: Want,
+    parked: bool,
+    exited: bool,
+    error: Option<String>,
+    /// KVM_RUN calls made.
+    runs: u64,
+    tid: Option<libc::pthread_t>,
+    /// Park when the guest reports its next checksum.
+    park_on_checksum: bool,
+    checksum: Option<u64>,
+    filled: bool,
+}
+
+struct Shared {
+    id: u8,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    heartbeat: AtomicU64,
+    immediate_exit: ImmediateExit,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until `done` holds, the vCPU thread has exited, or `limit`.
+    fn wait(&self, limit: Duration, done: impl Fn(&Ctl) -> bool) -> Result<MutexGuard<'_, Ctl>, KvmError> {
+        let deadline = Instant::now() + limit;
+        let mut c = self.lock();
+        loop {
+            if done(&c) {
+                return Ok(c);
+            }
+            if c.exited {
+                return Err(KvmError::Guest(format!(
+                    "vCPU {} has stopped: {}",
+                    self.id,
+                    c.error.as_deref().unwrap_or("the VM was shut down")
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(KvmError::Guest(format!(
+                    "vCPU {} did not respond within {limit:?}",
+                    self.id
+                )));
+            }
+            c = self
+                .cv
+                .wait_timeout(c, deadline - now)
+                .map_or_else(|e| e.into_inner().0, |r| r.0);
+        }
+    }
+}
+
+struct Vcpu {
+    shared: Arc<Shared>,
+    fd: Arc<Mutex<VcpuFd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vcpu {
+    fn fd(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the (empty) handler of the kick signal once per process, without
+/// SA_RESTART, so a blocked KVM_RUN returns EINTR.
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
+        // value; the handler is an extern "C" fn that does nothing, which is
+        // async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+/// A running (or incoming) KVM virtual machine.
+pub struct KvmVm {
+    vcpus: Vec<Vcpu>,
+    core: Arc<Core>,
+    kvm: Kvm,
+    vmm_writes: Arc<AtomicBitmap>,
+    tsc_khz: u32,
+    manual_protect: bool,
+    checksum_seq: u64,
+    /// On pause, first have vCPU 0 checksum its memory and stop right after
+    /// (the engine's downtime starts when `pause` returns).
+    pub checksum_at_pause: bool,
+    /// On resume, have vCPU 0 checksum its memory before it does anything else.
+    pub checksum_at_resume: bool,
+    /// With `checksum_at_resume`: stop vCPU 0 again right after that
+    /// checksum, so the caller can inspect the memory (then `resume`).
+    pub park_after_resume_checksum: bool,
+    paused: bool,
+    pause_checksum: Option<u64>,
+    heartbeat_at_pause: Option<u64>,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory_bytes", &self.core.mem.size_bytes())
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_memory(mem: &GuestMemory) -> Result<(), KvmError> {
+    let size = mem.size_bytes();
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&size) || size % DATA_START != 0 {
+        return Err(KvmError::Config(format!(
+            "guest memory must be a multiple of 2 MiB between {} MiB and {} GiB, not {size} bytes",
+            MIN_MEMORY_BYTES >> 20,
+            MAX_MEMORY_BYTES >> 30
+        )));
+    }
+    if mem.regions().first().map(|r| r.guest_base().0) != Some(0) {
+        return Err(KvmError::Config(
+            "guest memory must start at guest-physical address 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl KvmVm {
+    fn create(mem: Arc<GuestMemory>, vcpus: u32, running: bool) -> Result<KvmVm, KvmError> {
+        check_memory(&mem)?;
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(KvmError::Config(format!("vCPUs must be 1..={MAX_VCPUS}, not {vcpus}")));
+        }
+        install_kick_handler();
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        // Manual dirty-log protection: fetching the log does not re-protect
+        // pages, clearing does, for exactly the pages the caller will send.
+        let protect_modes = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        let manual_protect =
+            u32::try_from(protect_modes).unwrap_or(0) & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0;
+        if manual_protect {
+            let mut cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+            vm.enable_cap(&cap)
+                .map_err(kvm_err("enable manual dirty-log protection"))?;
+        }
+        let core = Arc::new(Core { vm, mem });
+        for (slot, r) in core.mem.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: u32::try_from(slot).map_err(|_| KvmError::Config("too many memory regions".into()))?,
+                flags: 0,
+                guest_phys_addr: r.guest_base().0,
+                memory_size: r.len_bytes() as u64,
+                userspace_addr: r.host_addr() as u64,
+            };
+            // SAFETY: the region is a live shared mapping of `len_bytes`
+            // bytes owned by `core.mem`, which `Core` keeps alive for as long
+            // as the VM fd (dropped first) exists.
+            unsafe { core.vm.set_user_memory_region(region) }.map_err(kvm_err("map guest memory"))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read supported CPUID"))?;
+        let vmm_writes = Arc::new(AtomicBitmap::new(core.mem.pages()));
+        let mut out = KvmVm {
+            vcpus: Vec::new(),
+            core,
+            kvm,
+            vmm_writes,
+            tsc_khz: 0,
+            manual_protect,
+            checksum_seq: 0,
+            checksum_at_pause: false,
+            checksum_at_resume: false,
+            park_after_resume_checksum: false,
+            paused: !running,
+            pause_checksum: None,
+            heartbeat_at_pause: None,
+        };
+        for id in 0..vcpus {
+            let fd = out.core.vm.create_vcpu(u64::from(id)).map_err(kvm_err("create vCPU"))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            if id == 0 {
+                out.tsc_khz = fd.get_tsc_khz().map_err(kvm_err("read the TSC frequency"))?;
+            }
+            out.spawn(u8::try_from(id).unwrap_or(u8::MAX), fd, running);
+        }
+        Ok(out)
+    }
+
+    fn spawn(&mut self, id: u8, mut fd: VcpuFd, running: bool) {
+        let ie: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+        let shared = Arc::new(Shared {
+            id,
+            ctl: Mutex::new(Ctl {
+                want: if running { Want::Run } else { Want::Pause },
+                parked: false,
+                exited: false,
+                error: None,
+                runs: 0,
+                tid: None,
+                park_on_checksum: false,
+                checksum: None,
+                filled: false,
+            }),
+            cv: Condvar::new(),
+            heartbeat: AtomicU64::new(0),
+            // SAFETY: `ie` points into the kvm_run mapping, valid and
+            // aligned for a byte; it is only ever accessed atomically
+            // from now on (see `ImmediateExit`).
+            immediate_exit: ImmediateExit(unsafe { AtomicU8::from_ptr(ie) }),
+        });
+        let fd = Arc::new(Mutex::new(fd));
+        let (s2, fd2, core) = (shared.clone(), fd.clone(), self.core.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_thread(&s2, &fd2, &core))
+            .ok();
+        if thread.is_none() {
+            let mut c = shared.lock();
+            c.exited = true;
+            c.error = Some("could not start the vCPU thread".into());
+        }
+        self.vcpus.push(Vcpu { shared, fd, thread });
+    }
+
+    /// Creates a VM over `mem`, writes the page tables, the guest program and
+    /// its parameters into it, and starts `vcpus` vCPUs. vCPU 0 first fills
+    /// the data region ([`KvmVm::wait_filled`]).
+    pub fn boot(mem: Arc<GuestMemory>, vcpus: u32, program: &GuestProgram) -> Result<KvmVm, KvmError> {
+        check_memory(&mem)?;
+        if program.seed == 0 || program.heartbeat_hz == 0 {
+            return Err(KvmError::Config(
+                "the seed and the heartbeat rate must be non-zero".into(),
+            ));
+        }
+        write_tables(&mem)?;
+        // Registers are set before the vCPU threads start (they start parked).
+        let mut vm = KvmVm::create(mem, vcpus, false)?;
+        let size = vm.core.mem.size_bytes();
+        let hot = program.hot_set_bytes.min(size - DATA_START) / PAGE_SIZE_U64;
+        let tsc_hz = u64::from(vm.tsc_khz) * 1000;
+        let params = [
+            DATA_START,
+            size,
+            DATA_START,
+            hot,
+            if program.writes_per_s == 0 || hot == 0 {
+                0
+            } else {
+                (tsc_hz / program.writes_per_s).max(1)
+            },
+            (tsc_hz / program.heartbeat_hz).max(1),
+            program.seed,
+        ];
+        for (i, p) in params.iter().enumerate() {
+            vm.write_u64(PARAMS + 8 * i as u64, *p);
+        }
+        for v in &vm.vcpus {
+            let f = v.fd();
+            f.set_sregs(&long_mode_sregs(&f.get_sregs().map_err(kvm_err("read sregs"))?))
+                .map_err(kvm_err("set sregs"))?;
+            let regs = kvm_bindings::kvm_regs {
+                rip: CODE,
+                rdi: u64::from(v.shared.id),
+                rflags: 0x3002, // IOPL 3, reserved bit 1
+                ..Default::default()
+            };
+            f.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        }
+        vm.resume_all()?;
+        vm.paused = false;
+        Ok(vm)
+    }
+
+    /// Creates a VM over `mem` whose vCPUs wait for state from a migration:
+    /// nothing runs until [`GuestControl::load_state`] and
+    /// [`GuestControl::resume`].
+    pub fn incoming(mem: Arc<GuestMemory>, vcpus: u32) -> Result<KvmVm, KvmError> {
+        KvmVm::create(mem, vcpus, false)
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.core.mem
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// A dirty tracker on this VM's dirty log plus the VMM's own writes.
+    pub fn dirty_tracker(&self) -> KvmDirtyTracker {
+        KvmDirtyTracker::new(self.core.clone(), self.vmm_writes.clone(), self.manual_protect)
+    }
+
+    fn slot(id: u8) -> u64 {
+        MAILBOX + 64 * u64::from(id)
+    }
+
+    fn word(&self, gpa: u64) -> &AtomicU64 {
+        let page = self
+            .core
+            .mem
+            .run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1)
+            .expect("mailbox and parameters are inside the checked guest memory");
+        // SAFETY: `gpa` is 8-aligned and inside the low pages of a mapping
+        // that lives as long as `self.core`; the guest accesses these words
+        // with aligned 8-byte moves, so atomic access here is sound.
+        unsafe { AtomicU64::from_ptr(page.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.word(gpa).load(Ordering::SeqCst)
+    }
+
+    /// Writes a word of guest memory as the VMM, marking its page dirty for
+    /// the tracker (KVM's log does not see the VMM's writes).
+    fn write_u64(&self, gpa: u64, v: u64) {
+        self.word(gpa).store(v, Ordering::SeqCst);
+        self.vmm_writes.mark(gpa / PAGE_SIZE_U64);
+    }
+
+    /// vCPU 0's heartbeat as it last reported it.
+    pub fn heartbeat(&self) -> u64 {
+        self.vcpus
+            .first()
+            .map_or(0, |v| v.shared.heartbeat.load(Ordering::SeqCst))
+    }
+
+    /// Hot-set writes the guest has made.
+    pub fn guest_writes(&self) -> u64 {
+        self.read_u64(Self::slot(0) + S_WRITES)
+    }
+
+    /// KVM_RUN calls made so far, all vCPUs.
+    pub fn runs(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.shared.lock().runs).sum()
+    }
+
+    /// Waits until vCPU 0 has filled its memory.
+    pub fn wait_filled(&self, limit: Duration) -> Result<(), KvmError> {
+        let v = self.vcpu0()?;
+        if self.read_u64(Self::slot(0) + S_FILLED) != 0 {
+            return Ok(());
+        }
+        v.shared.wait(limit, |c| c.filled).map(drop)
+    }
+
+    /// Waits until vCPU 0's heartbeat passes `beyond`; returns it.
+    pub fn wait_heartbeat(&self, beyond: u64, limit: Duration) -> Result<u64, KvmError> {
+        let v = self.vcpu0()?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let hb = self.heartbeat();
+            if hb > beyond {
+                return Ok(hb);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(KvmError::Guest(format!(
+                    "no heartbeat beyond {beyond} within {limit:?} (vCPU 0 at {hb})"
+                )));
+            }
+            // Woken by the next heartbeat (or any other vCPU event).
+            let c = v.shared.lock();
+            if c.exited {
+                drop(c);
+                return Err(v
+                    .shared
+                    .wait(Duration::ZERO, |_| false)
+                    .err()
+                    .unwrap_or_else(|| KvmError::Guest("vCPU 0 stopped".into())));
+            }
+            let _ = v.shared.cv.wait_timeout(c, left.min(Duration::from_millis(50)));
+        }
+    }
+
+    fn vcpu0(&self) -> Result<&Vcpu, KvmError> {
+        self.vcpus
+            .first()
+            .ok_or_else(|| KvmError::Config("the VM has no vCPU".into()))
+    }
+
+    /// Asks the running guest for a checksum of its data region, computed by
+    /// the guest itself, and waits for it.
+    pub fn request_checksum(&mut self, limit: Duration) -> Result<u64, KvmError> {
+        let seq = self.post_checksum_request(false)?;
+        let v = self.vcpu0()?;
+        let c = v.shared.wait(limit, |c| c.checksum.is_some())?;
+        c.checksum
+            .ok_or_else(|| KvmError::Guest(format!("checksum request {seq} not answered")))
+    }
+
+    /// Bumps the request counter in vCPU 0's slot; the answer lands in
+    /// `Ctl::checksum`.
+    fn post_checksum_request(&mut self, park: bool) -> Result<u64, KvmError> {
+        let slot = Self::slot(0);
+        self.checksum_seq = self.read_u64(slot + S_REQUEST).max(self.checksum_seq) + 1;
+        {
+            let v = self.vcpu0()?;
+            let mut c = v.shared.lock();
+            c.checksum = None;
+            c.park_on_checksum = park;
+        }
+        self.write_u64(slot + S_REQUEST, self.checksum_seq);
+        Ok(self.checksum_seq)
+    }
+
+    /// Posts a checksum request without waiting (tests of the VMM-write
+    /// tracking).
+    #[cfg(test)]
+    fn request_checksum_async_for_test(&mut self) {
+        let _ = self.post_checksum_request(false);
+    }
+
+    /// The guest's own checksum taken when it was paused for migration
+    /// (with [`KvmVm::checksum_at_pause`]).
+    pub fn checksum_at_pause_value(&self) -> Option<u64> {
+        self.pause_checksum
+    }
+
+    /// vCPU 0's heartbeat when the guest was last paused.
+    pub fn heartbeat_at_pause(&self) -> Option<u64> {
+        self.heartbeat_at_pause
+    }
+
+    /// The checksum vCPU 0 reported last, if any since the last request.
+    pub fn last_checksum(&self) -> Option<u64> {
+        self.vcpus.first().and_then(|v| v.shared.lock().checksum)
+    }
+
+    /// Waits for the checksum requested at resume (with
+    /// [`KvmVm::checksum_at_resume`]); with
+    /// [`KvmVm::park_after_resume_checksum`], vCPU 0 is parked when this
+    /// returns.
+    pub fn wait_resume_checksum(&self, limit: Duration) -> Result<u64, KvmError> {
+        let park = self.park_after_resume_checksum;
+        let v = self.vcpu0()?;
+        let c = v.shared.wait(limit, |c| c.checksum.is_some() && (!park || c.parked))?;
+        c.checksum.ok_or_else(|| KvmError::Guest("no checksum".into()))
+    }
+
+    fn kick(v: &Vcpu, c: &mut Ctl) {
+        v.shared.immediate_exit.set(1);
+        if let (Some(tid), false) = (c.tid, c.exited) {
+            // SAFETY: `tid` is the live vCPU thread (it sets `exited` under
+            // this lock before it returns); the signal's handler is
+            // installed and does nothing.
+            unsafe { libc::pthread_kill(tid, kick_signal()) };
+        }
+    }
+
+    fn pause_all(&mut self, limit: Duration) -> Result<(), KvmError> {
+        for v in &self.vcpus {
+            let mut c = v.shared.lock();
+            if c.want == Want::Run {
+                c.want = Want::Pause;
+                Self::kick(v, &mut c);
+            }
+        }
+        for v in &self.vcpus {
+            drop(v.shared.wait(limit, |c| c.parked)?);
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume_all(&mut self) -> Result<(), KvmError> {
+        for v in &self.vcpus {
+            let mut c = v.shared.lock();
+            if c.exited {
+                return Err(KvmError::Guest(format!(
+                    "vCPU {} has stopped: {}",
+                    v.shared.id,
+                    c.error.as_deref().unwrap_or("shut down")
+                )));
+            }
+            c.want = Want::Run;
+            v.shared.cv.notify_all();
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Stops every vCPU thread for good (the VM can never run again) and
+    /// returns the KVM_RUN calls they made.
+    pub fn shut_down(&mut self) -> u64 {
+        for v in &self.vcpus {
+            let mut c = v.shared.lock();
+            c.want = Want::Stop;
+            Self::kick(v, &mut c);
+            v.shared.cv.notify_all();
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.paused = true;
+        self.runs()
+    }
+
+    fn save(&self) -> Result<VmState, KvmError> {
+        let supported = self.kvm.get_msr_index_list().map_err(kvm_err("list MSRs"))?;
+        let wanted: Vec<kvm_msr_entry> = MSRS_TO_SAVE
+            .iter()
+            .filter(|i| supported.as_slice().contains(i))
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut out = VmState {
+            tsc_khz: self.tsc_khz,
+            vcpus: Vec::new(),
+        };
+        for v in &self.vcpus {
+            let f = v.fd();
+            let mut msrs = Msrs::from_entries(&wanted).map_err(|e| KvmError::Config(format!("MSR list: {e:?}")))?;
+            let n = f.get_msrs(&mut msrs).map_err(kvm_err("read MSRs"))?;
+            out.vcpus.push(VcpuState {
+                regs: f.get_regs().map_err(kvm_err("read regs"))?,
+                sregs: f.get_sregs().map_err(kvm_err("read sregs"))?,
+                fpu: f.get_fpu().map_err(kvm_err("read FPU"))?,
+                xsave: f.get_xsave().ok().map(|x| x.region),
+                xcrs: f.get_xcrs().ok(),
+                events: f.get_vcpu_events().map_err(kvm_err("read vCPU events"))?,
+                mp_state: f.get_mp_state().map_err(kvm_err("read MP state"))?,
+                msrs: msrs.as_slice()[..n.min(wanted.len())].to_vec(),
+                cpuid: f
+                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("read CPUID"))?
+                    .as_slice()
+                    .to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn load(&self, s: &VmState) -> Result<(), KvmError> {
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(KvmError::Config(format!(
+                "the state has {} vCPUs, this VM {}: start the destination with --vcpus {}",
+                s.vcpus.len(),
+                self.vcpus.len(),
+                s.vcpus.len()
+            )));
+        }
+        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+            let f = v.fd();
+            if s.tsc_khz != 0 && s.tsc_khz != self.tsc_khz {
+                // Keep the guest's clock rate if the host can scale it.
+                if let Err(e) = f.set_tsc_khz(s.tsc_khz) {
+                    tracing::warn!(
+                        "guest TSC ran at {} kHz, this host's at {} kHz and cannot scale ({e})",
+                        s.tsc_khz,
+                        self.tsc_khz
+                    );
+                }
+            }
+            let cpuid = kvm_bindings::CpuId::from_entries(&st.cpuid)
+                .map_err(|e| KvmError::Config(format!("CPUID table: {e:?}")))?;
+            f.set_cpuid2(&cpuid).map_err(kvm_err(
+                "set the source's CPUID (does this host's CPU have its features?)",
+            ))?;
+            f.set_sregs(&st.sregs).map_err(kvm_err("set sregs"))?;
+            f.set_regs(&st.regs).map_err(kvm_err("set regs"))?;
+            f.set_fpu(&st.fpu).map_err(kvm_err("set FPU"))?;
+            if let Some(region) = st.xsave {
+                let x = kvm_bindings::kvm_xsave {
+                    region,
+                    ..Default::default()
+                };
+                // SAFETY: `x` is a plain 4 KiB kvm_xsave with no trailing
+                // extension, which is exactly what KVM_SET_XSAVE reads.
+                unsafe { f.set_xsave(&x) }.map_err(kvm_err("set XSAVE"))?;
+            }
+            if let Some(x) = &st.xcrs {
+                f.set_xcrs(x).map_err(kvm_err("set XCRs"))?;
+            }
+            let msrs = Msrs::from_entries(&st.msrs).map_err(|e| KvmError::Config(format!("MSR list: {e:?}")))?;
+            let n = f.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+            if n != st.msrs.len() {
+                let idx = st.msrs.get(n).map_or(0, |m| m.index);
+                return Err(KvmError::Config(format!(
+                    "this host refused MSR {idx:#x} of the source's vCPU"
+                )));
+            }
+            f.set_vcpu_events(&st.events).map_err(kvm_err("set vCPU events"))?;
+            f.set_mp_state(st.mp_state).map_err(kvm_err("set MP state"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+impl GuestControl for KvmVm {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        if self.checksum_at_pause {
+            // vCPU 0 checksums its memory and stops right after reporting,
+            // before it writes anything again; the others are kicked.
+            self.post_checksum_request(true)?;
+            let v = self.vcpu0()?;
+            let sum = v
+                .shared
+                .wait(Duration::from_secs(120), |c| c.parked && c.checksum.is_some())?
+                .checksum;
+            self.pause_checksum = sum;
+        }
+        self.pause_all(Duration::from_secs(10))?;
+        self.heartbeat_at_pause = Some(self.read_u64(Self::slot(0) + S_HEARTBEAT));
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        if self.checksum_at_resume {
+            self.post_checksum_request(self.park_after_resume_checksum)?;
+        }
+        Ok(self.resume_all()?)
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        if !self.paused {
+            return Err(GuestError::Control("vCPU state can only be saved while paused".into()));
+        }
+        Ok(self.save()?.encode())
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        if self.runs() != 0 {
+            return Err(GuestError::Control(
+                "state can only be loaded into a VM that has not run".into(),
+            ));
+        }
+        let s = VmState::decode(state)?;
+        self.load(&s)?;
+        // The heartbeat the guest had, so `heartbeat()` goes on from there.
+        if let Some(v) = self.vcpus.first() {
+            v.shared
+                .heartbeat
+                .store(self.read_u64(Self::slot(0) + S_HEARTBEAT), Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "kvm"
+    }
+}
+
+fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
+    let fail = |why: String| {
+        let mut c = sh.lock();
+        c.error = Some(why);
+        c.exited = true;
+        sh.cv.notify_all();
+    };
+    // SAFETY: pthread_self has no preconditions.
+    sh.lock().tid = Some(unsafe { libc::pthread_self() });
+    let slot = KvmVm::slot(sh.id);
+    let read = |off: u64| -> u64 {
+        let gpa = slot + off;
+        core.mem.run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1).map_or(0, |p| {
+            // SAFETY: as in `KvmVm::word`: an aligned word of the mailbox
+            // page, inside the mapping `core` keeps alive.
+            unsafe { AtomicU64::from_ptr(p.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
+                .load(Ordering::SeqCst)
+        })
+    };
+    loop {
+        {
+            let mut c = sh.lock();
+            loop {
+                match c.want {
+                    Want::Stop => {
+                        c.exited = true;
+                        c.parked = false;
+                        sh.cv.notify_all();
+                        return;
+                    }
+                    Want::Pause => {
+                        if !c.parked {
+                            c.parked = true;
+                            sh.cv.notify_all();
+                        }
+                        c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    Want::Run => break,
+                }
+            }
+            c.parked = false;
+            // Under the lock: a pause after this point sets it again.
+            sh.immediate_exit.set(0);
+            c.runs += 1;
+        }
+        let mut f = fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let exit = match f.run() {
+            Ok(VcpuExit::IoOut(port, _)) => Ok(Exit::Out(port)),
+            Ok(VcpuExit::Intr) => Ok(Exit::Again),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Again),
+            Ok(VcpuExit::Shutdown) => Err("guest crashed (triple fault, shutdown exit)".to_string()),
+            Ok(other) => Err(format!("unexpected exit {other:?}")),
+            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+        };
+        match exit {
+            Ok(Exit::Again) => {}
+            Ok(Exit::Out(PORT_HEARTBEAT)) => {
+                sh.heartbeat.store(read(S_HEARTBEAT), Ordering::SeqCst);
+                sh.cv.notify_all();
+            }
+            Ok(Exit::Out(PORT_CHECKSUM)) => {
+                let mut c = sh.lock();
+                c.checksum = Some(read(S_CHECKSUM));
+                if std::mem::take(&mut c.park_on_checksum) && c.want == Want::Run {
+                    c.want = Want::Pause;
+                }
+                sh.cv.notify_all();
+            }
+            Ok(Exit::Out(PORT_FILLED)) => {
+                sh.lock().filled = true;
+                sh.cv.notify_all();
+            }
+            Ok(Exit::Out(port)) => {
+                let rip = f.get_regs().map_or(0, |r| r.rip);
+                return fail(format!("guest wrote to unknown port {port:#x} at rip {rip:#x}"));
+            }
+            Err(why) => {
+                let rip = f.get_regs().map_or(0, |r| r.rip);
+                return fail(format!("{why} at rip {rip:#x}"));
+            }
+        }
+    }
+}
+
+enum Exit {
+    Out(u16),
+    Again,
+}
+
+/// Writes the GDT, TSS, identity-mapping page tables (2 MiB pages, user bit
+/// at every level) and the guest program into low memory.
+fn write_tables(mem: &GuestMemory) -> Result<(), KvmError> {
+    let size = mem.size_bytes();
+    let mut low = vec![0u8; crate::usize_from(DATA_START)];
+    let put = |b: &mut [u8], at: u64, v: u64| {
+        let at = crate::usize_from(at);
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    };
+    // GDT: null, kernel code, kernel data, user data, user code, TSS (16 B).
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        put(&mut low, GDT + 8 * i as u64, *d);
+    }
+    let tss_limit = 0x67u64;
+    let tss_lo = tss_limit | ((TSS & 0xff_ffff) << 16) | (0x8b << 40) | (((TSS >> 24) & 0xff) << 56);
+    put(&mut low, GDT + 40, tss_lo);
+    put(&mut low, GDT + 48, TSS >> 32);
+    // Page tables: PML4[0] -> PDPT; PDPT[i] -> PD i; PD entries map 2 MiB.
+    const USER_RW_PRESENT: u64 = 0x7;
+    const PAGE_2M: u64 = 0x80;
+    put(&mut low, PML4, PDPT | USER_RW_PRESENT);
+    let gib = size.div_ceil(1 << 30);
+    for i in 0..gib {
+        let pd = PD_BASE + i * 4096;
+        put(&mut low, PDPT + 8 * i, pd | USER_RW_PRESENT);
+        for j in 0..512 {
+            let addr = (i << 30) | (j << 21);
+            if addr < size {
+                put(&mut low, pd + 8 * j, addr | PAGE_2M | USER_RW_PRESENT);
+            }
+        }
+    }
+    let code = crate::usize_from(CODE);
+    low[code..code + GUEST_PROGRAM.len()].copy_from_slice(GUEST_PROGRAM);
+    if !mem.write_pages(PageIndex(0), &low) {
+        return Err(KvmError::Config("guest memory too small for the page tables".into()));
+    }
+    Ok(())
+}
+
+fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        ..Default::default()
+    }
+}
+
+/// System registers for 64-bit user mode with the tables of `write_tables`.
+fn long_mode_sregs(base: &kvm_bindings::kvm_sregs) -> kvm_bindings::kvm_sregs {
+    let mut s = *base;
+    s.cs = segment(SEL_USER_CODE, 0xb, 3, true);
+    let data = segment(SEL_USER_DATA, 0x3, 3, false);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = kvm_segment {
+        base: TSS,
+        limit: 0x67,
+        selector: SEL_TSS,
+        type_: 0xb,
+        present: 1,
+        ..Default::default()
+    };
+    s.ldt = kvm_segment {
+        unusable: 1,
+        type_: 0x2,
+        ..Default::default()
+    };
+    s.gdt.base = GDT;
+    s.gdt.limit = 7 * 8 - 1;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+    s.cr3 = PML4;
+    s.cr4 = 0x620; // OSXMMEXCPT | OSFXSR | PAE
+    s.efer = 0x500; // LMA | LME
+    s
+}
+
+#[cfg(test)]
+mod tests;
