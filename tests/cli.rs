@@ -77,15 +77,42 @@ fn demo_json_reports_the_whole_protocol() {
         "handshake_ms",
         "steps",
         "audit_verified",
+        "guest_resumed",
+        "heartbeat_before",
+        "heartbeat_after",
+        "vcpu_state_bytes",
     ] {
         assert!(r.get(key).is_some(), "missing {key} in {r}");
     }
     assert_eq!(r["verified"], true);
     assert_eq!(r["audit_verified"], true);
-    assert_eq!(r["guest"], "synthetic");
+    // The default guest is a real KVM guest where /dev/kvm works.
+    let expected_guest = if ferry_engine::kvm::available().is_ok() {
+        "kvm"
+    } else {
+        eprintln!("NOTE: KVM missing here, the demo ran the synthetic guest");
+        "synthetic"
+    };
+    assert_eq!(r["guest"], expected_guest, "{r}");
     assert_eq!(r["integrity"], "aead+sha256");
     assert_eq!(r["memory_bytes"], 32 << 20);
     let steps = r["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 4, "pki, authn, authz, request: {steps:?}");
     assert!(r["handshake_ms"].as_f64().expect("number") > 0.0);
+    assert_eq!(r["guest_resumed"], true);
+    if expected_guest == "kvm" {
+        let before = r["heartbeat_before"].as_u64().expect("number");
+        assert_eq!(r["heartbeat_first_after"].as_u64(), Some(before + 1), "{r}");
+        assert!(r["heartbeat_after"].as_u64().expect("number") > before);
+        assert_eq!(r["guest_checksum_source"], r["guest_checksum_destination"]);
+        assert!(r["vcpu_state_bytes"].as_u64().expect("number") > 4096);
+    }
+}
+
+#[test]
+fn demo_refuses_options_of_the_other_guest() {
+    let out = ferry(&["demo", "--guest", "kvm", "--zero-fraction", "0.5"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--guest synthetic"), "{said}");
 }

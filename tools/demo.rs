@@ -18,6 +18,7 @@ use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::AeadBackend;
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
+use ferry_engine::kvm::{self, GuestProgram, KvmVm};
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::transport::{accept_streams, connect_streams};
@@ -48,6 +49,30 @@ impl std::str::FromStr for TrackerKind {
     }
 }
 
+/// Which guest the demo migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestKind {
+    /// KVM where /dev/kvm works, else synthetic (and the report says why).
+    Auto,
+    /// A real KVM guest run by ferry's minimal VMM ([`ferry_engine::kvm`]).
+    Kvm,
+    /// A thread writing guest memory directly ([`SyntheticGuest`]).
+    Synthetic,
+}
+
+impl std::str::FromStr for GuestKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(GuestKind::Auto),
+            "kvm" => Ok(GuestKind::Kvm),
+            "synthetic" => Ok(GuestKind::Synthetic),
+            o => Err(format!("unknown guest {o:?}: use kvm, synthetic or auto")),
+        }
+    }
+}
+
 /// Given the destination's address, returns the address the source should
 /// connect to (tests put a relay, or an attacker, in between).
 pub type Interpose = std::sync::Arc<dyn Fn(std::net::SocketAddr) -> std::net::SocketAddr + Send + Sync>;
@@ -55,6 +80,10 @@ pub type Interpose = std::sync::Arc<dyn Fn(std::net::SocketAddr) -> std::net::So
 /// What the demo migrates and how.
 #[derive(Clone)]
 pub struct DemoOptions {
+    /// Which guest runs.
+    pub guest: GuestKind,
+    /// vCPUs of a KVM guest.
+    pub vcpus: u32,
     /// Guest memory size.
     pub memory_bytes: u64,
     /// Hot set the guest keeps writing.
@@ -86,6 +115,8 @@ impl std::fmt::Debug for DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
+            guest: GuestKind::Auto,
+            vcpus: 1,
             memory_bytes: 1 << 30,
             hot_set_bytes: 64 << 20,
             dirty_rate_pages_per_s: 20_000,
@@ -105,8 +136,13 @@ pub struct DemoReport {
     /// replaying the writes the guest made since it resumed), and the guest
     /// state moved intact.
     pub verified: bool,
-    /// "synthetic".
+    /// "kvm" or "synthetic".
     pub guest: &'static str,
+    /// Why the demo ran the synthetic guest when asked for "auto".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_note: Option<String>,
+    /// vCPUs (KVM guest; 0 for the synthetic guest).
+    pub vcpus: u32,
     /// Guest memory size.
     pub memory_bytes: u64,
     /// Data streams.
@@ -153,16 +189,32 @@ pub struct DemoReport {
     pub first_round_gbps: f64,
     /// Pages written by the guest during the migration.
     pub guest_writes_during_migration: u64,
-    /// The guest's heartbeat (write counter) when paused at the source.
+    /// The guest's heartbeat when paused at the source (KVM: the guest's own
+    /// counter, beaten 1000 times a second; synthetic: its write counter).
     pub heartbeat_before: u64,
+    /// The first heartbeat the KVM guest beat at the destination
+    /// (`heartbeat_before + 1` when it went on where it stopped; 0 for the
+    /// synthetic guest).
+    pub heartbeat_first_after: u64,
     /// The heartbeat after running at the destination for a moment.
     pub heartbeat_after: u64,
+    /// The KVM guest's checksum of its own memory, computed by the guest when
+    /// paused at the source (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_checksum_source: Option<String>,
+    /// The same, computed by the guest as the first thing it did after it
+    /// resumed at the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_checksum_destination: Option<String>,
     /// The guest ran at the destination after the switchover.
     pub guest_resumed: bool,
     /// The source guest stayed paused after the commit.
     pub source_stopped: bool,
     /// Device state bytes moved at the switchover.
     pub device_state_bytes: usize,
+    /// Of which vCPU state (registers, system registers, FPU/XSAVE, MSRs,
+    /// CPUID) of a KVM guest; 0 for the synthetic guest.
+    pub vcpu_state_bytes: usize,
     /// Destination memory faulted in before the transfer ("warm") or not ("cold").
     pub destination_memory: &'static str,
     /// Time to prefault the destination's memory, before the transfer.
@@ -225,35 +277,26 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let cfg = opts.migration.clone();
     let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
     let t = Instant::now();
+    let (kind, guest_note) = resolve_guest(opts)?;
     let src_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
-    let marks = (opts.tracker == TrackerKind::Bitmap).then(|| Arc::new(AtomicBitmap::new(src_mem.pages())));
-    let wl = WorkloadConfig {
-        hot_set_bytes: opts.hot_set_bytes.min(opts.memory_bytes),
-        dirty_rate_pages_per_s: opts.dirty_rate_pages_per_s,
-        zero_fraction: opts.zero_fraction,
-        seed: 0x00f3_441e,
-    };
-    let mut src_guest = SyntheticGuest::start(src_mem.clone(), wl, marks.clone());
-    say(&format!(
-        "source: synthetic guest, {} of memory ({}% zero pages) filled in {:.0} ms; writing {} pages/s into a {} hot set",
-        crate::size::human(opts.memory_bytes),
-        (opts.zero_fraction * 100.0).round(),
-        t.elapsed().as_secs_f64() * 1e3,
-        opts.dirty_rate_pages_per_s,
-        crate::size::human(wl.hot_set_bytes),
-    ));
-    let mut tracker: Box<dyn DirtyTracker> = match &marks {
-        Some(m) => Box::new(BitmapTracker::new(m.clone())),
-        None => Box::new(UffdWpTracker::new(&src_mem).map_err(|e| setup(&e))?),
-    };
-
+    let (mut src_guest, mut tracker) = start_source(opts, kind, &src_mem, t, &mut say)?;
     let dst_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
     let t = Instant::now();
     if opts.prefault_destination {
         dst_mem.prefault().map_err(|e| setup(&e))?;
     }
     let dest_prefault_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut dst_guest = SyntheticGuest::incoming(dst_mem.clone());
+    let mut dst_guest = match kind {
+        GuestKind::Kvm => {
+            let mut vm = KvmVm::incoming(dst_mem.clone(), opts.vcpus).map_err(|e| setup(&e))?;
+            // Verification: the guest's first act after it resumes is to
+            // checksum its memory; it stops right after, for a byte compare.
+            vm.checksum_at_resume = true;
+            vm.park_after_resume_checksum = true;
+            Dest::Kvm(vm)
+        }
+        _ => Dest::Synthetic(SyntheticGuest::incoming(dst_mem.clone())),
+    };
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| setup(&e))?;
     let addr = listener.local_addr().map_err(|e| setup(&e))?;
     say(&format!(
@@ -301,7 +344,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let started_unix_ms = unix_ms();
     let heap_base = alloc::current_bytes();
     alloc::reset_peak();
-    let writes_at_start = src_guest.heartbeat();
+    let writes_at_start = src_guest.writes();
     let (src_result, dst_result) = std::thread::scope(|s| {
         let dst_cfg = cfg.clone();
         let dst_mem = &dst_mem;
@@ -312,7 +355,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                     stream: 0,
                     source: ferry_engine_io_error(e),
                 })?;
-            migrate_destination(dst_mem, dst_guest, conns, &dst_keys, &dst_cfg)
+            migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg)
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
         let src = connect_streams(target, cfg.streams, cfg.io_timeout)
@@ -320,7 +363,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                 stream: 0,
                 source: ferry_engine_io_error(e),
             })
-            .and_then(|conns| migrate_source(&src_mem, tracker.as_mut(), &mut src_guest, conns, &keys, &cfg));
+            .and_then(|conns| migrate_source(&src_mem, tracker.as_mut(), src_guest.control(), conns, &keys, &cfg));
         let dst = dest.join().unwrap_or(Err(MigrateError::WorkerLost(u16::MAX)));
         (src, dst)
     });
@@ -329,14 +372,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let (src, dst) = match (src_result, dst_result) {
         (Ok(s), Ok(d)) => (s, d),
         (s, d) => {
-            let hb = src_guest.heartbeat();
-            let source_guest_running = src_guest.is_running()
-                && (opts.dirty_rate_pages_per_s == 0 || src_guest.wait_heartbeat(hb, Duration::from_secs(5)));
             return Err(DemoError::Failed(Box::new(Failure {
                 source_error: s.err(),
                 destination_error: d.err(),
-                source_guest_running,
-                destination_guest_ran: dst_guest.is_running(),
+                source_guest_running: src_guest.keeps_running(opts.dirty_rate_pages_per_s),
+                destination_guest_ran: dst_guest.ran(),
             })));
         }
     };
@@ -368,24 +408,13 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         src.device_state_bytes
     ));
 
-    // Verification: the source is paused for good; let the destination run
-    // a moment, pause it, replay its writes onto the source's frozen image,
-    // and compare the two images byte for byte (by SHA-256).
-    let heartbeat_before = src_guest.heartbeat();
-    let guest_resumed = if opts.dirty_rate_pages_per_s > 0 {
-        dst_guest.wait_heartbeat(heartbeat_before, Duration::from_secs(5))
-    } else {
-        dst_guest.is_running()
-    };
-    dst_guest.pause().map_err(|e| setup(&e))?;
-    let heartbeat_after = dst_guest.heartbeat();
-    let source_stopped = !src_guest.is_running() && src_guest.heartbeat() == heartbeat_before;
-    let frozen_state = src_guest.save_state().map_err(|e| setup(&e))?;
     let t = Instant::now();
-    let replayed_state = workload::replay(&src_mem, &frozen_state, heartbeat_after).map_err(|e| setup(&e))?;
-    let images_equal = src_mem.digest() == dst_mem.digest();
-    let state_equal = dst_guest.save_state().map_err(|e| setup(&e))? == replayed_state;
-    let verified = images_equal && state_equal && source_stopped;
+    let v = match (&mut src_guest, &mut dst_guest) {
+        (Source::Synthetic(sg), Dest::Synthetic(dg)) => verify_synthetic(sg, dg, &src_mem, &dst_mem, opts.dirty_rate_pages_per_s)?,
+        (Source::Kvm(sv), Dest::Kvm(dv)) => verify_kvm(sv, dv, &src_mem, &dst_mem)?,
+        _ => return Err(DemoError::Setup("source and destination guests differ".into())),
+    };
+    let verified = v.verified;
     // Non-repudiation: the source signs what it sent; the destination checks
     // it against its own transcript and signs a receipt.
     let manifest = Manifest {
@@ -446,18 +475,13 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         audit_entries.1,
         if audit_verified { "verified" } else { "NOT verified" }
     ));
-    say(&format!(
-        "verify: destination image {} the source's frozen image (+{} replayed guest writes), guest state {}, source {} ({:.0} ms)",
-        if images_equal { "EQUALS" } else { "DIFFERS FROM" },
-        heartbeat_after - heartbeat_before,
-        if state_equal { "equal" } else { "DIFFERENT" },
-        if source_stopped { "stopped" } else { "STILL RUNNING" },
-        t.elapsed().as_secs_f64() * 1e3
-    ));
+    say(&format!("verify: {} ({:.0} ms)", v.summary, t.elapsed().as_secs_f64() * 1e3));
 
     Ok(DemoReport {
         verified,
-        guest: "synthetic",
+        guest: src_guest.kind(),
+        guest_note,
+        vcpus: if kind == GuestKind::Kvm { opts.vcpus } else { 0 },
         memory_bytes: opts.memory_bytes,
         streams: cfg.streams,
         integrity: cfg.integrity,
@@ -483,12 +507,16 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
             0.0
         },
         first_round_gbps: src.rounds.first().map_or(0.0, |r| r.throughput_gbps),
-        guest_writes_during_migration: heartbeat_before - writes_at_start,
-        heartbeat_before,
-        heartbeat_after,
-        guest_resumed,
-        source_stopped,
+        guest_writes_during_migration: v.writes_at_pause.saturating_sub(writes_at_start),
+        heartbeat_before: v.heartbeat_before,
+        heartbeat_first_after: v.heartbeat_first_after,
+        heartbeat_after: v.heartbeat_after,
+        guest_checksum_source: v.checksums.map(|c| format!("{:016x}", c.0)),
+        guest_checksum_destination: v.checksums.map(|c| format!("{:016x}", c.1)),
+        guest_resumed: v.guest_resumed,
+        source_stopped: v.source_stopped,
         device_state_bytes: src.device_state_bytes,
+        vcpu_state_bytes: if kind == GuestKind::Kvm { src.device_state_bytes } else { 0 },
         destination_memory: if opts.prefault_destination { "warm" } else { "cold" },
         dest_prefault_ms,
         source_holes_filled,
@@ -505,4 +533,273 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Resolves `Auto` to the KVM guest where /dev/kvm works.
+fn resolve_guest(opts: &DemoOptions) -> Result<(GuestKind, Option<String>), DemoError> {
+    let kvm_ok = kvm::available();
+    // The zero-page fraction and the uffd/bitmap trackers are the synthetic
+    // guest's: asking for them picks it.
+    let synthetic_only = opts.zero_fraction > 0.0 || opts.tracker != TrackerKind::Uffd;
+    let kind = match (opts.guest, &kvm_ok) {
+        (GuestKind::Auto, _) if synthetic_only => GuestKind::Synthetic,
+        (GuestKind::Auto, Ok(())) | (GuestKind::Kvm, _) => GuestKind::Kvm,
+        (GuestKind::Auto, Err(why)) => {
+            return Ok((
+                GuestKind::Synthetic,
+                Some(format!("synthetic guest: KVM is not usable here ({why})")),
+            ))
+        }
+        (GuestKind::Synthetic, _) => GuestKind::Synthetic,
+    };
+    if kind == GuestKind::Kvm {
+        kvm_ok.map_err(|why| DemoError::Setup(format!("--guest kvm: {why}; use --guest synthetic on this host")))?;
+        if opts.zero_fraction > 0.0 {
+            return Err(DemoError::Setup(
+                "--zero-fraction applies to the synthetic guest (the KVM guest fills all its memory); add --guest synthetic"
+                    .into(),
+            ));
+        }
+        if opts.tracker != TrackerKind::Uffd {
+            return Err(DemoError::Setup(
+                "--tracker applies to the synthetic guest (a KVM guest is tracked by KVM's dirty log); add --guest synthetic"
+                    .into(),
+            ));
+        }
+    }
+    Ok((kind, None))
+}
+
+/// The source's guest.
+enum Source {
+    Synthetic(SyntheticGuest),
+    Kvm(KvmVm),
+}
+
+impl Source {
+    fn control(&mut self) -> &mut dyn GuestControl {
+        match self {
+            Source::Synthetic(g) => g,
+            Source::Kvm(vm) => vm,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Source::Synthetic(g) => g.kind(),
+            Source::Kvm(vm) => vm.kind(),
+        }
+    }
+
+    /// Hot-set writes made so far.
+    fn writes(&self) -> u64 {
+        match self {
+            Source::Synthetic(g) => g.heartbeat(),
+            Source::Kvm(vm) => vm.guest_writes(),
+        }
+    }
+
+    /// After a failed migration: the guest runs at the source (its heartbeat
+    /// moves on).
+    fn keeps_running(&self, dirty_rate: u64) -> bool {
+        match self {
+            Source::Synthetic(g) => {
+                let hb = g.heartbeat();
+                g.is_running() && (dirty_rate == 0 || g.wait_heartbeat(hb, Duration::from_secs(5)))
+            }
+            Source::Kvm(vm) => vm.wait_heartbeat(vm.heartbeat(), Duration::from_secs(5)).is_ok(),
+        }
+    }
+}
+
+/// The destination's guest.
+enum Dest {
+    Synthetic(SyntheticGuest),
+    Kvm(KvmVm),
+}
+
+impl Dest {
+    fn control(&mut self) -> &mut dyn GuestControl {
+        match self {
+            Dest::Synthetic(g) => g,
+            Dest::Kvm(vm) => vm,
+        }
+    }
+
+    /// Whether the guest ever ran here.
+    fn ran(&self) -> bool {
+        match self {
+            Dest::Synthetic(g) => g.is_running(),
+            Dest::Kvm(vm) => vm.runs() > 0,
+        }
+    }
+}
+
+/// Starts the source guest and its dirty tracker.
+fn start_source(
+    opts: &DemoOptions,
+    kind: GuestKind,
+    mem: &Arc<GuestMemory>,
+    t: Instant,
+    say: &mut impl FnMut(&str),
+) -> Result<(Source, Box<dyn DirtyTracker>), DemoError> {
+    let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
+    let hot_set_bytes = opts.hot_set_bytes.min(opts.memory_bytes);
+    if kind == GuestKind::Kvm {
+        let program = GuestProgram {
+            hot_set_bytes,
+            writes_per_s: opts.dirty_rate_pages_per_s,
+            ..GuestProgram::default()
+        };
+        let mut vm = KvmVm::boot(mem.clone(), opts.vcpus, &program).map_err(|e| setup(&e))?;
+        vm.wait_filled(Duration::from_secs(300)).map_err(|e| setup(&e))?;
+        let filled_ms = t.elapsed().as_secs_f64() * 1e3;
+        let hb = vm.wait_heartbeat(2, Duration::from_secs(10)).map_err(|e| setup(&e))?;
+        // The guest checksums its memory itself when it is paused.
+        vm.checksum_at_pause = true;
+        let tracker = Box::new(vm.dirty_tracker());
+        say(&format!(
+            "source: KVM guest ({} vCPU, 64-bit user mode), {} of memory filled by the guest in {filled_ms:.0} ms; writing {} pages/s into a {} hot set; heartbeat {hb}",
+            opts.vcpus,
+            crate::size::human(opts.memory_bytes),
+            opts.dirty_rate_pages_per_s,
+            crate::size::human(hot_set_bytes),
+        ));
+        return Ok((Source::Kvm(vm), tracker));
+    }
+    let marks = (opts.tracker == TrackerKind::Bitmap).then(|| Arc::new(AtomicBitmap::new(mem.pages())));
+    let wl = WorkloadConfig {
+        hot_set_bytes,
+        dirty_rate_pages_per_s: opts.dirty_rate_pages_per_s,
+        zero_fraction: opts.zero_fraction,
+        seed: 0x00f3_441e,
+    };
+    let guest = SyntheticGuest::start(mem.clone(), wl, marks.clone());
+    say(&format!(
+        "source: synthetic guest, {} of memory ({}% zero pages) filled in {:.0} ms; writing {} pages/s into a {} hot set",
+        crate::size::human(opts.memory_bytes),
+        (opts.zero_fraction * 100.0).round(),
+        t.elapsed().as_secs_f64() * 1e3,
+        opts.dirty_rate_pages_per_s,
+        crate::size::human(wl.hot_set_bytes),
+    ));
+    let tracker: Box<dyn DirtyTracker> = match &marks {
+        Some(m) => Box::new(BitmapTracker::new(m.clone())),
+        None => Box::new(UffdWpTracker::new(mem).map_err(|e| setup(&e))?),
+    };
+    Ok((Source::Synthetic(guest), tracker))
+}
+
+/// What the checks after a successful migration found.
+struct Verification {
+    verified: bool,
+    summary: String,
+    writes_at_pause: u64,
+    heartbeat_before: u64,
+    heartbeat_first_after: u64,
+    heartbeat_after: u64,
+    /// (source at pause, destination after resume), KVM guest only.
+    checksums: Option<(u64, u64)>,
+    guest_resumed: bool,
+    source_stopped: bool,
+}
+
+/// Synthetic guest: let the destination run a moment, pause it, replay its
+/// writes onto the source's frozen image, and compare the two images byte
+/// for byte (by SHA-256) and the guest states.
+fn verify_synthetic(
+    src_guest: &mut SyntheticGuest,
+    dst_guest: &mut SyntheticGuest,
+    src_mem: &GuestMemory,
+    dst_mem: &GuestMemory,
+    dirty_rate: u64,
+) -> Result<Verification, DemoError> {
+    let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
+    let heartbeat_before = src_guest.heartbeat();
+    let guest_resumed = if dirty_rate > 0 {
+        dst_guest.wait_heartbeat(heartbeat_before, Duration::from_secs(5))
+    } else {
+        dst_guest.is_running()
+    };
+    dst_guest.pause().map_err(|e| setup(&e))?;
+    let heartbeat_after = dst_guest.heartbeat();
+    let source_stopped = !src_guest.is_running() && src_guest.heartbeat() == heartbeat_before;
+    let frozen_state = src_guest.save_state().map_err(|e| setup(&e))?;
+    let replayed_state = workload::replay(src_mem, &frozen_state, heartbeat_after).map_err(|e| setup(&e))?;
+    let images_equal = src_mem.digest() == dst_mem.digest();
+    let state_equal = dst_guest.save_state().map_err(|e| setup(&e))? == replayed_state;
+    Ok(Verification {
+        verified: images_equal && state_equal && source_stopped && guest_resumed,
+        summary: format!(
+            "destination image {} the source's frozen image (+{} replayed guest writes), guest state {}, source {}",
+            if images_equal { "EQUALS" } else { "DIFFERS FROM" },
+            heartbeat_after - heartbeat_before,
+            if state_equal { "equal" } else { "DIFFERENT" },
+            if source_stopped { "stopped" } else { "STILL RUNNING" },
+        ),
+        writes_at_pause: heartbeat_before,
+        heartbeat_before,
+        heartbeat_first_after: 0,
+        heartbeat_after,
+        checksums: None,
+        guest_resumed,
+        source_stopped,
+    })
+}
+
+/// KVM guest: the guest's own checksum at the destination (its first act
+/// after resuming) equals the one it computed when paused at the source;
+/// with vCPU 0 stopped right after it, the destination's memory equals the
+/// source's frozen memory byte for byte (but for the mailbox page the VMMs
+/// and the checksum itself write); the heartbeat goes on from where it
+/// stopped; the source VM never enters the guest again.
+fn verify_kvm(
+    src_vm: &mut KvmVm,
+    dst_vm: &mut KvmVm,
+    src_mem: &GuestMemory,
+    dst_mem: &GuestMemory,
+) -> Result<Verification, DemoError> {
+    let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
+    let heartbeat_before = src_vm.heartbeat_at_pause().unwrap_or(0);
+    let writes_at_pause = src_vm.guest_writes();
+    let runs_at_commit = src_vm.runs();
+    let sum_src = src_vm.checksum_at_pause_value();
+    let sum_dst = dst_vm.wait_resume_checksum(Duration::from_secs(120)).ok();
+    let mailbox = [ferry_engine::PageIndex(kvm::MAILBOX / ferry_engine::memory::PAGE_SIZE_U64)];
+    let images_equal = src_mem.digest_excluding(&mailbox) == dst_mem.digest_excluding(&mailbox);
+    // Let it run on.
+    dst_vm.checksum_at_resume = false;
+    dst_vm.park_after_resume_checksum = false;
+    dst_vm.resume().map_err(|e| setup(&e))?;
+    let guest_resumed = dst_vm.wait_heartbeat(heartbeat_before, Duration::from_secs(5)).is_ok();
+    std::thread::sleep(Duration::from_millis(20));
+    let heartbeat_after = dst_vm.heartbeat();
+    let heartbeat_first_after = dst_vm.first_heartbeat().unwrap_or(0);
+    let runs_after = src_vm.shut_down();
+    let source_stopped = runs_after == runs_at_commit && src_vm.heartbeat_at_pause() == Some(heartbeat_before);
+    let checksums_equal = sum_src.is_some() && sum_src == sum_dst;
+    let continued = heartbeat_first_after == heartbeat_before + 1;
+    Ok(Verification {
+        verified: images_equal && checksums_equal && source_stopped && guest_resumed && continued,
+        summary: format!(
+            "guest's own checksum {} (source {:016x}, destination {:016x}); destination memory {} the source's frozen memory; heartbeat {heartbeat_before} at the source, {heartbeat_first_after} first at the destination{}; source VM {}",
+            if checksums_equal { "EQUAL" } else { "DIFFERENT" },
+            sum_src.unwrap_or(0),
+            sum_dst.unwrap_or(0),
+            if images_equal { "EQUALS" } else { "DIFFERS FROM" },
+            if continued { " (went on where it stopped)" } else { " (DID NOT go on where it stopped)" },
+            if source_stopped {
+                "never ran again"
+            } else {
+                "RAN AGAIN"
+            },
+        ),
+        writes_at_pause,
+        heartbeat_before,
+        heartbeat_first_after,
+        heartbeat_after,
+        checksums: sum_src.zip(sum_dst),
+        guest_resumed,
+        source_stopped,
+    })
 }

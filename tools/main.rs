@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use ferry::demo::{self, DemoOptions, TrackerKind};
+use ferry::demo::{self, DemoOptions, GuestKind, TrackerKind};
 use ferry::size::{human, parse_size};
 use ferry_engine::bitmap::DirtyBitmap;
 use ferry_engine::crypto::AeadBackend;
@@ -35,7 +35,7 @@ enum Cmd {
     /// Migrate a running guest from a source to a destination on loopback,
     /// in this process, and verify the result.
     #[command(
-        after_help = "Examples:\n  ferry demo\n  ferry demo --json --memory 1GiB --dirty-rate 0\n  ferry demo --streams 1 --integrity aead --zero-fraction 0.5"
+        after_help = "Examples:\n  ferry demo\n  ferry demo --json --memory 1GiB --dirty-rate 0\n  ferry demo --guest kvm --vcpus 2 --hot-set 64MiB --dirty-rate 20000\n  ferry demo --guest synthetic --streams 1 --integrity aead --zero-fraction 0.5"
     )]
     Demo(DemoArgs),
     /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
@@ -158,9 +158,15 @@ struct DemoArgs {
     /// Print one JSON object instead of progress lines.
     #[arg(long)]
     json: bool,
-    /// Guest to migrate: synthetic (the KVM guest comes with its own issue).
-    #[arg(long, default_value = "synthetic", value_parser = ["synthetic"])]
-    guest: String,
+    /// Guest to migrate: kvm (a real KVM guest run by ferry's minimal VMM),
+    /// synthetic (a thread writing guest memory), or auto: kvm where
+    /// /dev/kvm works, unless --tracker or --zero-fraction ask for the
+    /// synthetic guest.
+    #[arg(long, default_value = "auto")]
+    guest: GuestKind,
+    /// vCPUs of the KVM guest (1..=16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
     /// Guest memory size (e.g. 1GiB, 256MiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     memory: u64,
@@ -170,7 +176,7 @@ struct DemoArgs {
     /// Guest writes per second (pages/s; 0 = idle guest).
     #[arg(long, default_value_t = 20_000)]
     dirty_rate: u64,
-    /// Fraction of all-zero pages in guest memory (0..1).
+    /// Fraction of all-zero pages in the synthetic guest's memory (0..1).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     zero_fraction: f64,
     /// Data streams (TCP connections, one pinned worker each).
@@ -188,9 +194,11 @@ struct DemoArgs {
     /// Pre-copy rounds at most before the final one.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Dirty tracker: uffd (write-protect + PAGEMAP_SCAN) or bitmap (guest-marked).
-    #[arg(long, default_value = "uffd")]
-    tracker: TrackerKind,
+    /// Dirty tracker of the synthetic guest: uffd (write-protect +
+    /// PAGEMAP_SCAN, the default) or bitmap (guest-marked). A KVM guest is
+    /// always tracked by KVM's dirty log.
+    #[arg(long)]
+    tracker: Option<TrackerKind>,
     /// Pages per frame (1..=64).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=64))]
     chunk_pages: u32,
@@ -287,12 +295,25 @@ fn main() -> ExitCode {
 }
 
 fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
+    let synthetic_only = a.tracker.is_some() || a.zero_fraction > 0.0;
+    let guest = match a.guest {
+        GuestKind::Auto if synthetic_only => GuestKind::Synthetic,
+        GuestKind::Kvm if synthetic_only => {
+            return Err(
+                "--tracker and --zero-fraction apply to the synthetic guest (a KVM guest fills all its memory and is tracked by KVM's dirty log); use --guest synthetic"
+                    .into(),
+            )
+        }
+        g => g,
+    };
     let opts = DemoOptions {
+        guest,
+        vcpus: a.vcpus,
         memory_bytes: a.memory,
         hot_set_bytes: a.hot_set,
         dirty_rate_pages_per_s: a.dirty_rate,
         zero_fraction: a.zero_fraction,
-        tracker: a.tracker,
+        tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
         prefault_destination: !a.cold_destination,
         migration: MigrationConfig {
             streams: a.streams,

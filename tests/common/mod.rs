@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry::demo::{DemoOptions, Interpose};
+use ferry::demo::{DemoOptions, GuestKind, Interpose};
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::wire::{FrameHeader, HEADER_LEN};
 
@@ -29,6 +29,9 @@ pub fn host_ready(test: &str) -> bool {
 /// Small, fast migration settings for tests.
 pub fn small(memory_bytes: u64, streams: u16) -> DemoOptions {
     DemoOptions {
+        // The data-plane tests run on the synthetic guest (fast, and its
+        // writes replay exactly); tests/kvm.rs runs the KVM guest.
+        guest: GuestKind::Synthetic,
         memory_bytes,
         hot_set_bytes: 8 << 20,
         dirty_rate_pages_per_s: 20_000,

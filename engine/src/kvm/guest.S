@@ -20,7 +20,9 @@
 #     +0x28 rng state    +0x30 writes made
 # Ports (out only; eax carries the low half of the value, the VMM reads the
 # whole of it from the slot): 0x10 heartbeat, 0x11 checksum done,
-# 0x12 memory filled.
+# 0x12 memory filled, 0x13 idle: nothing is due for eax TSC ticks (the VMM
+# may sleep that long, as for a HLT with a timer: the guest does not spin
+# a host core while it waits).
 #
 # vCPU 0 fills [data_start, data_end) with xorshift64 output once, then
 # loops: answer a checksum request (a 2-lane multiply-rotate hash of the
@@ -133,14 +135,24 @@ beat:
     mov rax, rbx
 
 write:
+    mov rcx, r13
+    sub rcx, rax                 # ticks to the next heartbeat
     test r14, r14
-    jnz tick
+    jnz idle
     mov rbx, [r15 + 0x20]
     test rbx, rbx
-    jz tick
+    jz idle
     mov rcx, rax
     sub rcx, r12                 # now - deadline
-    js tick
+    jns 3f
+    neg rcx                      # ticks to the next write
+    mov rdx, r13
+    sub rdx, rax
+    cmp rdx, rcx
+    jae idle
+    mov rcx, rdx                 # the heartbeat comes first
+    jmp idle
+3:
     # Far behind (after a pause): do not burst, start over from now.
     mov rdx, rbx
     shl rdx, 6
@@ -168,4 +180,16 @@ write:
     and rcx, 0xff8
     mov [rdx + rcx], rbx
     inc qword ptr [rbp + 0x30]
+    jmp tick
+
+idle:
+    # rcx = ticks until something is due (may be <= 0 when just late).
+    test rcx, rcx
+    jle tick
+    mov rdx, 0x7fffffff
+    cmp rcx, rdx
+    cmova rcx, rdx
+    mov eax, ecx
+    mov dx, 0x13
+    out dx, eax
     jmp tick

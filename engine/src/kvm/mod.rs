@@ -74,6 +74,11 @@ const S_WRITES: u64 = 0x30;
 const PORT_HEARTBEAT: u16 = 0x10;
 const PORT_CHECKSUM: u16 = 0x11;
 const PORT_FILLED: u16 = 0x12;
+const PORT_IDLE: u16 = 0x13;
+/// Shorter idle waits are not worth a sleep (the timer's own slack is ~50 µs).
+const MIN_IDLE_NS: u64 = 20_000;
+/// Longest single idle sleep.
+const MAX_IDLE_NS: u64 = 10_000_000;
 
 const SEL_USER_DATA: u16 = 0x18 | 3;
 const SEL_USER_CODE: u16 = 0x20 | 3;
@@ -215,6 +220,10 @@ struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     heartbeat: AtomicU64,
+    /// The first heartbeat this VM saw (0: none yet).
+    first_heartbeat: AtomicU64,
+    /// The guest's TSC rate, to turn its idle hints into sleeps.
+    tsc_khz: u32,
     immediate_exit: ImmediateExit,
 }
 
@@ -421,6 +430,8 @@ impl KvmVm {
             }),
             cv: Condvar::new(),
             heartbeat: AtomicU64::new(0),
+            first_heartbeat: AtomicU64::new(0),
+            tsc_khz: self.tsc_khz.max(1),
             // SAFETY: `ie` points into the kvm_run mapping, valid and
             // aligned for a byte; it is only ever accessed atomically
             // from now on (see `ImmediateExit`).
@@ -545,6 +556,15 @@ impl KvmVm {
             .map_or(0, |v| v.shared.heartbeat.load(Ordering::SeqCst))
     }
 
+    /// The first heartbeat vCPU 0 beat in this VM (at a destination: the
+    /// first after the migration).
+    pub fn first_heartbeat(&self) -> Option<u64> {
+        self.vcpus
+            .first()
+            .map(|v| v.shared.first_heartbeat.load(Ordering::SeqCst))
+            .filter(|&h| h != 0)
+    }
+
     /// Hot-set writes the guest has made.
     pub fn guest_writes(&self) -> u64 {
         self.read_u64(Self::slot(0) + S_WRITES)
@@ -621,6 +641,10 @@ impl KvmVm {
             c.park_on_checksum = park;
         }
         self.write_u64(slot + S_REQUEST, self.checksum_seq);
+        // Wake vCPU 0 if it idles in the VMM, so it sees the request now.
+        if let Some(v) = self.vcpus.first() {
+            v.shared.cv.notify_all();
+        }
         Ok(self.checksum_seq)
     }
 
@@ -674,6 +698,8 @@ impl KvmVm {
             if c.want == Want::Run {
                 c.want = Want::Pause;
                 Self::kick(v, &mut c);
+                // A vCPU idling in the VMM wakes up too.
+                v.shared.cv.notify_all();
             }
         }
         for v in &self.vcpus {
@@ -918,7 +944,12 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
         }
         let mut f = fd.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let exit = match f.run() {
-            Ok(VcpuExit::IoOut(port, _)) => Ok(Exit::Out(port)),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                Ok(Exit::Out(port, u32::from_le_bytes(v)))
+            }
             Ok(VcpuExit::Intr) => Ok(Exit::Again),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(Exit::Again),
             Ok(VcpuExit::Shutdown) => Err("guest crashed (triple fault, shutdown exit)".to_string()),
@@ -927,11 +958,25 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
         };
         match exit {
             Ok(Exit::Again) => {}
-            Ok(Exit::Out(PORT_HEARTBEAT)) => {
-                sh.heartbeat.store(read(S_HEARTBEAT), Ordering::SeqCst);
+            Ok(Exit::Out(PORT_IDLE, ticks)) => {
+                // Like a HLT with a timer: sleep until the guest's next
+                // deadline, waking early for a pause or stop.
+                drop(f);
+                let ns = u64::from(ticks) * 1_000_000 / u64::from(sh.tsc_khz);
+                if ns >= MIN_IDLE_NS {
+                    let c = sh.lock();
+                    if c.want == Want::Run {
+                        let _ = sh.cv.wait_timeout(c, Duration::from_nanos(ns.min(MAX_IDLE_NS)));
+                    }
+                }
+            }
+            Ok(Exit::Out(PORT_HEARTBEAT, _)) => {
+                let hb = read(S_HEARTBEAT);
+                sh.heartbeat.store(hb, Ordering::SeqCst);
+                let _ = sh.first_heartbeat.compare_exchange(0, hb, Ordering::SeqCst, Ordering::SeqCst);
                 sh.cv.notify_all();
             }
-            Ok(Exit::Out(PORT_CHECKSUM)) => {
+            Ok(Exit::Out(PORT_CHECKSUM, _)) => {
                 let mut c = sh.lock();
                 c.checksum = Some(read(S_CHECKSUM));
                 if std::mem::take(&mut c.park_on_checksum) && c.want == Want::Run {
@@ -939,11 +984,11 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
                 }
                 sh.cv.notify_all();
             }
-            Ok(Exit::Out(PORT_FILLED)) => {
+            Ok(Exit::Out(PORT_FILLED, _)) => {
                 sh.lock().filled = true;
                 sh.cv.notify_all();
             }
-            Ok(Exit::Out(port)) => {
+            Ok(Exit::Out(port, _)) => {
                 let rip = f.get_regs().map_or(0, |r| r.rip);
                 return fail(format!("guest wrote to unknown port {port:#x} at rip {rip:#x}"));
             }
@@ -956,7 +1001,7 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
 }
 
 enum Exit {
-    Out(u16),
+    Out(u16, u32),
     Again,
 }
 
