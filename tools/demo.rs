@@ -240,6 +240,10 @@ pub struct Failure {
     pub source_guest_running: bool,
     /// The guest was ever started at the destination.
     pub destination_guest_ran: bool,
+    /// KVM guest: its memory at the source checked out after the failure
+    /// (the guest's own checksum equals the VMM's over the same bytes, and
+    /// every page it did not write since its fill still holds the fill).
+    pub source_memory_intact: Option<bool>,
 }
 
 impl std::fmt::Display for Failure {
@@ -255,8 +259,13 @@ impl std::fmt::Display for Failure {
             (true, false) => write!(
                 f,
                 "; the guest keeps running at the source, the destination discarded its copy"
-            ),
-            (s, d) => write!(f, "; guest running at source: {s}, started at destination: {d}"),
+            )?,
+            (s, d) => write!(f, "; guest running at source: {s}, started at destination: {d}")?,
+        }
+        match self.source_memory_intact {
+            Some(true) => write!(f, "; its memory checked out intact"),
+            Some(false) => write!(f, "; its memory did NOT check out"),
+            None => Ok(()),
         }
     }
 }
@@ -372,11 +381,16 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let (src, dst) = match (src_result, dst_result) {
         (Ok(s), Ok(d)) => (s, d),
         (s, d) => {
+            let source_memory_intact = match &mut src_guest {
+                Source::Kvm(vm) => Some(vm.check_memory().is_ok_and(|c| c.ok())),
+                Source::Synthetic(_) => None,
+            };
             return Err(DemoError::Failed(Box::new(Failure {
                 source_error: s.err(),
                 destination_error: d.err(),
                 source_guest_running: src_guest.keeps_running(opts.dirty_rate_pages_per_s),
                 destination_guest_ran: dst_guest.ran(),
+                source_memory_intact,
             })));
         }
     };
@@ -410,7 +424,9 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
 
     let t = Instant::now();
     let v = match (&mut src_guest, &mut dst_guest) {
-        (Source::Synthetic(sg), Dest::Synthetic(dg)) => verify_synthetic(sg, dg, &src_mem, &dst_mem, opts.dirty_rate_pages_per_s)?,
+        (Source::Synthetic(sg), Dest::Synthetic(dg)) => {
+            verify_synthetic(sg, dg, &src_mem, &dst_mem, opts.dirty_rate_pages_per_s)?
+        }
         (Source::Kvm(sv), Dest::Kvm(dv)) => verify_kvm(sv, dv, &src_mem, &dst_mem)?,
         _ => return Err(DemoError::Setup("source and destination guests differ".into())),
     };
@@ -475,7 +491,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         audit_entries.1,
         if audit_verified { "verified" } else { "NOT verified" }
     ));
-    say(&format!("verify: {} ({:.0} ms)", v.summary, t.elapsed().as_secs_f64() * 1e3));
+    say(&format!(
+        "verify: {} ({:.0} ms)",
+        v.summary,
+        t.elapsed().as_secs_f64() * 1e3
+    ));
 
     Ok(DemoReport {
         verified,
@@ -516,7 +536,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         guest_resumed: v.guest_resumed,
         source_stopped: v.source_stopped,
         device_state_bytes: src.device_state_bytes,
-        vcpu_state_bytes: if kind == GuestKind::Kvm { src.device_state_bytes } else { 0 },
+        vcpu_state_bytes: if kind == GuestKind::Kvm {
+            src.device_state_bytes
+        } else {
+            0
+        },
         destination_memory: if opts.prefault_destination { "warm" } else { "cold" },
         dest_prefault_ms,
         source_holes_filled,
@@ -765,7 +789,9 @@ fn verify_kvm(
     let runs_at_commit = src_vm.runs();
     let sum_src = src_vm.checksum_at_pause_value();
     let sum_dst = dst_vm.wait_resume_checksum(Duration::from_secs(120)).ok();
-    let mailbox = [ferry_engine::PageIndex(kvm::MAILBOX / ferry_engine::memory::PAGE_SIZE_U64)];
+    let mailbox = [ferry_engine::PageIndex(
+        kvm::MAILBOX / ferry_engine::memory::PAGE_SIZE_U64,
+    )];
     let images_equal = src_mem.digest_excluding(&mailbox) == dst_mem.digest_excluding(&mailbox);
     // Let it run on.
     dst_vm.checksum_at_resume = false;

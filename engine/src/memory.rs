@@ -313,7 +313,10 @@ impl GuestMemory {
                 .unwrap_or(pages)
                 .min(pages)
                 .min(page + (buf.len() as u64 / PAGE_SIZE_U64))
-                .min(self.region_of(PageIndex(page)).map_or(pages, |r| r.first_page().0 + r.pages()));
+                .min(
+                    self.region_of(PageIndex(page))
+                        .map_or(pages, |r| r.first_page().0 + r.pages()),
+                );
             if stop == page {
                 page += 1;
                 continue;
@@ -332,8 +335,9 @@ impl GuestMemory {
 
     /// The guest-physical address of `page`.
     fn page_address(&self, page: PageIndex) -> u64 {
-        self.region_of(page)
-            .map_or(page.0 * PAGE_SIZE_U64, |r| r.guest_base().0 + (page.0 - r.first_page().0) * PAGE_SIZE_U64)
+        self.region_of(page).map_or(page.0 * PAGE_SIZE_U64, |r| {
+            r.guest_base().0 + (page.0 - r.first_page().0) * PAGE_SIZE_U64
+        })
     }
 
     /// SHA-256 over the whole image, page by page in index order.

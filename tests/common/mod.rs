@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry::demo::{DemoOptions, GuestKind, Interpose};
 use ferry_engine::migrate::MigrationConfig;
-use ferry_engine::wire::{FrameHeader, HEADER_LEN};
+use ferry_engine::wire::{FrameHeader, Kind, HEADER_LEN};
 
 /// Returns false (after printing a loud SKIPPED line) when the host lacks
 /// io_uring or userfaultfd write-protect.
@@ -67,6 +67,15 @@ pub enum Attack {
     /// Drop everything of stream `stream` and send a copy of another
     /// stream's frames on its connection instead (`frame` is ignored).
     Duplicate,
+    /// Close both directions before the first frame of round `frame`.
+    CutInRound,
+    /// Close both directions before the device state (stream 0, in the
+    /// final round, after the final round's pages).
+    CutAtDeviceState,
+    /// Destination to source: close both directions before the
+    /// destination's Ready (its acknowledgement of the final round)
+    /// reaches the source.
+    CutBeforeReady,
 }
 
 /// Where the attack strikes: a stream (by the id in its frames) and the
@@ -96,8 +105,13 @@ pub fn relay(target: Option<Target>, streams: u16) -> Interpose {
                     s.set_nodelay(true).ok();
                 }
                 let (src2, dst2) = (src.try_clone().expect("clone"), dst.try_clone().expect("clone"));
-                // Destination → source: plain copy.
-                std::thread::spawn(move || pipe(dst2, src2));
+                // Destination → source: a plain copy, unless the attack is
+                // on that direction.
+                if target.is_some_and(|t| t.attack == Attack::CutBeforeReady) {
+                    std::thread::spawn(move || cut_before_ready(dst2, src2));
+                } else {
+                    std::thread::spawn(move || pipe(dst2, src2));
+                }
                 // Source → destination: frame by frame.
                 let victim = victim.clone();
                 std::thread::spawn(move || frames(src, dst, target, &victim));
@@ -117,6 +131,25 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
                     break;
                 }
             }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Bytes of the destination's connection nonce, which precedes its frames.
+pub const NONCE_LEN: usize = 32;
+
+fn cut_before_ready(mut from: TcpStream, mut to: TcpStream) {
+    let mut nonce = [0u8; NONCE_LEN];
+    if from.read_exact(&mut nonce).is_err() || to.write_all(&nonce).is_err() {
+        return;
+    }
+    while let Some(f) = read_frame(&mut from) {
+        let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
+        if h.kind == Kind::Ready || to.write_all(&f).is_err() {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+            return;
         }
     }
     let _ = to.shutdown(Shutdown::Write);
@@ -184,7 +217,21 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
                 None => c.history.push(f.clone()),
             }
         }
-        let hit = target.filter(|t| Some(t.stream) == stream && t.frame == index);
+        // The first unit carries the session proof before its frame.
+        let at = if index == 0 { PREAMBLE_LEN } else { 0 };
+        let header = FrameHeader::decode(f[at..at + HEADER_LEN].try_into().expect("header")).expect("decoded once");
+        let hit = target.filter(|t| {
+            Some(t.stream) == stream
+                && match t.attack {
+                    Attack::CutInRound => {
+                        header.round == u32::try_from(t.frame).unwrap_or(u32::MAX)
+                            && matches!(header.kind, Kind::Pages | Kind::RoundEnd)
+                    }
+                    Attack::CutAtDeviceState => header.kind == Kind::DeviceState,
+                    Attack::CutBeforeReady => false,
+                    _ => t.frame == index,
+                }
+        });
         index += 1;
         let ok = match hit.map(|t| t.attack) {
             None | Some(Attack::Duplicate) => to.write_all(&f).is_ok(),
@@ -205,7 +252,8 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
                 let _ = to.write_all(&f[..f.len() / 2]);
                 false
             }
-            Some(Attack::Cut) => false,
+            Some(Attack::Cut | Attack::CutInRound | Attack::CutAtDeviceState) => false,
+            Some(Attack::CutBeforeReady) => to.write_all(&f).is_ok(),
             Some(Attack::Blackhole) => {
                 // Keep both sockets open, forward nothing, until the peers give up.
                 let mut sink = vec![0u8; 64 << 10];

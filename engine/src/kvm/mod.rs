@@ -126,6 +126,65 @@ impl Default for GuestProgram {
     }
 }
 
+/// The guest program's checksum (guest.S, label `sum`), computed on the
+/// host over the same bytes: two lanes of xor-multiply-rotate over 16-byte
+/// blocks. Feed it whole 16-byte blocks in order.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestChecksum {
+    a: u64,
+    b: u64,
+}
+
+const SUM_MUL: u64 = 0xff51_afd7_ed55_8ccd;
+
+impl Default for GuestChecksum {
+    fn default() -> Self {
+        GuestChecksum {
+            a: 0x9e37_79b9_7f4a_7c15,
+            b: 0x7f4a_7c15_9e37_79b9,
+        }
+    }
+}
+
+impl GuestChecksum {
+    /// Adds `data` (a multiple of 16 bytes; a shorter tail is ignored).
+    pub fn update(&mut self, data: &[u8]) {
+        for c in data.chunks_exact(16) {
+            let (lo, hi) = c.split_at(8);
+            let w = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            self.a = (self.a ^ w(lo)).wrapping_mul(SUM_MUL).rotate_left(31);
+            self.b = (self.b ^ w(hi)).wrapping_mul(SUM_MUL).rotate_left(29);
+        }
+    }
+
+    /// The checksum so far.
+    pub fn value(&self) -> u64 {
+        self.a.wrapping_add(self.b.wrapping_mul(SUM_MUL))
+    }
+}
+
+/// What [`KvmVm::check_memory`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryCheck {
+    /// The checksum the guest computed of its data region.
+    pub guest_checksum: u64,
+    /// The same, computed by the VMM over the same bytes.
+    pub host_checksum: u64,
+    /// Pages beyond the hot set (never written after the fill) checked
+    /// against the guest's fill sequence.
+    pub fill_pages_checked: u64,
+    /// Those pages hold exactly the fill sequence.
+    pub fill_intact: bool,
+}
+
+impl MemoryCheck {
+    /// The guest and the VMM agree on the memory, and nothing but the hot
+    /// set was changed since the fill.
+    pub fn ok(&self) -> bool {
+        self.guest_checksum == self.host_checksum && self.fill_intact
+    }
+}
+
 /// Errors of the VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
@@ -556,6 +615,48 @@ impl KvmVm {
             .map_or(0, |v| v.shared.heartbeat.load(Ordering::SeqCst))
     }
 
+    /// Checks that the guest's memory is intact: pauses the guest with a
+    /// checksum of its own, computes the same on the host, checks that every
+    /// page beyond the hot set still holds the fill sequence, and resumes
+    /// the guest. For a guest that keeps running after a failed migration.
+    pub fn check_memory(&mut self) -> Result<MemoryCheck, KvmError> {
+        let was = std::mem::replace(&mut self.checksum_at_pause, true);
+        let paused = GuestControl::pause(self);
+        self.checksum_at_pause = was;
+        paused.map_err(|e| KvmError::Guest(e.to_string()))?;
+        let guest_checksum = self
+            .pause_checksum
+            .ok_or_else(|| KvmError::Guest("no checksum at pause".into()))?;
+        let p = |i: u64| self.read_u64(PARAMS + 8 * i);
+        let (start, end, hot_start, hot_pages, seed) = (p(0), p(1), p(2), p(3), p(6));
+        let hot_end = hot_start + hot_pages * PAGE_SIZE_U64;
+        let mut sum = GuestChecksum::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut x, mut at, mut fill_intact) = (seed, start, true);
+        while at < end {
+            let n = buf.len().min(crate::usize_from(end - at));
+            self.core.mem.read_into(at, &mut buf[..n]);
+            sum.update(&buf[..n]);
+            for (i, w) in buf[..n].chunks_exact(8).enumerate() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if at + 8 * i as u64 >= hot_end && u64::from_le_bytes(w.try_into().unwrap_or([0; 8])) != x {
+                    fill_intact = false;
+                }
+            }
+            at += n as u64;
+        }
+        let resumed = self.resume_all();
+        resumed?;
+        Ok(MemoryCheck {
+            guest_checksum,
+            host_checksum: sum.value(),
+            fill_pages_checked: end.saturating_sub(hot_end.max(start)) / PAGE_SIZE_U64,
+            fill_intact,
+        })
+    }
+
     /// The first heartbeat vCPU 0 beat in this VM (at a destination: the
     /// first after the migration).
     pub fn first_heartbeat(&self) -> Option<u64> {
@@ -973,7 +1074,9 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
             Ok(Exit::Out(PORT_HEARTBEAT, _)) => {
                 let hb = read(S_HEARTBEAT);
                 sh.heartbeat.store(hb, Ordering::SeqCst);
-                let _ = sh.first_heartbeat.compare_exchange(0, hb, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = sh
+                    .first_heartbeat
+                    .compare_exchange(0, hb, Ordering::SeqCst, Ordering::SeqCst);
                 sh.cv.notify_all();
             }
             Ok(Exit::Out(PORT_CHECKSUM, _)) => {

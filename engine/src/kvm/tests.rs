@@ -89,19 +89,10 @@ fn guest_fills_beats_and_checksums_its_memory() {
     }
 }
 
-/// The guest's checksum (guest.S, label `sum`), for checking it.
 fn reference_checksum(data: &[u8]) -> u64 {
-    let m = 0xff51_afd7_ed55_8ccd_u64;
-    let (mut a, mut b) = (0x9e37_79b9_7f4a_7c15_u64, 0x7f4a_7c15_9e37_79b9_u64);
-    for c in data.chunks_exact(16) {
-        a = (a ^ u64::from_le_bytes(c[..8].try_into().unwrap()))
-            .wrapping_mul(m)
-            .rotate_left(31);
-        b = (b ^ u64::from_le_bytes(c[8..].try_into().unwrap()))
-            .wrapping_mul(m)
-            .rotate_left(29);
-    }
-    a.wrapping_add(b.wrapping_mul(m))
+    let mut c = GuestChecksum::default();
+    c.update(data);
+    c.value()
 }
 
 #[test]
@@ -160,6 +151,20 @@ fn pause_stops_the_guest_and_state_moves_to_a_fresh_vm() {
         },
     );
     src.wait_heartbeat(5, Duration::from_secs(5)).unwrap();
+    // A running guest's memory checks out (and it runs on after the check).
+    let check = src.check_memory().unwrap();
+    assert!(check.ok(), "{check:?}");
+    assert!(check.fill_pages_checked > 1000);
+    let hb = src.heartbeat();
+    src.wait_heartbeat(hb, Duration::from_secs(5)).unwrap();
+    // The VMM corrupting a page beyond the hot set is caught.
+    src.write_u64(DATA_START + (4 << 20), 0xbad);
+    let check = src.check_memory().unwrap();
+    assert!(
+        !check.fill_intact && check.guest_checksum == check.host_checksum,
+        "{check:?}"
+    );
+    src.write_u64(DATA_START + (4 << 20), 0);
     src.checksum_at_pause = true;
     src.pause().unwrap();
     let hb = src.heartbeat_at_pause().unwrap();
