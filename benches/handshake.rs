@@ -19,6 +19,8 @@ fn handshake(c: &mut Criterion) {
         memory_bytes: 1 << 30,
         streams: 2,
         integrity: "aead+sha256".into(),
+        guest: "synthetic".into(),
+        vcpus: 1,
     };
     let mut g = c.benchmark_group("control");
     g.sample_size(50).measurement_time(Duration::from_secs(10));

@@ -21,6 +21,8 @@ fn offer(vm: &str) -> Offer {
         memory_bytes: 1 << 30,
         streams: 2,
         integrity: "aead+sha256".into(),
+        guest: "synthetic".into(),
+        vcpus: 1,
     }
 }
 

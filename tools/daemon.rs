@@ -16,6 +16,8 @@ use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
 use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::tls;
+use ferry_engine::guest::GuestControl;
+use ferry_engine::kvm::KvmVm;
 use ferry_engine::migrate::{migrate_destination, MigrationConfig};
 use ferry_engine::transport::accept_streams;
 use ferry_engine::workload::SyntheticGuest;
@@ -113,11 +115,46 @@ pub struct ReceiveOptions {
     pub max_concurrent: usize,
     /// Timeout of every network wait.
     pub io_timeout: Duration,
+    /// Guest kinds received here ("kvm", "synthetic"); a request offering
+    /// another is refused at admission.
+    pub guests: Vec<String>,
+    /// Have a received KVM guest checksum its memory as its first act, and
+    /// report it (to compare with the source's checksum at pause).
+    pub verify_guest: bool,
+    /// Print a `heartbeat` event for every running KVM guest this often.
+    pub heartbeat_events: Option<Duration>,
+}
+
+/// The guest kinds this host can run: KVM where /dev/kvm works, and the
+/// synthetic guest.
+pub fn local_guests() -> Vec<String> {
+    let mut g = Vec::new();
+    match ferry_engine::kvm::available() {
+        Ok(()) => g.push("kvm".to_string()),
+        Err(why) => tracing::warn!("KVM guests cannot be received here: {why}"),
+    }
+    g.push("synthetic".to_string());
+    g
+}
+
+/// A guest received here, running in this process.
+enum Received {
+    Synthetic(SyntheticGuest),
+    Kvm(KvmVm),
+}
+
+impl Received {
+    fn control(&mut self) -> &mut dyn GuestControl {
+        match self {
+            Received::Synthetic(g) => g,
+            Received::Kvm(vm) => vm,
+        }
+    }
 }
 
 /// `ferry receive`: admits migrations that pass every check and receives
-/// their guests (synthetic guests until the KVM VMM lands), which then run
-/// in this daemon.
+/// their guests (a fresh KVM VM for a KVM guest), which then run in this
+/// daemon.
 pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     std::fs::create_dir_all(&o.state_dir).map_err(|x| format!("{}: {x}", o.state_dir.display()))?;
     let id = || Identity::load(&o.pki, Role::Host, &o.name).map_err(e);
@@ -130,6 +167,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         max_concurrent: o.max_concurrent,
         max_memory_bytes: o.max_memory_bytes,
         max_streams: 64,
+        guests: o.guests.clone(),
         measurement: Measurement::of_self(policy_text.as_bytes()).map_err(e)?,
         io_timeout: o.io_timeout,
     };
@@ -146,8 +184,25 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.
-    type Resident = (SyntheticGuest, Option<handshake::MemoryReservation>);
+    type Resident = (String, Received, Option<handshake::MemoryReservation>);
     let running: Arc<Mutex<Vec<Resident>>> = Arc::new(Mutex::new(Vec::new()));
+    if let Some(every) = o.heartbeat_events {
+        let running = running.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            if let Ok(r) = running.lock() {
+                for (vm_id, g, _) in r.iter() {
+                    if let Received::Kvm(vm) = g {
+                        event(
+                            &serde_json::json!({"event": "heartbeat", "vm": vm_id, "heartbeat": vm.heartbeat(),
+                            "writes": vm.guest_writes()}),
+                        );
+                    }
+                }
+            }
+        });
+    }
+    let verify_guest = o.verify_guest;
     let me = id()?;
     let io_timeout = o.io_timeout;
     let audit2 = audit.clone();
@@ -160,7 +215,14 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
             // Fault the memory in off the receiver threads, as it arrives.
             let m2 = mem.clone();
             let prefault = std::thread::spawn(move || m2.prefault());
-            let mut guest = SyntheticGuest::incoming(mem.clone());
+            let mut guest = match offer.guest.as_str() {
+                "kvm" => {
+                    let mut vm = KvmVm::incoming(mem.clone(), offer.vcpus).map_err(e)?;
+                    vm.checksum_at_resume = verify_guest;
+                    Received::Kvm(vm)
+                }
+                _ => Received::Synthetic(SyntheticGuest::incoming(mem.clone())),
+            };
             let conns = accept_streams(&data, offer.streams, io_timeout).map_err(e)?;
             let cfg = MigrationConfig {
                 streams: offer.streams,
@@ -168,20 +230,32 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                 io_timeout,
                 ..MigrationConfig::default()
             };
-            let report = migrate_destination(&mem, &mut guest, conns, admitted.session_keys(), &cfg).map_err(e)?;
+            let report = migrate_destination(&mem, guest.control(), conns, admitted.session_keys(), &cfg).map_err(e)?;
             let _ = prefault.join();
             let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
             // The guest runs here now: its memory stays committed (it counts
             // against --max-memory) until the daemon lets it go.
+            let mut line = serde_json::json!({"event": "received", "migration_id": claims.migration_id,
+                "vm": claims.vm, "source_host": claims.source_host, "guest": offer.guest, "pages": report.pages,
+                "frames": report.frames, "transcript_matches": receipt.transcript_matches, "manifest": manifest});
+            if let Received::Kvm(vm) = &guest {
+                // The guest's first heartbeat here (its last at the source + 1
+                // when it went on where it stopped) and, if asked, its checksum.
+                let first = vm
+                    .wait_heartbeat(vm.heartbeat(), Duration::from_secs(10))
+                    .ok()
+                    .and(vm.first_heartbeat());
+                line["heartbeat_first_after"] = serde_json::json!(first);
+                if verify_guest {
+                    let sum = vm.wait_resume_checksum(Duration::from_secs(120)).ok();
+                    line["guest_checksum"] = serde_json::json!(sum.map(|c| format!("{c:016x}")));
+                }
+            }
             let reservation = admitted.into_memory_reservation();
             if let Ok(mut r) = running.lock() {
-                r.push((guest, reservation));
+                r.push((claims.vm.clone(), guest, reservation));
             }
-            Ok(
-                serde_json::json!({"event": "received", "migration_id": claims.migration_id, "vm": claims.vm,
-                "source_host": claims.source_host, "pages": report.pages, "frames": report.frames,
-                "transcript_matches": receipt.transcript_matches, "manifest": manifest}),
-            )
+            Ok(line)
         })();
         let (name, line) = match result {
             Ok(v) => ("received", v),

@@ -329,6 +329,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         memory_bytes: opts.memory_bytes,
         streams: cfg.streams,
         integrity: cfg.integrity.as_str().into(),
+        guest: src_guest.kind().into(),
+        vcpus: src_guest.control().vcpus(),
     };
     let (mut src_admitted, mut dst_admitted) = lab
         .admit(&daemon, &ticket, &claims, offer, addr.port())

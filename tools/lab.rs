@@ -235,6 +235,7 @@ impl Lab {
             max_concurrent: 4,
             max_memory_bytes,
             max_streams: 64,
+            guests: vec!["kvm".into(), "synthetic".into()],
             measurement: Measurement::of_self(policy.as_bytes()).map_err(setup)?,
             io_timeout: Duration::from_secs(5),
         };

@@ -7,3 +7,4 @@ pub mod demo;
 pub mod lab;
 pub mod size;
 pub mod source;
+pub mod vm;

@@ -104,6 +104,8 @@ pub fn migrate(
         memory_bytes: mem.size_bytes(),
         streams: cfg.streams,
         integrity: cfg.integrity.as_str().into(),
+        guest: guest.kind().into(),
+        vcpus: guest.vcpus(),
     };
     let requested = handshake::request(
         at.dest,

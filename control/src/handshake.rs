@@ -39,7 +39,7 @@ use crate::tls::{Channel, TlsError};
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-data-v1";
 
 /// What the source proposes to send.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Offer {
     /// VM id (must match the ticket).
     pub vm: String,
@@ -49,6 +49,13 @@ pub struct Offer {
     pub streams: u16,
     /// Integrity mode name.
     pub integrity: String,
+    /// The kind of guest ("kvm", "synthetic"): the destination makes a VM of
+    /// this kind to receive it.
+    #[serde(default)]
+    pub guest: String,
+    /// vCPUs of the guest (a KVM guest's state carries this many).
+    #[serde(default)]
+    pub vcpus: u32,
 }
 
 /// The source's signed request.
@@ -214,6 +221,8 @@ pub struct DestinationConfig {
     pub max_memory_bytes: u64,
     /// Largest stream count accepted.
     pub max_streams: u16,
+    /// Guest kinds this host can run ("kvm", "synthetic").
+    pub guests: Vec<String>,
     /// This daemon's measurement.
     pub measurement: Measurement,
     /// Timeout of every control read and write.
@@ -404,6 +413,13 @@ impl Destination {
             return Err(format!(
                 "{} streams offered, at most {} accepted",
                 req.offer.streams, self.cfg.max_streams
+            ));
+        }
+        if !self.cfg.guests.contains(&req.offer.guest) {
+            return Err(format!(
+                "this destination runs {} guests, the request offers a {:?} guest",
+                self.cfg.guests.join(" and "),
+                req.offer.guest
             ));
         }
         // Admission: count and memory, reserved atomically.

@@ -26,4 +26,8 @@ pub trait GuestControl: Send {
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// What kind of guest this is, for reports ("synthetic", "kvm").
     fn kind(&self) -> &'static str;
+    /// Virtual CPUs (the destination makes a VM with as many).
+    fn vcpus(&self) -> u32 {
+        1
+    }
 }

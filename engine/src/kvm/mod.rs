@@ -356,6 +356,42 @@ fn install_kick_handler() {
     });
 }
 
+/// Reads a running guest's progress without owning its VM.
+#[derive(Clone)]
+pub struct Monitor {
+    vcpu0: Arc<Shared>,
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").field("heartbeat", &self.heartbeat()).finish()
+    }
+}
+
+impl Monitor {
+    /// vCPU 0's heartbeat as it last reported it.
+    pub fn heartbeat(&self) -> u64 {
+        self.vcpu0.heartbeat.load(Ordering::SeqCst)
+    }
+
+    /// Hot-set writes the guest has made.
+    pub fn guest_writes(&self) -> u64 {
+        let gpa = KvmVm::slot(0) + S_WRITES;
+        self.core.mem.run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1).map_or(0, |p| {
+            // SAFETY: as in `KvmVm::word`: an aligned word of the mailbox
+            // page, inside the mapping `core` keeps alive.
+            unsafe { AtomicU64::from_ptr(p.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
+                .load(Ordering::SeqCst)
+        })
+    }
+
+    /// Whether vCPU 0 is currently parked (paused).
+    pub fn paused(&self) -> bool {
+        self.vcpu0.lock().parked
+    }
+}
+
 /// A running (or incoming) KVM virtual machine.
 pub struct KvmVm {
     vcpus: Vec<Vcpu>,
@@ -654,6 +690,15 @@ impl KvmVm {
             host_checksum: sum.value(),
             fill_pages_checked: end.saturating_sub(hot_end.max(start)) / PAGE_SIZE_U64,
             fill_intact,
+        })
+    }
+
+    /// A handle that reads the guest's heartbeat and write count from
+    /// another thread (while the VM itself is being migrated).
+    pub fn monitor(&self) -> Option<Monitor> {
+        self.vcpus.first().map(|v| Monitor {
+            vcpu0: v.shared.clone(),
+            core: self.core.clone(),
         })
     }
 
@@ -995,6 +1040,10 @@ impl GuestControl for KvmVm {
 
     fn kind(&self) -> &'static str {
         "kvm"
+    }
+
+    fn vcpus(&self) -> u32 {
+        u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX)
     }
 }
 

@@ -1,0 +1,326 @@
+//! Two `ferry vm` processes, as on two hosts: a source VMM running a real
+//! KVM guest migrates it live to a destination VMM (`ferry vm --incoming`)
+//! that receives it into a fresh VM, with the authentication and
+//! authorization servers as processes too. Once on loopback, once across
+//! two network namespaces joined by a veth pair.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A child process killed on drop; its stdout event lines arrive on a
+/// channel (so a wait can time out).
+struct Proc {
+    child: Child,
+    events: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Proc {
+    fn start(netns: Option<&str>, args: &[&str]) -> Proc {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ferry")),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out: ChildStdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => panic!("not an event line ({e}): {line:?}"),
+                }
+            }
+        });
+        Proc { child, events }
+    }
+
+    /// The next event named `name` (others are skipped), within `limit`.
+    fn wait_for(&self, name: &str, limit: Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) if v["event"] == name => return v,
+                Ok(_) => {}
+                Err(e) => panic!("no {name:?} event within {limit:?}: {e}"),
+            }
+        }
+    }
+
+    fn listening(&self) -> SocketAddr {
+        self.wait_for("listening", Duration::from_secs(20))["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ready(test: &str) -> bool {
+    for (what, r) in [
+        ("io_uring", ferry_engine::probe::io_uring()),
+        ("KVM", ferry_engine::kvm::available()),
+    ] {
+        if let Err(why) = r {
+            eprintln!("SKIPPED {test}: {what} missing on this host: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// Two network namespaces joined by a veth pair; removed on drop.
+struct Netns {
+    src: String,
+    dst: String,
+}
+
+const SRC_IP: &str = "10.231.0.1";
+const DST_IP: &str = "10.231.0.2";
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id();
+        let n = Netns {
+            src: format!("ferry-src-{id}"),
+            dst: format!("ferry-dst-{id}"),
+        };
+        let (va, vb) = (format!("fsrc{id}"), format!("fdst{id}"));
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        ip(&["netns", "add", &n.src])?;
+        ip(&["netns", "add", &n.dst])?;
+        ip(&["link", "add", va, "type", "veth", "peer", "name", vb])?;
+        ip(&["link", "set", va, "netns", &n.src])?;
+        ip(&["link", "set", vb, "netns", &n.dst])?;
+        for (ns, dev, addr) in [(&n.src, va, SRC_IP), (&n.dst, vb, DST_IP)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the veth, and so the pair.
+        let _ = ip(&["netns", "del", &self.src]);
+        let _ = ip(&["netns", "del", &self.dst]);
+    }
+}
+
+/// Runs the whole two-host migration; `src_ns`/`dst_ns` put the processes in
+/// network namespaces, `src_ip`/`dst_ip` are the addresses they listen on.
+fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &str) {
+    let dir = ferry::lab::LabDir::new().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let policy = d.join("policy.toml");
+    std::fs::write(&policy, ferry::lab::POLICY).unwrap();
+    let on = |ip: &str| format!("{ip}:0");
+    let authn = Proc::start(
+        src_ns,
+        &[
+            "serve",
+            "authn",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--listen",
+            &on(src_ip),
+        ],
+    );
+    let authn_addr = authn.listening().to_string();
+    let authz = Proc::start(
+        src_ns,
+        &[
+            "serve",
+            "authz",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--listen",
+            &on(src_ip),
+            "--policy",
+            s(&policy),
+            "--audit",
+            s(&d.join("authz.jsonl")),
+        ],
+    );
+    let authz_addr = authz.listening().to_string();
+    let dst = Proc::start(
+        dst_ns,
+        &[
+            "vm",
+            "--incoming",
+            "--verify",
+            "--heartbeat-every-ms",
+            "100",
+            "--pki",
+            s(&pki),
+            "--name",
+            "dst",
+            "--listen",
+            &on(dst_ip),
+            "--policy",
+            s(&policy),
+            "--state-dir",
+            s(&d.join("dst")),
+        ],
+    );
+    let dst_addr = dst.listening().to_string();
+    let src = Proc::start(
+        src_ns,
+        &[
+            "vm",
+            "--memory",
+            "128MiB",
+            "--hot-set",
+            "16MiB",
+            "--dirty-rate",
+            "20000",
+            "--verify",
+            "--heartbeat-every-ms",
+            "100",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--authn",
+            &authn_addr,
+            "--authz",
+            &authz_addr,
+            "--migrate-to",
+            &dst_addr,
+            "--dest-host",
+            "dst",
+            "--migrate-after-s",
+            "0.5",
+            "--audit",
+            s(&d.join("src-audit.jsonl")),
+            "--io-timeout-s",
+            "5",
+        ],
+    );
+    let booted = src.wait_for("booted", Duration::from_secs(60));
+    assert_eq!(booted["memory_bytes"], 128 << 20);
+    // The guest runs at the source before the migration.
+    let hb = src.wait_for("heartbeat", Duration::from_secs(10));
+    assert!(hb["heartbeat"].as_u64().unwrap() > 0, "{hb}");
+    let migrated = src.wait_for("migrated", Duration::from_secs(60));
+    eprintln!("source: {migrated}");
+    let received = dst.wait_for("received", Duration::from_secs(60));
+    eprintln!("destination: {received}");
+    assert_eq!(received["guest"], "kvm");
+    assert_eq!(received["transcript_matches"], true);
+    // The guest went on where it stopped, with the memory it had.
+    let before = migrated["heartbeat_before"].as_u64().unwrap();
+    assert_eq!(received["heartbeat_first_after"].as_u64(), Some(before + 1));
+    assert!(migrated["guest_checksum"].is_string());
+    assert_eq!(received["guest_checksum"], migrated["guest_checksum"]);
+    // The source's VM never ran again after the commit; the process ends.
+    assert_eq!(migrated["runs_after_commit"], 0);
+    let status = {
+        let mut src = src;
+        let st = src.child.wait().unwrap();
+        st
+    };
+    assert!(status.success());
+    // ... and the guest keeps running at the destination.
+    let a = dst.wait_for("heartbeat", Duration::from_secs(5))["heartbeat"]
+        .as_u64()
+        .unwrap();
+    let b = dst.wait_for("heartbeat", Duration::from_secs(5))["heartbeat"]
+        .as_u64()
+        .unwrap();
+    assert!(b > a && a > before, "destination heartbeats {a}, {b} after {before}");
+    // Both audit logs verify.
+    for (log, host) in [(d.join("src-audit.jsonl"), "src"), (d.join("dst/audit.jsonl"), "dst")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "audit",
+                "verify",
+                s(&log),
+                "--cert",
+                s(&pki.join(format!("hosts/{host}/cert.pem"))),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    drop((authn, authz));
+}
+
+#[test]
+fn kvm_guest_moves_between_two_vmm_processes_on_loopback() {
+    if !ready("kvm_guest_moves_between_two_vmm_processes_on_loopback") {
+        return;
+    }
+    two_hosts(None, None, "127.0.0.1", "127.0.0.1");
+}
+
+#[test]
+fn kvm_guest_moves_between_two_network_namespaces() {
+    let test = "kvm_guest_moves_between_two_network_namespaces";
+    if !ready(test) {
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: cannot make network namespaces here (needs root and iproute2): {why}");
+            return;
+        }
+    };
+    two_hosts(Some(&ns.src), Some(&ns.dst), SRC_IP, DST_IP);
+}
