@@ -270,12 +270,8 @@ fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &
     assert_eq!(received["guest_checksum"], migrated["guest_checksum"]);
     // The source's VM never ran again after the commit; the process ends.
     assert_eq!(migrated["runs_after_commit"], 0);
-    let status = {
-        let mut src = src;
-        let st = src.child.wait().unwrap();
-        st
-    };
-    assert!(status.success());
+    let mut src = src;
+    assert!(src.child.wait().unwrap().success());
     // ... and the guest keeps running at the destination.
     let a = dst.wait_for("heartbeat", Duration::from_secs(5))["heartbeat"]
         .as_u64()
@@ -323,4 +319,113 @@ fn kvm_guest_moves_between_two_network_namespaces() {
         }
     };
     two_hosts(Some(&ns.src), Some(&ns.dst), SRC_IP, DST_IP);
+}
+
+#[test]
+fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
+    let test = "a_destination_killed_mid_migration";
+    if !ready(test) {
+        return;
+    }
+    let dir = ferry::lab::LabDir::new().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let policy = d.join("policy.toml");
+    std::fs::write(&policy, ferry::lab::POLICY).unwrap();
+    let lo = "127.0.0.1:0";
+    let authn = Proc::start(
+        None,
+        &["serve", "authn", "--pki", s(&pki), "--name", "src", "--listen", lo],
+    );
+    let authn_addr = authn.listening().to_string();
+    let authz = Proc::start(
+        None,
+        &[
+            "serve",
+            "authz",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--listen",
+            lo,
+            "--policy",
+            s(&policy),
+            "--audit",
+            s(&d.join("authz.jsonl")),
+        ],
+    );
+    let authz_addr = authz.listening().to_string();
+    let mut dst = Proc::start(
+        None,
+        &[
+            "vm",
+            "--incoming",
+            "--pki",
+            s(&pki),
+            "--name",
+            "dst",
+            "--listen",
+            lo,
+            "--policy",
+            s(&policy),
+            "--state-dir",
+            s(&d.join("dst")),
+        ],
+    );
+    let dst_addr = dst.listening().to_string();
+    // A guest that never converges (a 1 ms target under 50k writes/s), so
+    // the migration is still in its rounds when the destination dies.
+    let src = Proc::start(
+        None,
+        &[
+            "vm",
+            "--memory",
+            "256MiB",
+            "--hot-set",
+            "64MiB",
+            "--dirty-rate",
+            "50000",
+            "--downtime-ms-max",
+            "1",
+            "--heartbeat-every-ms",
+            "100",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--authn",
+            &authn_addr,
+            "--authz",
+            &authz_addr,
+            "--migrate-to",
+            &dst_addr,
+            "--dest-host",
+            "dst",
+            "--migrate-after-s",
+            "0.2",
+            "--io-timeout-s",
+            "3",
+        ],
+    );
+    src.wait_for("migrating", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(150));
+    dst.child.kill().unwrap();
+    let failed = src.wait_for("migration-failed", Duration::from_secs(30));
+    eprintln!("source: {failed}");
+    assert_eq!(failed["guest"], "running here");
+    // The guest runs on at the source: its heartbeat moves, it is not paused.
+    let a = src.wait_for("heartbeat", Duration::from_secs(5));
+    let b = src.wait_for("heartbeat", Duration::from_secs(5));
+    assert_eq!(b["paused"], false, "{b}");
+    assert!(b["heartbeat"].as_u64() > a["heartbeat"].as_u64(), "{a} then {b}");
+    assert!(
+        b["writes"].as_u64() > a["writes"].as_u64(),
+        "the guest stopped writing: {a} then {b}"
+    );
 }
