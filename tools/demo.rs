@@ -84,6 +84,10 @@ pub struct DemoOptions {
     pub guest: GuestKind,
     /// vCPUs of a KVM guest.
     pub vcpus: u32,
+    /// KVM guest: have the guest checksum its memory when paused (it then
+    /// stops itself right after); otherwise its vCPUs are kicked out and the
+    /// VMM computes the same checksum of the frozen memory.
+    pub guest_checksum_at_pause: bool,
     /// Guest memory size.
     pub memory_bytes: u64,
     /// Hot set the guest keeps writing.
@@ -117,6 +121,7 @@ impl Default for DemoOptions {
         DemoOptions {
             guest: GuestKind::Auto,
             vcpus: 1,
+            guest_checksum_at_pause: true,
             memory_bytes: 1 << 30,
             hot_set_bytes: 64 << 20,
             dirty_rate_pages_per_s: 20_000,
@@ -173,8 +178,13 @@ pub struct DemoReport {
     pub transcript_root: String,
     /// Rounds, the final (paused) one included.
     pub rounds: usize,
-    /// Guest paused at the source until resumed at the destination.
+    /// Guest paused at the source until resumed at the destination: from
+    /// asking the vCPUs to stop, through the final round and the device
+    /// state, to the destination's vCPUs running.
     pub downtime_ms: f64,
+    /// Of which stopping the guest (KVM: kicking every vCPU out of the guest
+    /// until all are parked).
+    pub guest_stop_ms: f64,
     /// From the first page sent until the destination confirmed the resume.
     pub total_ms: f64,
     /// Bytes written to the data streams.
@@ -429,7 +439,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         (Source::Synthetic(sg), Dest::Synthetic(dg)) => {
             verify_synthetic(sg, dg, &src_mem, &dst_mem, opts.dirty_rate_pages_per_s)?
         }
-        (Source::Kvm(sv), Dest::Kvm(dv)) => verify_kvm(sv, dv, &src_mem, &dst_mem)?,
+        (Source::Kvm(sv), Dest::Kvm(dv)) => verify_kvm(sv, dv, &src_mem, &dst_mem, opts.hot_set_bytes)?,
         _ => return Err(DemoError::Setup("source and destination guests differ".into())),
     };
     let verified = v.verified;
@@ -519,6 +529,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         transcript_root: manifest.transcript_root.clone(),
         rounds: src.rounds.len(),
         downtime_ms,
+        guest_stop_ms: src_guest.control().stop_latency().as_secs_f64() * 1e3,
         total_ms,
         bytes_on_wire: src.bytes_on_wire,
         pages_sent: src.pages_sent,
@@ -682,7 +693,7 @@ fn start_source(
         let filled_ms = t.elapsed().as_secs_f64() * 1e3;
         let hb = vm.wait_heartbeat(2, Duration::from_secs(10)).map_err(|e| setup(&e))?;
         // The guest checksums its memory itself when it is paused.
-        vm.checksum_at_pause = true;
+        vm.checksum_at_pause = opts.guest_checksum_at_pause;
         let tracker = Box::new(vm.dirty_tracker());
         say(&format!(
             "source: KVM guest ({} vCPU, 64-bit user mode), {} of memory filled by the guest in {filled_ms:.0} ms; writing {} pages/s into a {} hot set; heartbeat {hb}",
@@ -784,17 +795,56 @@ fn verify_kvm(
     dst_vm: &mut KvmVm,
     src_mem: &GuestMemory,
     dst_mem: &GuestMemory,
+    hot_set_bytes: u64,
 ) -> Result<Verification, DemoError> {
     let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
     let heartbeat_before = src_vm.heartbeat_at_pause().unwrap_or(0);
     let writes_at_pause = src_vm.guest_writes();
     let runs_at_commit = src_vm.runs();
-    let sum_src = src_vm.checksum_at_pause_value();
+    let by_guest = src_vm.checksum_at_pause_value().is_some();
+    let sum_src = src_vm
+        .checksum_at_pause_value()
+        .unwrap_or_else(|| src_vm.host_checksum());
     let sum_dst = dst_vm.wait_resume_checksum(Duration::from_secs(120)).ok();
-    let mailbox = [ferry_engine::PageIndex(
-        kvm::MAILBOX / ferry_engine::memory::PAGE_SIZE_U64,
-    )];
-    let images_equal = src_mem.digest_excluding(&mailbox) == dst_mem.digest_excluding(&mailbox);
+    // vCPU 0 is parked right after that checksum: compare the memories.
+    let dst_writes = dst_vm.guest_writes();
+    let diffs = differing_words(src_mem, dst_mem, kvm::MAILBOX / ferry_engine::memory::PAGE_SIZE_U64, 8);
+    let (images_equal, checksums_equal, memory_note) = if by_guest {
+        // The guest stopped itself right after its checksum at the source
+        // and does nothing before the next one here.
+        let (eq, sums) = (diffs.is_empty(), Some(sum_src) == sum_dst);
+        let note = format!(
+            "guest's own checksum {} (source {:016x}, destination {:016x}); destination memory {} the source's frozen memory",
+            if sums { "EQUAL" } else { "DIFFERENT" },
+            sum_src,
+            sum_dst.unwrap_or(0),
+            if eq { "EQUALS" } else { "DIFFERS FROM" },
+        );
+        (eq, sums, note)
+    } else {
+        // Kicked at any instruction: after resuming, the guest may finish
+        // the hot-set write it was in (and only that) before its checksum.
+        let completed = dst_writes.saturating_sub(writes_at_pause);
+        let hot = kvm::DATA_START..kvm::DATA_START + hot_set_bytes;
+        let consistent = completed <= 1 && diffs.len() as u64 == completed && diffs.iter().all(|d| hot.contains(&d.0));
+        let (sums, against) = if diffs.is_empty() {
+            (Some(sum_src) == sum_dst, "the VMM's of the source's frozen memory")
+        } else {
+            (
+                sum_dst == Some(dst_vm.host_checksum()),
+                "the VMM's of that memory (the source's frozen memory differs by the finished write)",
+            )
+        };
+        let note = format!(
+            "vCPUs kicked at the source; destination memory {} the source's frozen memory but for {} hot-set write(s) the guest finished after resuming ({} counted by the guest); the guest's checksum at the destination ({:016x}) {} {against}",
+            if consistent { "EQUALS" } else { "DIFFERS FROM" },
+            diffs.len(),
+            completed,
+            sum_dst.unwrap_or(0),
+            if sums { "EQUALS" } else { "DIFFERS FROM" },
+        );
+        (consistent, sums, note)
+    };
     // Let it run on.
     dst_vm.checksum_at_resume = false;
     dst_vm.park_after_resume_checksum = false;
@@ -805,16 +855,11 @@ fn verify_kvm(
     let heartbeat_first_after = dst_vm.first_heartbeat().unwrap_or(0);
     let runs_after = src_vm.shut_down();
     let source_stopped = runs_after == runs_at_commit && src_vm.heartbeat_at_pause() == Some(heartbeat_before);
-    let checksums_equal = sum_src.is_some() && sum_src == sum_dst;
     let continued = heartbeat_first_after == heartbeat_before + 1;
     Ok(Verification {
         verified: images_equal && checksums_equal && source_stopped && guest_resumed && continued,
         summary: format!(
-            "guest's own checksum {} (source {:016x}, destination {:016x}); destination memory {} the source's frozen memory; heartbeat {heartbeat_before} at the source, {heartbeat_first_after} first at the destination{}; source VM {}",
-            if checksums_equal { "EQUAL" } else { "DIFFERENT" },
-            sum_src.unwrap_or(0),
-            sum_dst.unwrap_or(0),
-            if images_equal { "EQUALS" } else { "DIFFERS FROM" },
+            "{memory_note}; heartbeat {heartbeat_before} at the source, {heartbeat_first_after} first at the destination{}; source VM {}",
             if continued { " (went on where it stopped)" } else { " (DID NOT go on where it stopped)" },
             if source_stopped {
                 "never ran again"
@@ -826,8 +871,35 @@ fn verify_kvm(
         heartbeat_before,
         heartbeat_first_after,
         heartbeat_after,
-        checksums: sum_src.zip(sum_dst),
+        checksums: sum_dst.map(|d| (sum_src, d)),
         guest_resumed,
         source_stopped,
     })
+}
+
+/// The 8-byte words (address, value in `a`, value in `b`) where `a` and
+/// `b` differ, outside page `skip_page`; at most `cap` of them.
+fn differing_words(a: &GuestMemory, b: &GuestMemory, skip_page: u64, cap: usize) -> Vec<(u64, u64, u64)> {
+    const CHUNK: usize = 1 << 20;
+    let (mut x, mut y) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut out = Vec::new();
+    let size = a.size_bytes().min(b.size_bytes());
+    let skip = skip_page * ferry_engine::memory::PAGE_SIZE_U64..(skip_page + 1) * ferry_engine::memory::PAGE_SIZE_U64;
+    let mut at = 0u64;
+    while at < size && out.len() < cap {
+        let n = CHUNK.min(usize::try_from(size - at).unwrap_or(CHUNK));
+        a.read_into(at, &mut x[..n]);
+        b.read_into(at, &mut y[..n]);
+        if x[..n] != y[..n] {
+            for (i, (p, q)) in x[..n].chunks_exact(8).zip(y[..n].chunks_exact(8)).enumerate() {
+                let addr = at + 8 * i as u64;
+                if p != q && !skip.contains(&addr) && out.len() < cap {
+                    let w = |s: &[u8]| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]));
+                    out.push((addr, w(p), w(q)));
+                }
+            }
+        }
+        at += n as u64;
+    }
+    out
 }

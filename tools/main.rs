@@ -267,6 +267,12 @@ struct DemoArgs {
     /// vCPUs of the KVM guest (1..=16).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     vcpus: u32,
+    /// KVM guest: stop its vCPUs with a kick instead of letting the guest
+    /// checksum its memory and stop itself (the VMM then computes that
+    /// checksum of the frozen memory; the destination's guest still computes
+    /// its own).
+    #[arg(long)]
+    kick_pause: bool,
     /// Guest memory size (e.g. 1GiB, 256MiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     memory: u64,
@@ -413,6 +419,7 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
     let opts = DemoOptions {
         guest,
         vcpus: a.vcpus,
+        guest_checksum_at_pause: !a.kick_pause,
         memory_bytes: a.memory,
         hot_set_bytes: a.hot_set,
         dirty_rate_pages_per_s: a.dirty_rate,

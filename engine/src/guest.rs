@@ -26,6 +26,13 @@ pub trait GuestControl: Send {
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
     /// What kind of guest this is, for reports ("synthetic", "kvm").
     fn kind(&self) -> &'static str;
+    /// How long the last [`pause`](Self::pause) took from asking the guest
+    /// to stop executing until it had stopped: the engine counts it in the
+    /// downtime. (Work the guest did on request before that, such as a
+    /// checksum while still running, is not downtime.)
+    fn stop_latency(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Virtual CPUs (the destination makes a VM with as many).
     fn vcpus(&self) -> u32 {
         1

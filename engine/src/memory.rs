@@ -297,49 +297,6 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// SHA-256 over the image without the pages in `skip` (a VMM's mailbox,
-    /// say), in page order.
-    pub fn digest_excluding(&self, skip: &[PageIndex]) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut page = 0u64;
-        let pages = self.pages();
-        while page < pages {
-            let stop = skip
-                .iter()
-                .map(|p| p.0)
-                .filter(|&p| p >= page)
-                .min()
-                .unwrap_or(pages)
-                .min(pages)
-                .min(page + (buf.len() as u64 / PAGE_SIZE_U64))
-                .min(
-                    self.region_of(PageIndex(page))
-                        .map_or(pages, |r| r.first_page().0 + r.pages()),
-                );
-            if stop == page {
-                page += 1;
-                continue;
-            }
-            let n = crate::usize_from((stop - page) * PAGE_SIZE_U64);
-            let at = self.page_address(PageIndex(page));
-            self.read_into(at, &mut buf[..n]);
-            ctx.update(&buf[..n]);
-            page = stop;
-        }
-        let d = ctx.finish();
-        let mut out = [0u8; 32];
-        out.copy_from_slice(d.as_ref());
-        out
-    }
-
-    /// The guest-physical address of `page`.
-    fn page_address(&self, page: PageIndex) -> u64 {
-        self.region_of(page).map_or(page.0 * PAGE_SIZE_U64, |r| {
-            r.guest_base().0 + (page.0 - r.first_page().0) * PAGE_SIZE_U64
-        })
-    }
-
     /// SHA-256 over the whole image, page by page in index order.
     pub fn digest(&self) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);

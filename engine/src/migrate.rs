@@ -606,7 +606,9 @@ impl SourceCtl<'_> {
         // Stop and copy.
         guest.pause()?;
         *paused = true;
-        let paused_at = Instant::now();
+        // Downtime starts when the guest began to stop.
+        let now = Instant::now();
+        let paused_at = now.checked_sub(guest.stop_latency()).unwrap_or(now);
         let mut last = Arc::try_unwrap(dirty).unwrap_or_else(|a| (*a).clone());
         let t = Instant::now();
         tracker.collect(&mut last)?;

@@ -272,6 +272,8 @@ struct Ctl {
     park_on_checksum: bool,
     checksum: Option<u64>,
     filled: bool,
+    /// When the vCPU last parked.
+    parked_at: Option<Instant>,
 }
 
 struct Shared {
@@ -410,6 +412,7 @@ pub struct KvmVm {
     /// checksum, so the caller can inspect the memory (then `resume`).
     pub park_after_resume_checksum: bool,
     paused: bool,
+    stop_latency: Duration,
     pause_checksum: Option<u64>,
     heartbeat_at_pause: Option<u64>,
 }
@@ -494,6 +497,7 @@ impl KvmVm {
             checksum_at_resume: false,
             park_after_resume_checksum: false,
             paused: !running,
+            stop_latency: Duration::ZERO,
             pause_checksum: None,
             heartbeat_at_pause: None,
         };
@@ -522,6 +526,7 @@ impl KvmVm {
                 park_on_checksum: false,
                 checksum: None,
                 filled: false,
+                parked_at: None,
             }),
             cv: Condvar::new(),
             heartbeat: AtomicU64::new(0),
@@ -812,6 +817,22 @@ impl KvmVm {
         self.heartbeat_at_pause
     }
 
+    /// The guest program's checksum of the data region, computed by the VMM
+    /// (for a guest that was paused without computing its own).
+    pub fn host_checksum(&self) -> u64 {
+        let end = self.read_u64(PARAMS + 8);
+        let mut sum = GuestChecksum::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = self.read_u64(PARAMS);
+        while at < end {
+            let n = buf.len().min(crate::usize_from(end - at));
+            self.core.mem.read_into(at, &mut buf[..n]);
+            sum.update(&buf[..n]);
+            at += n as u64;
+        }
+        sum.value()
+    }
+
     /// The checksum vCPU 0 reported last, if any since the last request.
     pub fn last_checksum(&self) -> Option<u64> {
         self.vcpus.first().and_then(|v| v.shared.lock().checksum)
@@ -1002,7 +1023,16 @@ impl GuestControl for KvmVm {
                 .checksum;
             self.pause_checksum = sum;
         }
+        // The guest began to stop at the kick, or, with a checksum first,
+        // when vCPU 0 stopped itself right after reporting it.
+        let mut t = Instant::now();
+        if self.checksum_at_pause {
+            if let Some(at) = self.vcpu0()?.shared.lock().parked_at {
+                t = t.min(at);
+            }
+        }
         self.pause_all(Duration::from_secs(10))?;
+        self.stop_latency = t.elapsed();
         self.heartbeat_at_pause = Some(self.read_u64(Self::slot(0) + S_HEARTBEAT));
         Ok(())
     }
@@ -1045,6 +1075,10 @@ impl GuestControl for KvmVm {
     fn vcpus(&self) -> u32 {
         u32::try_from(self.vcpus.len()).unwrap_or(u32::MAX)
     }
+
+    fn stop_latency(&self) -> Duration {
+        self.stop_latency
+    }
 }
 
 fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
@@ -1080,6 +1114,7 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
                     Want::Pause => {
                         if !c.parked {
                             c.parked = true;
+                            c.parked_at = Some(Instant::now());
                             sh.cv.notify_all();
                         }
                         c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
