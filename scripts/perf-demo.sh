@@ -1,30 +1,47 @@
 #!/usr/bin/env bash
 # Reproduces the demo figures in PERF.md: runs `ferry demo --json` N times per
-# configuration and prints the median of each figure (and min..max).
-# Usage: scripts/perf-demo.sh [RUNS]   (default 5)
+# configuration, interleaving the configurations (run 1 of each, then run 2
+# of each, ...) so that a machine whose speed drifts affects all alike, and
+# prints the median of each figure (and min..max).
+# Usage: scripts/perf-demo.sh [RUNS] [FILTER]
+#   RUNS   runs per configuration (default 5)
+#   FILTER only configurations whose name matches this extended regex
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
+filter=${2:-.}
 cargo build --release --quiet
 bin=target/release/ferry
-configs=(
-  "idle-1GiB-aead+sha256|--memory 1GiB --dirty-rate 0 --integrity aead+sha256"
-  "idle-1GiB-aead|--memory 1GiB --dirty-rate 0 --integrity aead"
-  "hot64MiB-20kpps-1GiB-aead+sha256|--memory 1GiB --hot-set 64MiB --dirty-rate 20000"
-  "idle-256MiB-aead+sha256|--memory 256MiB --dirty-rate 0"
-  "idle-4GiB-aead+sha256|--memory 4GiB --dirty-rate 0"
-  "half-zero-1GiB-aead+sha256|--memory 1GiB --dirty-rate 0 --zero-fraction 0.5"
+all=(
+  "syn-idle-1GiB-aead+sha256|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead+sha256"
+  "syn-idle-1GiB-aead|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead"
+  "syn-hot64MiB-20kpps-1GiB|--guest synthetic --memory 1GiB --hot-set 64MiB --dirty-rate 20000"
+  "syn-idle-256MiB|--guest synthetic --memory 256MiB --dirty-rate 0"
+  "syn-idle-4GiB|--guest synthetic --memory 4GiB --dirty-rate 0"
+  "syn-half-zero-1GiB|--guest synthetic --memory 1GiB --dirty-rate 0 --zero-fraction 0.5"
+  "kvm-idle-1GiB|--guest kvm --memory 1GiB --dirty-rate 0"
+  "kvm-hot64MiB-20kpps-1GiB|--guest kvm --memory 1GiB --hot-set 64MiB --dirty-rate 20000"
+  "kvm-idle-1GiB-kick|--guest kvm --memory 1GiB --dirty-rate 0 --kick-pause"
+  "kvm-hot64MiB-20kpps-1GiB-kick|--guest kvm --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --kick-pause"
 )
+configs=()
+for c in "${all[@]}"; do
+  if [[ ${c%%|*} =~ $filter ]]; then configs+=("$c"); fi
+done
 echo "host: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-for c in "${configs[@]}"; do
-  name=${c%%|*}; args=${c#*|}
-  out=$(mktemp)
-  for _ in $(seq "$runs"); do
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+for _ in $(seq "$runs"); do
+  for c in "${configs[@]}"; do
+    name=${c%%|*}; args=${c#*|}
     # shellcheck disable=SC2086
-    "$bin" demo --json $args >>"$out"
-    echo >>"$out"
+    "$bin" demo --json $args >>"$dir/$name"
+    echo >>"$dir/$name"
   done
-  python3 - "$name" "$out" <<'PY'
+done
+for c in "${configs[@]}"; do
+  name=${c%%|*}
+  python3 - "$name" "$dir/$name" <<'PY'
 import json, sys, statistics
 name, path = sys.argv[1], sys.argv[2]
 text = open(path).read()
@@ -34,12 +51,16 @@ while i < len(text):
     if i >= len(text): break
     obj, i = dec.raw_decode(text, i); runs.append(obj)
 assert all(r["verified"] for r in runs), "a run did not verify"
-def fig(k, scale=1.0):
-    v = sorted(r[k] * scale for r in runs)
+def show(v):
+    v = sorted(v)
     return f"{statistics.median(v):.3g} ({v[0]:.3g}..{v[-1]:.3g})"
-print(f"{name}: n={len(runs)} throughput_gbps={fig('throughput_gbps')} downtime_ms={fig('downtime_ms')} "
-      f"total_ms={fig('total_ms')} rounds={fig('rounds')} engine_heap_MiB={fig('engine_heap_peak_bytes', 1/2**20)} "
-      f"wire_GiB={fig('bytes_on_wire', 1/2**30)}")
+def fig(k, scale=1.0):
+    return show([r[k] * scale for r in runs])
+live = [x["dirty_scan_ms"] for r in runs for x in r["round_detail"] if not x["is_final"]]
+final = [x["dirty_scan_ms"] for r in runs for x in r["round_detail"] if x["is_final"]]
+print(f"{name}: n={len(runs)} guest={runs[0]['guest']} throughput_gbps={fig('throughput_gbps')} "
+      f"downtime_ms={fig('downtime_ms')} guest_stop_ms={fig('guest_stop_ms')} total_ms={fig('total_ms')} "
+      f"rounds={fig('rounds')} dirty_scan_ms(live rounds)={show(live)} dirty_scan_ms(final)={show(final)} "
+      f"engine_heap_MiB={fig('engine_heap_peak_bytes', 1/2**20)} wire_GiB={fig('bytes_on_wire', 1/2**30)}")
 PY
-  rm -f "$out"
 done
