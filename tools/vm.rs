@@ -123,6 +123,13 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
                 event(&line);
                 return Ok(());
             }
+            Err(why) if mon.paused() => {
+                // Past the commit point with no word from the destination:
+                // the guest may be running there. It stays paused here.
+                event(&serde_json::json!({"event": "migration-in-doubt", "reason": why,
+                    "guest": "paused here; the destination may be running it: check it before resuming anything",
+                    "heartbeat": mon.heartbeat()}));
+            }
             Err(why) => {
                 event(&serde_json::json!({"event": "migration-failed", "reason": why,
                     "guest": "running here", "heartbeat": mon.heartbeat()}));

@@ -237,9 +237,9 @@ struct Core {
 struct ImmediateExit(*const AtomicU8);
 
 // SAFETY: the pointer is into the vCPU's kvm_run mapping, which lives as
-// long as its VcpuFd; every holder of this value (the vCPU's `Shared`) is
-// owned by the `Vcpu` that also owns that VcpuFd, and the byte is only
-// touched atomically.
+// long as its VcpuFd; everything that holds the vCPU's `Shared` (its `Vcpu`,
+// its thread, a `Monitor`) also holds an `Arc` of that VcpuFd, and the byte
+// is only touched atomically.
 unsafe impl Send for ImmediateExit {}
 // SAFETY: as above; all access is through atomic operations.
 unsafe impl Sync for ImmediateExit {}
@@ -362,6 +362,9 @@ fn install_kick_handler() {
 #[derive(Clone)]
 pub struct Monitor {
     vcpu0: Arc<Shared>,
+    /// Keeps vCPU 0's kvm_run mapping (which `vcpu0.immediate_exit` points
+    /// into) alive as long as this handle.
+    _fd: Arc<Mutex<VcpuFd>>,
     core: Arc<Core>,
 }
 
@@ -388,9 +391,10 @@ impl Monitor {
         })
     }
 
-    /// Whether vCPU 0 is currently parked (paused).
+    /// Whether vCPU 0 is paused, or being paused (the VMM does not want it
+    /// to run).
     pub fn paused(&self) -> bool {
-        self.vcpu0.lock().parked
+        self.vcpu0.lock().want != Want::Run
     }
 }
 
@@ -703,6 +707,7 @@ impl KvmVm {
     pub fn monitor(&self) -> Option<Monitor> {
         self.vcpus.first().map(|v| Monitor {
             vcpu0: v.shared.clone(),
+            _fd: v.fd.clone(),
             core: self.core.clone(),
         })
     }
