@@ -51,7 +51,13 @@ fn kvm_guest_migrates_live_and_goes_on_where_it_stopped() {
         assert_eq!(r.guest, "kvm");
         assert!(r.verified, "{vcpus} vCPUs, self stop {self_stop}: not verified: {r:?}");
         assert!(r.guest_resumed && r.source_stopped);
-        assert_eq!(r.heartbeat_first_after, r.heartbeat_before + 1);
+        if self_stop {
+            assert_eq!(r.heartbeat_first_after, r.heartbeat_before + 1);
+        } else {
+            // A kick between counting a beat and reporting it: that beat is
+            // reported first at the destination (the demo checks which).
+            assert!(r.heartbeat_first_after == r.heartbeat_before + 1 || r.heartbeat_first_after == r.heartbeat_before);
+        }
         assert!(r.heartbeat_after > r.heartbeat_before);
         assert!(r.guest_checksum_source.is_some());
         if self_stop {

@@ -214,11 +214,23 @@ impl From<KvmError> for GuestError {
     }
 }
 
+/// Runs a KVM ioctl again when a signal interrupted it (KVM_CREATE_VM was
+/// seen to fail with EINTR under load; nothing was created then).
+fn retry_eintr<T>(mut f: impl FnMut() -> Result<T, kvm_ioctls::Error>) -> Result<T, kvm_ioctls::Error> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.errno() == libc::EINTR && tries < 100 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 /// Whether this host can run ferry's KVM guests: /dev/kvm opens, a VM can be
 /// made, and `immediate_exit` is supported.
 pub fn available() -> Result<(), String> {
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm unavailable ({e})"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM cannot create a VM ({e})"))?;
+    let vm = retry_eintr(|| kvm.create_vm()).map_err(|e| format!("KVM cannot create a VM ({e})"))?;
     if !vm.check_extension(kvm_ioctls::Cap::ImmediateExit) {
         return Err("KVM lacks KVM_CAP_IMMEDIATE_EXIT (Linux >= 4.11)".into());
     }
@@ -456,7 +468,7 @@ impl KvmVm {
         }
         install_kick_handler();
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        let vm = retry_eintr(|| kvm.create_vm()).map_err(kvm_err("create VM"))?;
         // Manual dirty-log protection: fetching the log does not re-protect
         // pages, clearing does, for exactly the pages the caller will send.
         let protect_modes = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
@@ -506,7 +518,7 @@ impl KvmVm {
             heartbeat_at_pause: None,
         };
         for id in 0..vcpus {
-            let fd = out.core.vm.create_vcpu(u64::from(id)).map_err(kvm_err("create vCPU"))?;
+            let fd = retry_eintr(|| out.core.vm.create_vcpu(u64::from(id))).map_err(kvm_err("create vCPU"))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
             if id == 0 {
                 out.tsc_khz = fd.get_tsc_khz().map_err(kvm_err("read the TSC frequency"))?;
@@ -938,8 +950,18 @@ impl KvmVm {
                 regs: f.get_regs().map_err(kvm_err("read regs"))?,
                 sregs: f.get_sregs().map_err(kvm_err("read sregs"))?,
                 fpu: f.get_fpu().map_err(kvm_err("read FPU"))?,
-                xsave: f.get_xsave().ok().map(|x| x.region),
-                xcrs: f.get_xcrs().ok(),
+                // Where the host has XSAVE, its state is required (it holds
+                // the SSE/AVX registers); without it the FPU state is all.
+                xsave: if self.kvm.check_extension(kvm_ioctls::Cap::Xsave) {
+                    Some(f.get_xsave().map_err(kvm_err("read XSAVE state"))?.region)
+                } else {
+                    None
+                },
+                xcrs: if self.kvm.check_extension(kvm_ioctls::Cap::Xcrs) {
+                    Some(f.get_xcrs().map_err(kvm_err("read XCRs"))?)
+                } else {
+                    None
+                },
                 events: f.get_vcpu_events().map_err(kvm_err("read vCPU events"))?,
                 mp_state: f.get_mp_state().map_err(kvm_err("read MP state"))?,
                 msrs: msrs.as_slice()[..n.min(wanted.len())].to_vec(),
