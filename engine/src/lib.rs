@@ -11,6 +11,8 @@
 //! [`crypto::SessionKeys`] value and nothing else from the control plane.
 //!
 //! Entry points: [`migrate::migrate_source`] and [`migrate::migrate_destination`].
+//! A VMM provides the guest through [`guest::GuestControl`] and a
+//! [`dirty::DirtyTracker`]; [`kvm`] is a minimal KVM VMM that does both.
 #![warn(missing_docs)]
 
 pub mod alloc;
