@@ -576,3 +576,12 @@ fn a_manifest_signed_by_another_key_is_refused() {
         assert!(e.to_string().contains("not signed by the peer's certificate"), "{e}");
     });
 }
+
+#[test]
+fn a_guest_kind_the_destination_cannot_run_is_refused_at_admission() {
+    let (lab, dest, t, c, src) = setup();
+    let mut o = offer(VM);
+    o.guest = "xen-pv".into();
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, o);
+    refused_and_audited(&lab, &r, "this destination runs kvm and synthetic guests");
+}
