@@ -152,52 +152,72 @@ impl Drop for Netns {
     }
 }
 
+/// A temporary PKI and policy, and the source domain's authentication and
+/// authorization servers running (in `ns`, listening on `ip`).
+struct SourceDomain {
+    // Declared first: the servers stop before their files go.
+    _authn: Proc,
+    _authz: Proc,
+    authn_addr: String,
+    authz_addr: String,
+    pki: std::path::PathBuf,
+    policy: std::path::PathBuf,
+    dir: ferry::lab::LabDir,
+}
+
+impl SourceDomain {
+    fn start(ns: Option<&str>, ip: &str) -> SourceDomain {
+        let dir = ferry::lab::LabDir::new().unwrap();
+        let d = dir.path();
+        let pki = d.join("pki");
+        let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
+            .output()
+            .unwrap();
+        assert!(ok.status.success());
+        let policy = d.join("policy.toml");
+        std::fs::write(&policy, ferry::lab::POLICY).unwrap();
+        let listen = format!("{ip}:0");
+        let authn = Proc::start(
+            ns,
+            &["serve", "authn", "--pki", s(&pki), "--name", "src", "--listen", &listen],
+        );
+        let authz = Proc::start(
+            ns,
+            &[
+                "serve",
+                "authz",
+                "--pki",
+                s(&pki),
+                "--name",
+                "src",
+                "--listen",
+                &listen,
+                "--policy",
+                s(&policy),
+                "--audit",
+                s(&d.join("authz.jsonl")),
+            ],
+        );
+        SourceDomain {
+            authn_addr: authn.listening().to_string(),
+            authz_addr: authz.listening().to_string(),
+            _authn: authn,
+            _authz: authz,
+            pki,
+            policy,
+            dir,
+        }
+    }
+}
+
 /// Runs the whole two-host migration; `src_ns`/`dst_ns` put the processes in
 /// network namespaces, `src_ip`/`dst_ip` are the addresses they listen on.
 fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &str) {
-    let dir = ferry::lab::LabDir::new().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
-    let policy = d.join("policy.toml");
-    std::fs::write(&policy, ferry::lab::POLICY).unwrap();
+    let dom = SourceDomain::start(src_ns, src_ip);
     let on = |ip: &str| format!("{ip}:0");
-    let authn = Proc::start(
-        src_ns,
-        &[
-            "serve",
-            "authn",
-            "--pki",
-            s(&pki),
-            "--name",
-            "src",
-            "--listen",
-            &on(src_ip),
-        ],
-    );
-    let authn_addr = authn.listening().to_string();
-    let authz = Proc::start(
-        src_ns,
-        &[
-            "serve",
-            "authz",
-            "--pki",
-            s(&pki),
-            "--name",
-            "src",
-            "--listen",
-            &on(src_ip),
-            "--policy",
-            s(&policy),
-            "--audit",
-            s(&d.join("authz.jsonl")),
-        ],
-    );
-    let authz_addr = authz.listening().to_string();
+    let (d, pki, policy) = (dom.dir.path(), &dom.pki, &dom.policy);
+    let (authn_addr, authz_addr) = (&dom.authn_addr, &dom.authz_addr);
     let dst = Proc::start(
         dst_ns,
         &[
@@ -207,13 +227,13 @@ fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &
             "--heartbeat-every-ms",
             "100",
             "--pki",
-            s(&pki),
+            s(pki),
             "--name",
             "dst",
             "--listen",
             &on(dst_ip),
             "--policy",
-            s(&policy),
+            s(policy),
             "--state-dir",
             s(&d.join("dst")),
         ],
@@ -233,13 +253,13 @@ fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &
             "--heartbeat-every-ms",
             "100",
             "--pki",
-            s(&pki),
+            s(pki),
             "--name",
             "src",
             "--authn",
-            &authn_addr,
+            authn_addr,
             "--authz",
-            &authz_addr,
+            authz_addr,
             "--migrate-to",
             &dst_addr,
             "--dest-host",
@@ -294,7 +314,7 @@ fn two_hosts(src_ns: Option<&str>, dst_ns: Option<&str>, src_ip: &str, dst_ip: &
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     }
-    drop((authn, authz));
+    drop(dom);
 }
 
 #[test]
@@ -327,53 +347,23 @@ fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
     if !ready(test) {
         return;
     }
-    let dir = ferry::lab::LabDir::new().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
-        .output()
-        .unwrap();
-    assert!(ok.status.success());
-    let policy = d.join("policy.toml");
-    std::fs::write(&policy, ferry::lab::POLICY).unwrap();
+    let dom = SourceDomain::start(None, "127.0.0.1");
     let lo = "127.0.0.1:0";
-    let authn = Proc::start(
-        None,
-        &["serve", "authn", "--pki", s(&pki), "--name", "src", "--listen", lo],
-    );
-    let authn_addr = authn.listening().to_string();
-    let authz = Proc::start(
-        None,
-        &[
-            "serve",
-            "authz",
-            "--pki",
-            s(&pki),
-            "--name",
-            "src",
-            "--listen",
-            lo,
-            "--policy",
-            s(&policy),
-            "--audit",
-            s(&d.join("authz.jsonl")),
-        ],
-    );
-    let authz_addr = authz.listening().to_string();
+    let (d, pki, policy) = (dom.dir.path(), &dom.pki, &dom.policy);
+    let (authn_addr, authz_addr) = (&dom.authn_addr, &dom.authz_addr);
     let mut dst = Proc::start(
         None,
         &[
             "vm",
             "--incoming",
             "--pki",
-            s(&pki),
+            s(pki),
             "--name",
             "dst",
             "--listen",
             lo,
             "--policy",
-            s(&policy),
+            s(policy),
             "--state-dir",
             s(&d.join("dst")),
         ],
@@ -396,13 +386,13 @@ fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
             "--heartbeat-every-ms",
             "100",
             "--pki",
-            s(&pki),
+            s(pki),
             "--name",
             "src",
             "--authn",
-            &authn_addr,
+            authn_addr,
             "--authz",
-            &authz_addr,
+            authz_addr,
             "--migrate-to",
             &dst_addr,
             "--dest-host",

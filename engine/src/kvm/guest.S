@@ -37,6 +37,19 @@
     .code64
     .text
 
+    # rax = xorshift64(rax), clobbers rdx (the fill and the writes).
+    .macro xorshift64
+    mov rdx, rax
+    shl rdx, 13
+    xor rax, rdx
+    mov rdx, rax
+    shr rdx, 7
+    xor rax, rdx
+    mov rdx, rax
+    shl rdx, 17
+    xor rax, rdx
+    .endm
+
     .equ MAILBOX, 0x5000
     .equ PARAMS, 0x5800
 
@@ -60,15 +73,7 @@ start:
     mov rsi, [r15 + 0x08]
     mov rax, [r15 + 0x30]
 fill:
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    xorshift64
     mov [rdi], rax
     add rdi, 8
     cmp rdi, rsi
@@ -162,15 +167,7 @@ write:
 2:
     add r12, rbx
     mov rax, [rbp + 0x28]
-    mov rdx, rax
-    shl rdx, 13
-    xor rax, rdx
-    mov rdx, rax
-    shr rdx, 7
-    xor rax, rdx
-    mov rdx, rax
-    shl rdx, 17
-    xor rax, rdx
+    xorshift64
     mov [rbp + 0x28], rax
     mov rbx, rax
     mul qword ptr [r15 + 0x18]   # rdx = page index in the hot set

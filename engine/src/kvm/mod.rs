@@ -244,6 +244,31 @@ struct Core {
     mem: Arc<GuestMemory>,
 }
 
+impl Core {
+    /// The 8-byte word of guest memory at `gpa` (8-aligned, in the low pages:
+    /// the mailbox and the parameters), for atomic access shared with the
+    /// guest.
+    fn word(&self, gpa: u64) -> &AtomicU64 {
+        debug_assert!(gpa % 8 == 0 && gpa < DATA_START);
+        let page = self
+            .mem
+            .run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1)
+            .expect("mailbox and parameters are inside the checked guest memory");
+        // SAFETY: `gpa` is 8-aligned and inside the low pages of a mapping
+        // that lives as long as `self`; the guest accesses these words with
+        // aligned 8-byte moves, so atomic access here is sound.
+        unsafe { AtomicU64::from_ptr(page.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
+    }
+}
+
+/// One step of the guest's fill sequence (xorshift64, as in guest.S).
+pub fn fill_step(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
 /// A byte of a vCPU's `kvm_run` mapping that other threads set.
 #[derive(Clone, Copy)]
 struct ImmediateExit(*const AtomicU8);
@@ -394,13 +419,7 @@ impl Monitor {
 
     /// Hot-set writes the guest has made.
     pub fn guest_writes(&self) -> u64 {
-        let gpa = KvmVm::slot(0) + S_WRITES;
-        self.core.mem.run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1).map_or(0, |p| {
-            // SAFETY: as in `KvmVm::word`: an aligned word of the mailbox
-            // page, inside the mapping `core` keeps alive.
-            unsafe { AtomicU64::from_ptr(p.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
-                .load(Ordering::SeqCst)
-        })
+        self.core.word(KvmVm::slot(0) + S_WRITES).load(Ordering::SeqCst)
     }
 
     /// Whether vCPU 0 is paused, or being paused (the VMM does not want it
@@ -642,26 +661,27 @@ impl KvmVm {
         MAILBOX + 64 * u64::from(id)
     }
 
-    fn word(&self, gpa: u64) -> &AtomicU64 {
-        let page = self
-            .core
-            .mem
-            .run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1)
-            .expect("mailbox and parameters are inside the checked guest memory");
-        // SAFETY: `gpa` is 8-aligned and inside the low pages of a mapping
-        // that lives as long as `self.core`; the guest accesses these words
-        // with aligned 8-byte moves, so atomic access here is sound.
-        unsafe { AtomicU64::from_ptr(page.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.core.word(gpa).load(Ordering::SeqCst)
     }
 
-    fn read_u64(&self, gpa: u64) -> u64 {
-        self.word(gpa).load(Ordering::SeqCst)
+    /// Feeds the guest's data region to `f` in order, 1 MiB at a time
+    /// (address of the first byte, bytes).
+    fn scan_data(&self, mut f: impl FnMut(u64, &[u8])) {
+        let (mut at, end) = (self.read_u64(PARAMS), self.read_u64(PARAMS + 8));
+        let mut buf = vec![0u8; 1 << 20];
+        while at < end {
+            let n = buf.len().min(crate::usize_from(end - at));
+            self.core.mem.read_into(at, &mut buf[..n]);
+            f(at, &buf[..n]);
+            at += n as u64;
+        }
     }
 
     /// Writes a word of guest memory as the VMM, marking its page dirty for
     /// the tracker (KVM's log does not see the VMM's writes).
     fn write_u64(&self, gpa: u64, v: u64) {
-        self.word(gpa).store(v, Ordering::SeqCst);
+        self.core.word(gpa).store(v, Ordering::SeqCst);
         self.vmm_writes.mark(gpa / PAGE_SIZE_U64);
     }
 
@@ -688,22 +708,16 @@ impl KvmVm {
         let (start, end, hot_start, hot_pages, seed) = (p(0), p(1), p(2), p(3), p(6));
         let hot_end = hot_start + hot_pages * PAGE_SIZE_U64;
         let mut sum = GuestChecksum::default();
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut x, mut at, mut fill_intact) = (seed, start, true);
-        while at < end {
-            let n = buf.len().min(crate::usize_from(end - at));
-            self.core.mem.read_into(at, &mut buf[..n]);
-            sum.update(&buf[..n]);
-            for (i, w) in buf[..n].chunks_exact(8).enumerate() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+        let (mut x, mut fill_intact) = (seed, true);
+        self.scan_data(|at, bytes| {
+            sum.update(bytes);
+            for (i, w) in bytes.chunks_exact(8).enumerate() {
+                x = fill_step(x);
                 if at + 8 * i as u64 >= hot_end && u64::from_le_bytes(w.try_into().unwrap_or([0; 8])) != x {
                     fill_intact = false;
                 }
             }
-            at += n as u64;
-        }
+        });
         let resumed = self.resume_all();
         resumed?;
         Ok(MemoryCheck {
@@ -837,16 +851,8 @@ impl KvmVm {
     /// The guest program's checksum of the data region, computed by the VMM
     /// (for a guest that was paused without computing its own).
     pub fn host_checksum(&self) -> u64 {
-        let end = self.read_u64(PARAMS + 8);
         let mut sum = GuestChecksum::default();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = self.read_u64(PARAMS);
-        while at < end {
-            let n = buf.len().min(crate::usize_from(end - at));
-            self.core.mem.read_into(at, &mut buf[..n]);
-            sum.update(&buf[..n]);
-            at += n as u64;
-        }
+        self.scan_data(|_, bytes| sum.update(bytes));
         sum.value()
     }
 
@@ -1118,15 +1124,7 @@ fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
     // SAFETY: pthread_self has no preconditions.
     sh.lock().tid = Some(unsafe { libc::pthread_self() });
     let slot = KvmVm::slot(sh.id);
-    let read = |off: u64| -> u64 {
-        let gpa = slot + off;
-        core.mem.run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1).map_or(0, |p| {
-            // SAFETY: as in `KvmVm::word`: an aligned word of the mailbox
-            // page, inside the mapping `core` keeps alive.
-            unsafe { AtomicU64::from_ptr(p.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
-                .load(Ordering::SeqCst)
-        })
-    };
+    let read = |off: u64| core.word(slot + off).load(Ordering::SeqCst);
     loop {
         {
             let mut c = sh.lock();

@@ -82,9 +82,7 @@ fn guest_fills_beats_and_checksums_its_memory() {
     // The fill is the guest's xorshift64 stream.
     let mut x = GuestProgram::default().seed;
     for w in data.chunks_exact(8).take(1000) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        x = fill_step(x);
         assert_eq!(u64::from_le_bytes(w.try_into().unwrap()), x);
     }
 }
