@@ -245,18 +245,18 @@ struct Core {
 }
 
 impl Core {
-    /// The 8-byte word of guest memory at `gpa` (8-aligned, in the low pages:
-    /// the mailbox and the parameters), for atomic access shared with the
-    /// guest.
+    /// The 8-byte word of guest memory at `gpa` (8-aligned: the mailbox,
+    /// the parameters, or a test's deliberate corruption), for atomic access
+    /// shared with the guest.
     fn word(&self, gpa: u64) -> &AtomicU64 {
-        debug_assert!(gpa % 8 == 0 && gpa < DATA_START);
+        assert!(gpa % 8 == 0, "guest word at unaligned address {gpa:#x}");
         let page = self
             .mem
             .run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1)
-            .expect("mailbox and parameters are inside the checked guest memory");
-        // SAFETY: `gpa` is 8-aligned and inside the low pages of a mapping
-        // that lives as long as `self`; the guest accesses these words with
-        // aligned 8-byte moves, so atomic access here is sound.
+            .expect("guest words are inside the checked guest memory");
+        // SAFETY: `gpa` is 8-aligned and its page is inside a mapping (run_ptr
+        // checked it) that lives as long as `self`; the guest accesses its
+        // words with aligned 8-byte moves, so atomic access here is sound.
         unsafe { AtomicU64::from_ptr(page.add(crate::usize_from(gpa % PAGE_SIZE_U64)).cast::<u64>()) }
     }
 }
