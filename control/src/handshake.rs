@@ -589,7 +589,9 @@ pub struct Manifest {
     pub finished_unix_ms: u64,
     /// Guest downtime in microseconds.
     pub downtime_us: u64,
-    /// SHA-256 root (hex) over every stream's transcript of frame tags.
+    /// SHA-256 root (hex) over every stream's transcript: each frame's
+    /// sequence, kind and AES-GCM tag and, in `aead+sha256` mode, each chunk's
+    /// digest (SHA-256 over the chunk's per-page SHA-256 digests).
     pub transcript_root: String,
 }
 

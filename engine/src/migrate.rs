@@ -657,8 +657,10 @@ impl SourceCtl<'_> {
 }
 
 /// A running SHA-256 over (sequence, kind, AEAD tag) of every frame a
-/// stream carries from source to destination (Commit excepted): both sides
-/// compute it independently, and the manifest compares them.
+/// stream carries from source to destination (Commit excepted), and, in
+/// `aead+sha256` mode, over each `Pages` frame's chunk digest (the SHA-256 of
+/// its per-page SHA-256 digests): both sides compute it independently, and
+/// the signed manifest compares them.
 #[derive(Clone)]
 struct Transcript(ring::digest::Context);
 
@@ -670,6 +672,9 @@ impl Transcript {
         self.0.update(&seq.to_le_bytes());
         self.0.update(&[kind as u8]);
         self.0.update(tag);
+    }
+    fn add_chunk(&mut self, digest: &[u8; wire::DIGEST_LEN]) {
+        self.0.update(digest);
     }
     fn root(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -840,6 +845,9 @@ impl Inbox {
                         round: h.round,
                         detail,
                     })?;
+                if let Some(d) = pipeline::chunk_digest(&h, p) {
+                    self.transcript.add_chunk(&d);
+                }
                 p.len()
             };
             self.next_seq += 1;
@@ -1041,6 +1049,9 @@ impl<'a> SendWorker<'a> {
                 );
                 let tag = &self.cur[self.cur.len() - wire::TAG_LEN..];
                 self.transcript.add(Kind::Pages, self.next_seq, tag);
+                if let Some(d) = &e.chunk_digest {
+                    self.transcript.add_chunk(d);
+                }
                 self.next_seq += 1;
                 stats.pages += u64::from(e.pages);
                 stats.zero_pages += u64::from(e.zero_pages);

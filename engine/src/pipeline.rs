@@ -65,6 +65,28 @@ pub struct Encoded {
     pub zero_pages: u32,
     /// Bytes appended to the output (the frame's size on the wire).
     pub wire_bytes: usize,
+    /// The chunk's digest (see [`chunk_digest`]); `None` in `aead` mode.
+    pub chunk_digest: Option<[u8; DIGEST_LEN]>,
+}
+
+/// A chunk's digest: SHA-256 over the per-page SHA-256 digests a `Pages`
+/// frame carries (`aead+sha256` mode), in order. The source computes it from
+/// the digests it seals, the destination from the digests it opens (and then
+/// checks every page against); the manifest's root is over these.
+fn digest_of_sums(sums: &[u8]) -> [u8; DIGEST_LEN] {
+    let mut out = [0u8; DIGEST_LEN];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, sums).as_ref());
+    out
+}
+
+/// The chunk digest of an opened `Pages` frame (`plain` is its plaintext
+/// payload), or `None` if the frame carries no page digests.
+pub fn chunk_digest(header: &FrameHeader, plain: &[u8]) -> Option<[u8; DIGEST_LEN]> {
+    if header.kind != Kind::Pages || header.flags & FLAG_DIGESTS == 0 {
+        return None;
+    }
+    let data_pages = usize::try_from(header.page_count.checked_sub(header.zero_mask.count_ones())?).ok()?;
+    plain.get(data_pages.checked_mul(PAGE_SIZE)?..).map(digest_of_sums)
 }
 
 /// The fixed part of the headers one stream sends.
@@ -164,10 +186,13 @@ pub fn encode_pages(
     out.extend_from_slice(&header.encode());
     // SAFETY: the `at` bytes after the header were initialised by the copies.
     unsafe { out.set_len(body + at) };
+    let mut chunk = None;
     if digests {
+        let sums_at = out.len();
         for sum in &sums[..data_pages] {
             out.extend_from_slice(sum);
         }
+        chunk = Some(digest_of_sums(&out[sums_at..]));
     }
     let (head, payload) = out.split_at_mut(body);
     let tag = crypto.seal(seq.0, &head[start..], payload);
@@ -177,6 +202,7 @@ pub fn encode_pages(
         pages: count,
         zero_pages: zero_mask.count_ones(),
         wire_bytes: out.len() - start,
+        chunk_digest: chunk,
     }
 }
 
@@ -346,6 +372,7 @@ mod tests {
         let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut out = Vec::new();
+        let mut sent_chunks = Vec::new();
         for (seq, first) in (0..128u64).step_by(64).enumerate() {
             let e = encode_pages(
                 &src,
@@ -363,15 +390,31 @@ mod tests {
                 u64::from(e.zero_pages),
                 (first..first + 64).filter(|p| p % 3 == 0).count() as u64
             );
+            // The chunk digest, computed independently: SHA-256 over the
+            // SHA-256 of each non-zero page, in order.
+            let expected = (integrity == Integrity::AeadSha256).then(|| {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                for p in (first..first + 64).filter(|p| p % 3 != 0) {
+                    let mut page = [0u8; PAGE_SIZE];
+                    src.read_into(p * PAGE_SIZE_U64, &mut page);
+                    ctx.update(ring::digest::digest(&ring::digest::SHA256, &page).as_ref());
+                }
+                <[u8; DIGEST_LEN]>::try_from(ctx.finish().as_ref()).unwrap()
+            });
+            assert_eq!(e.chunk_digest, expected);
+            sent_chunks.push(e.chunk_digest);
         }
         let mut at = 0;
+        let mut received_chunks = Vec::new();
         while at < out.len() {
             let h = FrameHeader::decode(out[at..at + HEADER_LEN].try_into().unwrap()).unwrap();
             let len = h.frame_len();
             let plain = open_frame(&h, &mut out[at..at + len], &mut rx).unwrap();
+            received_chunks.push(chunk_digest(&h, plain));
             apply_pages(&h, plain, integrity, &dst, false).unwrap();
             at += len;
         }
+        assert_eq!(sent_chunks, received_chunks);
         assert_eq!(src.digest(), dst.digest());
     }
 
