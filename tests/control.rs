@@ -111,10 +111,15 @@ fn the_honest_path_is_admitted_with_matching_keys() {
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (a, l.accept().unwrap().0)
     };
-    let sk = s.session_keys().clone();
+    let sk = ferry_engine::crypto::SessionKeys::from_grant(s.key_grant());
     let t = std::thread::spawn(move || ferry_engine::transport::prove_stream(&mut a, &sk, 1, Duration::from_secs(2)));
     assert_eq!(
-        ferry_engine::transport::verify_stream(&mut b, d.session_keys(), Duration::from_secs(2)).unwrap(),
+        ferry_engine::transport::verify_stream(
+            &mut b,
+            &ferry_engine::crypto::SessionKeys::from_grant(d.key_grant()),
+            Duration::from_secs(2)
+        )
+        .unwrap(),
         1
     );
     t.join().unwrap().unwrap();

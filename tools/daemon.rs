@@ -16,6 +16,7 @@ use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
 use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::tls;
+use ferry_engine::crypto::SessionKeys;
 use ferry_engine::guest::GuestControl;
 use ferry_engine::kvm::KvmVm;
 use ferry_engine::migrate::{migrate_destination, MigrationConfig};
@@ -230,7 +231,14 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                 io_timeout,
                 ..MigrationConfig::default()
             };
-            let report = migrate_destination(&mem, guest.control(), conns, admitted.session_keys(), &cfg).map_err(e)?;
+            let report = migrate_destination(
+                &mem,
+                guest.control(),
+                conns,
+                &SessionKeys::from_grant(admitted.key_grant()),
+                &cfg,
+            )
+            .map_err(e)?;
             let _ = prefault.join();
             let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
             // The guest runs here now: its memory stays committed (it counts

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ferry_control::handshake::{HandshakeError, Manifest, Offer};
 use ferry_control::pki::{Identity, Role};
 use ferry_engine::bitmap::AtomicBitmap;
-use ferry_engine::crypto::AeadBackend;
+use ferry_engine::crypto::{AeadBackend, SessionKeys};
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
 use ferry_engine::kvm::{self, GuestProgram, KvmVm};
@@ -354,8 +354,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         "control: migration {:#x} of {:?} admitted; data keys exported from the TLS session (handshake {handshake_ms:.1} ms)",
         claims.migration_id, claims.vm
     ));
-    let keys = src_admitted.session_keys().clone();
-    let dst_keys = dst_admitted.session_keys().clone();
+    let keys = SessionKeys::from_grant(src_admitted.key_grant());
+    let dst_keys = SessionKeys::from_grant(dst_admitted.key_grant());
 
     let holes = |m: &GuestMemory| -> Result<u64, DemoError> {
         let mut b = ferry_engine::bitmap::DirtyBitmap::new(m.pages());

@@ -13,6 +13,7 @@ use ferry_control::pki::{self, Identity, Role};
 use ferry_control::servers::{self, ServerReply, ServerRequest};
 use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
 use ferry_control::tls;
+use ferry_engine::crypto::SessionKeys;
 use ferry_engine::dirty::DirtyTracker;
 use ferry_engine::guest::GuestControl;
 use ferry_engine::migrate::{migrate_source, MigrationConfig, SourceReport};
@@ -125,7 +126,15 @@ pub fn migrate(
     let data = SocketAddr::new(at.dest.ip(), admitted.data_port());
     let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|x| e(&x))?;
     let started = std::time::SystemTime::now();
-    let report = migrate_source(mem, tracker, guest, conns, admitted.session_keys(), cfg).map_err(|x| e(&x))?;
+    let report = migrate_source(
+        mem,
+        tracker,
+        guest,
+        conns,
+        &SessionKeys::from_grant(admitted.key_grant()),
+        cfg,
+    )
+    .map_err(|x| e(&x))?;
     let ms = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

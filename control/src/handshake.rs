@@ -24,8 +24,6 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use ferry_engine::crypto::SessionKeys;
-use ferry_engine::wire::MigrationId;
 use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -144,12 +142,48 @@ fn accept_message(migration_id: u64, data_port: u16, m: &Measurement, request_si
     v
 }
 
-fn keys(ch: &Channel, migration_id: u64) -> Result<SessionKeys, TlsError> {
+fn keys(ch: &Channel, migration_id: u64) -> Result<KeyGrant, TlsError> {
     let secret = ch.export(EXPORTER_LABEL, &migration_id.to_be_bytes())?;
-    Ok(SessionKeys::from_control_plane_secret(
-        MigrationId(migration_id),
-        &secret,
-    ))
+    Ok(KeyGrant { migration_id, secret })
+}
+
+/// The secret a migration's data plane derives its keys from: the RFC 8446
+/// section 7.5 exporter output of the mutually authenticated control session,
+/// under ferry's label and the migration id.
+///
+/// Only an [`Admitted`] holds one, and only a passed handshake makes an
+/// `Admitted` (its fields are private to this crate, so no other code can
+/// build either). The engine's `SessionKeys::from_grant` takes a
+/// `&KeyGrant`: data-plane keys exist only for an authenticated, authorized,
+/// fresh migration.
+///
+/// No code outside this crate can make one:
+/// ```compile_fail,E0451
+/// let forged = ferry_control::handshake::KeyGrant { migration_id: 1, secret: [0; 32] };
+/// ```
+pub struct KeyGrant {
+    migration_id: u64,
+    secret: [u8; 32],
+}
+
+impl KeyGrant {
+    /// The migration this grant is for.
+    pub fn migration_id(&self) -> u64 {
+        self.migration_id
+    }
+    /// The exported secret, for the engine's key schedule (HKDF-SHA256).
+    pub fn secret(&self) -> &[u8; 32] {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for KeyGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyGrant")
+            .field("migration_id", &self.migration_id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Proof that a migration passed authentication, authorization, the ticket
@@ -157,7 +191,7 @@ fn keys(ch: &Channel, migration_id: u64) -> Result<SessionKeys, TlsError> {
 /// way to the data plane's keys.
 #[derive(Debug)]
 pub struct Admitted {
-    keys: SessionKeys,
+    keys: KeyGrant,
     offer: Offer,
     claims: AuthzClaims,
     data_port: u16,
@@ -167,8 +201,9 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// The data plane's keys for this migration.
-    pub fn session_keys(&self) -> &SessionKeys {
+    /// The grant the data plane's keys come from
+    /// (`ferry_engine::crypto::SessionKeys::from_grant`).
+    pub fn key_grant(&self) -> &KeyGrant {
         &self.keys
     }
     /// What the source offered.

@@ -12,9 +12,10 @@
 //! keys exported from that TLS session (ephemeral ECDHE: the paper's ECDH) for
 //! the data plane.
 //!
-//! Nothing here touches guest memory: the engine receives one
-//! [`ferry_engine::crypto::SessionKeys`] value, obtainable only from a
-//! [`handshake::Admitted`], which only a passed admission produces.
+//! Nothing here touches guest memory: the engine's data-plane keys are
+//! built from a [`handshake::KeyGrant`], obtainable only from a
+//! [`handshake::Admitted`], which only a passed admission produces (the
+//! engine depends on this crate for that one type).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -8,9 +8,9 @@
 //! fresh key) starts every 2^[`REKEY_SHIFT`] frames, far below AES-GCM's
 //! safe usage limit (TLS 1.3 rekeys after 2^24.5 full records).
 
+use ferry_control::handshake::KeyGrant;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hkdf;
-use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
 
 use crate::wire::{MigrationId, StreamId, TAG_LEN};
@@ -86,30 +86,34 @@ impl hkdf::KeyType for KeyLen {
 }
 
 impl SessionKeys {
-    /// **Test and demo only: no authentication, no authorization.** Keys from
-    /// a fresh random secret, shared in-process by whoever clones the value.
-    /// A real migration gets its keys from the control plane's handshake.
+    /// The keys of an admitted migration: the only constructor outside tests.
+    /// A [`KeyGrant`] comes only from `ferry_control::handshake::Admitted`,
+    /// which only a passed handshake produces (authentication and
+    /// authorization tickets, replay check, both policies, admission).
+    pub fn from_grant(grant: &KeyGrant) -> SessionKeys {
+        Self::from_secret(MigrationId(grant.migration_id()), grant.secret())
+    }
+
+    /// **Tests and benchmarks only: no authentication, no authorization.**
+    /// Keys from a fresh random secret, shared in-process by whoever clones
+    /// the value. Exists only in the engine's own tests and with the
+    /// `insecure-test-keys` feature; a real migration gets its keys from
+    /// [`SessionKeys::from_grant`].
+    #[cfg(any(test, feature = "insecure-test-keys"))]
     pub fn test_only_unauthenticated(migration: MigrationId) -> Result<SessionKeys, CryptoError> {
         let mut secret = [0u8; 32];
-        SystemRandom::new().fill(&mut secret).map_err(|_| CryptoError::Random)?;
+        use ring::rand::SecureRandom as _;
+        ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| CryptoError::Random)?;
         Ok(Self::from_secret(migration, &secret))
     }
 
     /// Keys from a shared secret (the control plane's exporter output).
-    pub(crate) fn from_secret(migration: MigrationId, secret: &[u8]) -> SessionKeys {
+    fn from_secret(migration: MigrationId, secret: &[u8]) -> SessionKeys {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ferry v1 session");
         SessionKeys {
             migration,
             prk: salt.extract(secret),
         }
-    }
-
-    /// Keys from the control plane's exported secret (RFC 8446 7.5 exporter
-    /// output of the mutually authenticated control session). Only the
-    /// control plane's admission step calls this; see `ferry-control`.
-    #[doc(hidden)]
-    pub fn from_control_plane_secret(migration: MigrationId, secret: &[u8; 32]) -> SessionKeys {
-        Self::from_secret(migration, secret)
     }
 
     /// The migration these keys belong to.

@@ -7,8 +7,10 @@
 //! acknowledged in batches, and finished by a two-phase switchover (the
 //! destination says *ready*, the source *commits*, the destination resumes).
 //!
-//! The engine never parses certificates or policies: it receives a
-//! [`crypto::SessionKeys`] value and nothing else from the control plane.
+//! The engine never parses certificates or policies: from the control plane
+//! it takes one `ferry_control::handshake::KeyGrant` (which only an admitted
+//! migration has) and derives its [`crypto::SessionKeys`] from it; no other
+//! constructor exists outside tests and the `insecure-test-keys` feature.
 //!
 //! Entry points: [`migrate::migrate_source`] and [`migrate::migrate_destination`].
 //! A VMM provides the guest through [`guest::GuestControl`] and a
