@@ -15,6 +15,7 @@ use std::time::Duration;
 use ferry::source::{self, Endpoints};
 use ferry_engine::dirty::UffdWpTracker;
 use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::progress::Hooks;
 use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
 use ferry_engine::GuestMemory;
 
@@ -139,7 +140,8 @@ fn migrate_to_real_daemons_and_audit() {
         io_timeout: Duration::from_secs(5),
         ..MigrationConfig::default()
     };
-    let (report, receipt) = source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg).unwrap();
+    let source::Migrated { report, receipt, .. } =
+        source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg, &Hooks::new()).unwrap();
     assert!(receipt.transcript_matches);
     assert!(
         !guest.is_running(),
@@ -156,7 +158,7 @@ fn migrate_to_real_daemons_and_audit() {
     let mem2 = Arc::new(GuestMemory::new(8 << 20).unwrap());
     let mut g2 = SyntheticGuest::start(mem2.clone(), WorkloadConfig::default(), None);
     let mut t2 = UffdWpTracker::new(&mem2).unwrap();
-    let e = source::migrate(&at, "prod-db", &mem2, &mut t2, &mut g2, &cfg).unwrap_err();
+    let e = source::migrate(&at, "prod-db", &mem2, &mut t2, &mut g2, &cfg, &Hooks::new()).unwrap_err();
     assert!(e.contains("authorization server refused"), "{e}");
     assert!(g2.is_running());
     drop((g2, t2));

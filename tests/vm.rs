@@ -5,99 +5,11 @@
 //! two network namespaces joined by a veth pair.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-/// A child process killed on drop; its stdout event lines arrive on a
-/// channel (so a wait can time out).
-struct Proc {
-    child: Child,
-    events: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Proc {
-    fn start(netns: Option<&str>, args: &[&str]) -> Proc {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_ferry")),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out: ChildStdout = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => panic!("not an event line ({e}): {line:?}"),
-                }
-            }
-        });
-        Proc { child, events }
-    }
-
-    /// The next event named `name` (others are skipped), within `limit`.
-    fn wait_for(&self, name: &str, limit: Duration) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(v) if v["event"] == name => return v,
-                Ok(_) => {}
-                Err(e) => panic!("no {name:?} event within {limit:?}: {e}"),
-            }
-        }
-    }
-
-    fn listening(&self) -> SocketAddr {
-        self.wait_for("listening", Duration::from_secs(20))["addr"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn ready(test: &str) -> bool {
-    for (what, r) in [
-        ("io_uring", ferry_engine::probe::io_uring()),
-        ("KVM", ferry_engine::kvm::available()),
-    ] {
-        if let Err(why) = r {
-            eprintln!("SKIPPED {test}: {what} missing on this host: {why}");
-            return false;
-        }
-    }
-    true
-}
+mod common;
+use common::procs::{ready, s, Proc, SourceDomain};
 
 /// Two network namespaces joined by a veth pair; removed on drop.
 struct Netns {
@@ -149,65 +61,6 @@ impl Drop for Netns {
         // Deleting a namespace deletes its end of the veth, and so the pair.
         let _ = ip(&["netns", "del", &self.src]);
         let _ = ip(&["netns", "del", &self.dst]);
-    }
-}
-
-/// A temporary PKI and policy, and the source domain's authentication and
-/// authorization servers running (in `ns`, listening on `ip`).
-struct SourceDomain {
-    // Declared first: the servers stop before their files go.
-    _authn: Proc,
-    _authz: Proc,
-    authn_addr: String,
-    authz_addr: String,
-    pki: std::path::PathBuf,
-    policy: std::path::PathBuf,
-    dir: ferry::lab::LabDir,
-}
-
-impl SourceDomain {
-    fn start(ns: Option<&str>, ip: &str) -> SourceDomain {
-        let dir = ferry::lab::LabDir::new().unwrap();
-        let d = dir.path();
-        let pki = d.join("pki");
-        let ok = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["pki", "init", "--out", s(&pki), "--hosts", "src,dst"])
-            .output()
-            .unwrap();
-        assert!(ok.status.success());
-        let policy = d.join("policy.toml");
-        std::fs::write(&policy, ferry::lab::POLICY).unwrap();
-        let listen = format!("{ip}:0");
-        let authn = Proc::start(
-            ns,
-            &["serve", "authn", "--pki", s(&pki), "--name", "src", "--listen", &listen],
-        );
-        let authz = Proc::start(
-            ns,
-            &[
-                "serve",
-                "authz",
-                "--pki",
-                s(&pki),
-                "--name",
-                "src",
-                "--listen",
-                &listen,
-                "--policy",
-                s(&policy),
-                "--audit",
-                s(&d.join("authz.jsonl")),
-            ],
-        );
-        SourceDomain {
-            authn_addr: authn.listening().to_string(),
-            authz_addr: authz.listening().to_string(),
-            _authn: authn,
-            _authz: authz,
-            pki,
-            policy,
-            dir,
-        }
     }
 }
 

@@ -20,6 +20,7 @@ use ferry_engine::crypto::SessionKeys;
 use ferry_engine::guest::GuestControl;
 use ferry_engine::kvm::KvmVm;
 use ferry_engine::migrate::{migrate_destination, MigrationConfig};
+use ferry_engine::progress::Hooks;
 use ferry_engine::transport::accept_streams;
 use ferry_engine::workload::SyntheticGuest;
 use ferry_engine::GuestMemory;
@@ -237,6 +238,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                 conns,
                 &SessionKeys::from_grant(admitted.key_grant()),
                 &cfg,
+                &Hooks::new(),
             )
             .map_err(e)?;
             let _ = prefault.join();

@@ -21,6 +21,7 @@ use ferry_engine::guest::GuestControl;
 use ferry_engine::kvm::{self, GuestProgram, KvmVm};
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
+use ferry_engine::progress::Hooks;
 use ferry_engine::transport::{accept_streams, connect_streams};
 use ferry_engine::workload::{self, SyntheticGuest, WorkloadConfig};
 use ferry_engine::{alloc, GuestMemory};
@@ -77,6 +78,25 @@ impl std::str::FromStr for GuestKind {
 /// connect to (tests put a relay, or an attacker, in between).
 pub type Interpose = std::sync::Arc<dyn Fn(std::net::SocketAddr) -> std::net::SocketAddr + Send + Sync>;
 
+impl DemoReport {
+    /// The migration's record (see [`crate::record`]).
+    pub fn record(&self) -> crate::record::Record {
+        let mut r = crate::record::Record::new("demo-vm", "src", "dst", self.memory_bytes);
+        r.outcome = if self.verified { "migrated" } else { "failed" }.into();
+        if !self.verified {
+            r.error = Some("migrated, but the demo's checks of the result failed".into());
+        }
+        r.migration_id = self.migration_id;
+        r.total_ms = self.total_ms;
+        r.handshake_ms = self.handshake_ms;
+        r.downtime_ms = Some(self.downtime_ms);
+        r.downtime_from_ms = Some(self.downtime_from_ms);
+        r.steps = self.steps.clone();
+        r.rounds = self.round_detail.clone();
+        r
+    }
+}
+
 /// What the demo migrates and how.
 #[derive(Clone)]
 pub struct DemoOptions {
@@ -104,6 +124,8 @@ pub struct DemoOptions {
     pub migration: MigrationConfig,
     /// Something between source and destination (tests only).
     pub interpose: Option<Interpose>,
+    /// The source side's progress callback and cancel switch.
+    pub hooks: Hooks,
 }
 
 impl std::fmt::Debug for DemoOptions {
@@ -130,6 +152,7 @@ impl Default for DemoOptions {
             prefault_destination: true,
             migration: MigrationConfig::default(),
             interpose: None,
+            hooks: Hooks::new(),
         }
     }
 }
@@ -182,6 +205,8 @@ pub struct DemoReport {
     /// asking the vCPUs to stop, through the final round and the device
     /// state, to the destination's vCPUs running.
     pub downtime_ms: f64,
+    /// When the downtime began, in milliseconds since the transfer started.
+    pub downtime_from_ms: f64,
     /// Of which stopping the guest (KVM: kicking every vCPU out of the guest
     /// until all are parked).
     pub guest_stop_ms: f64,
@@ -377,7 +402,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                     stream: 0,
                     source: ferry_engine_io_error(e),
                 })?;
-            migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg)
+            migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg, &Hooks::new())
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
         let src = connect_streams(target, cfg.streams, cfg.io_timeout)
@@ -385,7 +410,17 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                 stream: 0,
                 source: ferry_engine_io_error(e),
             })
-            .and_then(|conns| migrate_source(&src_mem, tracker.as_mut(), src_guest.control(), conns, &keys, &cfg));
+            .and_then(|conns| {
+                migrate_source(
+                    &src_mem,
+                    tracker.as_mut(),
+                    src_guest.control(),
+                    conns,
+                    &keys,
+                    &cfg,
+                    &opts.hooks,
+                )
+            });
         let dst = dest.join().unwrap_or(Err(MigrateError::WorkerLost(u16::MAX)));
         (src, dst)
     });
@@ -530,6 +565,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         transcript_root: manifest.transcript_root.clone(),
         rounds: src.rounds.len(),
         downtime_ms,
+        downtime_from_ms: src.paused_at.saturating_duration_since(src.started_at).as_secs_f64() * 1e3,
         guest_stop_ms: src_guest.control().stop_latency().as_secs_f64() * 1e3,
         total_ms,
         bytes_on_wire: src.bytes_on_wire,

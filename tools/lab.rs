@@ -44,7 +44,7 @@ vms = ["demo-*"]
 "#;
 
 /// One timed protocol step.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Step {
     /// What happened.
     pub name: String,

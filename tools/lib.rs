@@ -2,9 +2,13 @@
 //! parsing) shared by the binary, the end-to-end tests and the benches.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod lab;
+pub mod ops;
+pub mod record;
 pub mod size;
 pub mod source;
 pub mod vm;

@@ -21,14 +21,34 @@ use ferry_engine::GuestMemory;
 static ALLOC: ferry_engine::alloc::CountingAlloc = ferry_engine::alloc::CountingAlloc;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Secure live VM migration", long_about = None)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Secure live VM migration",
+    long_about = None,
+    args_override_self = true,
+    after_help = TOP_EXAMPLES
+)]
 struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// A TOML file with options per command (`[vm]`, `[receive]`,
+    /// `[serve.authz]`, ...; keys are the long option names); options on
+    /// the command line override it; FERRY_CONFIG=FILE does the same. See
+    /// ferry.example.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+const TOP_EXAMPLES: &str = "Examples:
+  ferry demo                                   # a whole secure live migration on loopback
+  ferry pki init --out /etc/ferry/pki --hosts src,dst
+  ferry --config /etc/ferry/ferry.toml vm      # a VMM with its options from a file
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst
+  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -39,10 +59,16 @@ enum Cmd {
     )]
     Demo(DemoArgs),
     /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  ferry pki init --out /etc/ferry/pki --hosts src,dst"
+    )]
     Pki(PkiCmd),
     /// Run a control-plane server: the authentication or the authorization server.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  ferry serve authn --pki /etc/ferry/pki --name src --listen 0.0.0.0:7701\n  ferry serve authz --pki /etc/ferry/pki --name src --listen 0.0.0.0:7702 --policy policy.toml --audit authz.jsonl"
+    )]
     Serve(ServeCmd),
     /// Run the destination daemon: admit and receive migrations.
     #[command(
@@ -53,12 +79,82 @@ enum Cmd {
     /// or receive one (--incoming, destination).
     #[command(after_help = VM_EXAMPLES)]
     Vm(Box<VmArgs>),
+    /// Ask a running `ferry vm` (its --api socket) to migrate its guest, and
+    /// show the progress.
+    #[command(after_help = MIGRATE_EXAMPLES)]
+    Migrate(MigrateArgs),
+    /// Show a running `ferry vm`'s state and its migration's progress.
+    #[command(
+        after_help = "Examples:\n  ferry status --api /run/ferry/web-1.sock\n  ferry status --api /run/ferry/web-1.sock --json"
+    )]
+    Status(ApiArgs),
+    /// Cancel a running migration before its commit point; the guest keeps
+    /// running at the source.
+    #[command(after_help = "Example:\n  ferry cancel --api /run/ferry/web-1.sock")]
+    Cancel(ApiArgs),
+    /// Summarise a migration record and draw its timeline as SVG.
+    #[command(
+        after_help = "Examples:\n  ferry report run.json\n  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg"
+    )]
+    Report {
+        /// The record (`ferry migrate --record`, `ferry demo --record`).
+        record: std::path::PathBuf,
+        /// Draw bytes per round, dirty rate, bandwidth and the downtime window here.
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<std::path::PathBuf>,
+    },
     /// Audit logs: verify a log's hash chain and signatures.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  ferry audit verify /var/lib/ferry/audit.jsonl --cert /etc/ferry/pki/hosts/dst/cert.pem"
+    )]
     Audit(AuditCmd),
     /// Run the synthetic guest alone and print the dirty rate the tracker sees.
     #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
     Workload(WorkloadArgs),
+}
+
+const MIGRATE_EXAMPLES: &str = "Examples:
+  # live progress on a terminal, one line per round on a pipe
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst
+
+  # every event as a JSON line, the record in a chosen file
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst --json --record web-1.json
+
+Exit status: 0 migrated; 1 failed or cancelled (the guest runs at the source);
+3 in doubt (commit sent, no confirmation: check the destination first).";
+
+/// Which VMM to talk to.
+#[derive(Args)]
+struct ApiArgs {
+    /// The VMM's API socket (`ferry vm --api PATH`).
+    #[arg(long, value_name = "PATH")]
+    api: std::path::PathBuf,
+    /// Print the VMM's JSON reply as is.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The destination daemon's control address (`ferry vm --incoming` or `ferry receive`).
+    #[arg(long)]
+    to: std::net::SocketAddr,
+    /// The destination's host name: its certificate must be for it.
+    #[arg(long)]
+    dest_host: String,
+    /// Downtime target in milliseconds (default: the VMM's).
+    #[arg(long)]
+    downtime_ms_max: Option<u64>,
+    /// Write the migration's record here (default: STATE_DIR/runs/VM-TIME.json,
+    /// STATE_DIR being $FERRY_STATE_DIR, /var/lib/ferry for root, or ~/.local/state/ferry).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
+    /// Give up waiting for the VMM after this many silent seconds.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -130,7 +226,11 @@ const VM_EXAMPLES: &str = "Examples:
 
   # source host: run a guest, migrate it to dst after 5 s
   ferry vm --memory 1GiB --pki /etc/ferry/pki --name src --authn 10.0.0.1:7701 --authz 10.0.0.1:7702 \\
-      --migrate-to 10.0.0.2:7700 --dest-host dst --vm-id web-1 --migrate-after-s 5";
+      --migrate-to 10.0.0.2:7700 --dest-host dst --vm-id web-1 --migrate-after-s 5
+
+  # source host: run a guest and wait for `ferry migrate --api /run/ferry/web-1.sock ...`
+  ferry vm --memory 1GiB --pki /etc/ferry/pki --name src --authn 10.0.0.1:7701 --authz 10.0.0.1:7702 \\
+      --vm-id web-1 --api /run/ferry/web-1.sock";
 
 #[derive(Args)]
 struct VmArgs {
@@ -202,6 +302,14 @@ struct VmArgs {
     /// Source: audit log file for this host's side of the migration.
     #[arg(long)]
     audit: Option<std::path::PathBuf>,
+    /// Source: serve the local API (JSON lines: migrate, status, cancel) on
+    /// this Unix socket, for `ferry migrate`, `ferry status` and `ferry cancel`.
+    #[arg(long, value_name = "PATH")]
+    api: Option<std::path::PathBuf>,
+    /// Source: with --migrate-to, write the migration's record here
+    /// (default: STATE_DIR/runs/VM-TIME.json).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
     /// Data streams.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
@@ -258,6 +366,10 @@ struct DemoArgs {
     /// Print one JSON object instead of progress lines.
     #[arg(long)]
     json: bool,
+    /// Write the migration's record here (default: STATE_DIR/runs/demo-vm-TIME.json;
+    /// see `ferry report`).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
     /// Guest to migrate: kvm (a real KVM guest run by ferry's minimal VMM),
     /// synthetic (a thread writing guest memory), or auto: kvm where
     /// /dev/kvm works, unless --tracker or --zero-fraction ask for the
@@ -345,7 +457,14 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match ferry::config::args_with_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -359,6 +478,18 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => run_demo(a),
         Cmd::Workload(a) => run_workload(a),
         Cmd::Audit(AuditCmd::Verify { file, cert }) => audit_verify(&file, &cert),
+        Cmd::Migrate(a) => ferry::ops::migrate(&ferry::ops::MigrateOptions {
+            api: a.api.api,
+            json: a.api.json,
+            to: a.to,
+            dest_host: a.dest_host,
+            downtime_ms_max: a.downtime_ms_max,
+            record: a.record,
+            idle_timeout: Duration::from_secs(a.idle_timeout_s.max(1)),
+        }),
+        Cmd::Status(a) => ferry::ops::status(&a.api, a.json),
+        Cmd::Cancel(a) => ferry::ops::cancel(&a.api, a.json),
+        Cmd::Report { record, svg } => ferry::ops::report(&record, svg.as_deref()),
         Cmd::Serve(ServeCmd::Authn { host, ttl_s }) => {
             ferry::daemon::serve_authn(&host.pki, &host.name, host.listen, ttl_s).map(|()| ExitCode::SUCCESS)
         }
@@ -437,6 +568,7 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
             ..MigrationConfig::default()
         },
         interpose: None,
+        hooks: ferry_engine::progress::Hooks::new(),
     };
     if a.memory == 0 || a.memory % 4096 != 0 {
         return Err(format!(
@@ -451,9 +583,19 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
         }
     })
     .map_err(|e| e.to_string())?;
+    let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
+    let recorded = report.record().write(&record_path);
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
+        match &recorded {
+            Ok(()) => println!(
+                "record: {} (draw it: ferry report {} --svg demo.svg)",
+                record_path.display(),
+                record_path.display()
+            ),
+            Err(why) => println!("record: not written: {why}"),
+        }
         println!(
             "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
             human(report.memory_bytes),
@@ -503,36 +645,48 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
         })
         .map(|()| ExitCode::SUCCESS);
     }
+    let source = match (a.pki, a.name, a.authn, a.authz) {
+        (Some(pki), Some(host), Some(authn), Some(authz)) => Some(ferry::vm::SourceHost {
+            servers_name: a.servers_name.unwrap_or_else(|| host.clone()),
+            pki,
+            host,
+            client: a.client,
+            authn,
+            authz,
+            audit: a.audit,
+            migration: MigrationConfig {
+                streams: a.streams,
+                integrity: a.integrity,
+                downtime_ms_max: a.downtime_ms_max,
+                io_timeout,
+                ..MigrationConfig::default()
+            },
+        }),
+        (None, None, None, None) => None,
+        _ => return Err("a source that migrates needs all of --pki, --name, --authn and --authz".into()),
+    };
     let migrate = match a.migrate_to {
         None => None,
         Some(dest) => {
-            let (Some(pki), Some(host), Some(dest_host), Some(authn), Some(authz)) =
-                (a.pki, a.name, a.dest_host, a.authn, a.authz)
-            else {
+            let (Some(_), Some(dest_host)) = (&source, a.dest_host) else {
                 return Err("ferry vm --migrate-to needs --pki, --name, --dest-host, --authn and --authz".into());
             };
-            Some(ferry::vm::MigrateTo {
-                servers_name: a.servers_name.unwrap_or_else(|| host.clone()),
-                pki,
-                host,
-                client: a.client,
-                authn,
-                authz,
-                dest,
-                dest_host,
-                vm_id: a.vm_id,
-                after: Duration::from_secs_f64(a.migrate_after_s.clamp(0.0, 86_400.0)),
-                audit: a.audit,
-                migration: MigrationConfig {
-                    streams: a.streams,
-                    integrity: a.integrity,
-                    downtime_ms_max: a.downtime_ms_max,
-                    io_timeout,
-                    ..MigrationConfig::default()
+            let record = a.record.unwrap_or_else(|| ferry::record::default_path(&a.vm_id));
+            Some((
+                ferry::vm::MigrateTo {
+                    dest,
+                    dest_host,
+                    downtime_ms_max: None,
+                    record: Some(record),
                 },
-            })
+                Duration::from_secs_f64(a.migrate_after_s.clamp(0.0, 86_400.0)),
+            ))
         }
     };
+    need(
+        "--api serves a source VM's API (migrate, status, cancel); it needs --pki, --name, --authn and --authz to migrate",
+        a.api.is_none() || source.is_some(),
+    )?;
     ferry::vm::run(&ferry::vm::VmOptions {
         memory_bytes: a.memory,
         vcpus: a.vcpus,
@@ -541,10 +695,13 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
             writes_per_s: a.dirty_rate,
             ..Default::default()
         },
+        vm_id: a.vm_id,
         heartbeat_every: Duration::from_millis(a.heartbeat_every_ms.max(10)),
         run_for: a.run_for_s.map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
         verify: a.verify,
+        source,
         migrate,
+        api: a.api,
     })
     .map(|()| ExitCode::SUCCESS)
 }

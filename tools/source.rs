@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_control::handshake::{self, Manifest, Offer, Receipt};
 use ferry_control::pki::{self, Identity, Role};
@@ -17,9 +17,12 @@ use ferry_engine::crypto::SessionKeys;
 use ferry_engine::dirty::DirtyTracker;
 use ferry_engine::guest::GuestControl;
 use ferry_engine::migrate::{migrate_source, MigrationConfig, SourceReport};
+use ferry_engine::progress::Hooks;
 use ferry_engine::transport::connect_streams;
 use ferry_engine::GuestMemory;
 use rustls::ClientConfig;
+
+use crate::lab::Step;
 
 fn ask(
     cfg: Arc<ClientConfig>,
@@ -79,9 +82,23 @@ pub struct Endpoints<'a> {
     pub audit: Option<&'a ferry_control::audit::AuditLog>,
 }
 
+/// What a finished migration leaves: the engine's report, the destination's
+/// verified receipt, and the control plane's timed steps.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The engine's report.
+    pub report: SourceReport,
+    /// The destination's signed receipt of the manifest.
+    pub receipt: Receipt,
+    /// Each control-plane step and how long it took.
+    pub steps: Vec<Step>,
+    /// The migration id from the authorization ticket.
+    pub migration_id: u64,
+}
+
 /// Migrates `vm` (memory `mem`, tracked by `tracker`, run by `guest`) to the
-/// destination of `at`; returns the engine's report and the destination's
-/// verified receipt.
+/// destination of `at`, reporting progress to and obeying a cancel from
+/// `hooks`.
 pub fn migrate(
     at: &Endpoints<'_>,
     vm: &str,
@@ -89,13 +106,25 @@ pub fn migrate(
     tracker: &mut dyn DirtyTracker,
     guest: &mut dyn GuestControl,
     cfg: &MigrationConfig,
-) -> Result<(SourceReport, Receipt), String> {
+    hooks: &Hooks,
+) -> Result<Migrated, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut steps = Vec::new();
+    let mut t = Instant::now();
+    let mut step = |name: &str| {
+        steps.push(Step {
+            name: name.into(),
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        });
+        t = Instant::now();
+    };
     let roots = || pki::roots(at.pki).map_err(|x| e(&x));
     let client = Identity::load(at.pki, Role::Client, at.client).map_err(|x| e(&x))?;
     let ccfg = tls::client_config(&client, roots()?).map_err(|x| e(&x))?;
     let authn = authn_ticket(ccfg.clone(), at.authn, at.servers_name)?;
+    step("authentication ticket");
     let ticket = authz_ticket(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host)?;
+    step("authorization ticket");
     let claims: AuthzClaims =
         ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(|x| e(&x))?).map_err(|x| e(&x))?;
     let host = Identity::load(at.pki, Role::Host, at.host).map_err(|x| e(&x))?;
@@ -123,8 +152,13 @@ pub fn migrate(
         handshake::audit_request(log, &claims, &requested).map_err(|x| e(&x))?;
     }
     let mut admitted = requested.map_err(|x| e(&x))?;
+    step("request: mutual TLS 1.3, ticket and policies checked, admitted, keys exported");
+    if hooks.is_cancelled() {
+        return Err(ferry_engine::migrate::MigrateError::Cancelled.to_string());
+    }
     let data = SocketAddr::new(at.dest.ip(), admitted.data_port());
     let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|x| e(&x))?;
+    step("data streams connected");
     let started = std::time::SystemTime::now();
     let report = migrate_source(
         mem,
@@ -133,8 +167,10 @@ pub fn migrate(
         conns,
         &SessionKeys::from_grant(admitted.key_grant()),
         cfg,
+        hooks,
     )
     .map_err(|x| e(&x))?;
+    t = Instant::now();
     let ms = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -158,5 +194,14 @@ pub fn migrate(
         transcript_root: ferry_control::hex(&report.transcript_root),
     };
     let receipt = admitted.exchange_manifest(&host, &manifest).map_err(|x| e(&x))?;
-    Ok((report, receipt))
+    steps.push(Step {
+        name: "manifest signed, verified and receipted".into(),
+        ms: t.elapsed().as_secs_f64() * 1e3,
+    });
+    Ok(Migrated {
+        report,
+        receipt,
+        steps,
+        migration_id: claims.migration_id,
+    })
 }

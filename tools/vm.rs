@@ -8,6 +8,11 @@
 //! runs here again and the process exits; on any failure before it, the
 //! guest keeps running here.
 //!
+//! With `--api PATH` it serves the local API of [`crate::api`]: `ferry
+//! migrate`, `ferry status` and `ferry cancel` drive it from outside. A
+//! failed or cancelled migration leaves the guest running here, ready for
+//! another attempt.
+//!
 //! With `--incoming`, it is the destination: a `ferry receive` daemon that
 //! receives KVM guests into fresh VMs and runs them.
 //!
@@ -16,21 +21,25 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use ferry_control::audit::AuditLog;
 use ferry_control::pki::{Identity, Role};
-use ferry_engine::kvm::{self, GuestProgram, KvmVm};
-use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::kvm::{self, GuestProgram, KvmVm, Monitor};
+use ferry_engine::migrate::{MigrationConfig, RoundStats};
+use ferry_engine::progress::{Hooks, Progress};
 use ferry_engine::GuestMemory;
 
+use crate::api::{self, Request};
 use crate::daemon::event;
+use crate::record::Record;
 use crate::source::{self, Endpoints};
 
-/// Where and how the source migrates its guest.
+/// What this host needs to migrate its guests anywhere.
 #[derive(Debug, Clone)]
-pub struct MigrateTo {
+pub struct SourceHost {
     /// PKI folder (this host's key, the migration client's, the CA).
     pub pki: PathBuf,
     /// This host's name.
@@ -43,18 +52,23 @@ pub struct MigrateTo {
     pub authz: SocketAddr,
     /// Name on the authn/authz servers' certificates.
     pub servers_name: String,
-    /// The destination's control address.
-    pub dest: SocketAddr,
-    /// The destination's host name.
-    pub dest_host: String,
-    /// The VM's id (what the tickets and policies name).
-    pub vm_id: String,
-    /// How long the guest runs before the migration starts.
-    pub after: Duration,
     /// The source's audit log, if any.
     pub audit: Option<PathBuf>,
     /// Engine settings.
     pub migration: MigrationConfig,
+}
+
+/// One migration: where to.
+#[derive(Debug, Clone)]
+pub struct MigrateTo {
+    /// The destination's control address.
+    pub dest: SocketAddr,
+    /// The destination's host name.
+    pub dest_host: String,
+    /// Downtime target in milliseconds, if not the host's.
+    pub downtime_ms_max: Option<u64>,
+    /// Where to write the migration's record (`None`: the API client does).
+    pub record: Option<PathBuf>,
 }
 
 /// Settings of `ferry vm` as a source.
@@ -66,18 +80,48 @@ pub struct VmOptions {
     pub vcpus: u32,
     /// What the guest program does.
     pub program: GuestProgram,
+    /// The VM's id, as tickets and policies name it.
+    pub vm_id: String,
     /// How often to print a heartbeat event.
     pub heartbeat_every: Duration,
     /// Stop after this long (default: run until killed or migrated).
     pub run_for: Option<Duration>,
     /// Have the guest checksum its memory when paused for the switchover.
     pub verify: bool,
-    /// Migrate it.
-    pub migrate: Option<MigrateTo>,
+    /// How this host migrates (needed for any migration).
+    pub source: Option<SourceHost>,
+    /// Migrate on its own after this long.
+    pub migrate: Option<(MigrateTo, Duration)>,
+    /// Serve the local API on this Unix socket.
+    pub api: Option<PathBuf>,
 }
 
 fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
+}
+
+/// What the API sees of the VM.
+#[derive(Debug, Default)]
+struct Shared {
+    /// running, migrating, committed, migrated, in-doubt.
+    state: &'static str,
+    /// The running migration's cancel switch.
+    hooks: Option<Hooks>,
+    /// Its latest progress event.
+    progress: Option<serde_json::Value>,
+    /// Why the last migration failed.
+    last_error: Option<String>,
+    /// Rounds of the running migration (for a failed one's record).
+    rounds: Vec<RoundStats>,
+}
+
+/// A migration for the main thread, which owns the VM.
+struct Job {
+    to: MigrateTo,
+    /// Reply lines for an API client.
+    events: Option<Sender<serde_json::Value>>,
+    /// Told when the client has its last line.
+    delivered: Option<Receiver<()>>,
 }
 
 /// Runs the source VMM.
@@ -88,10 +132,19 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
     let mut vm = KvmVm::boot(mem.clone(), o.vcpus, &o.program).map_err(e)?;
     vm.wait_filled(Duration::from_secs(600)).map_err(e)?;
     let mon = vm.monitor().ok_or("the VM has no vCPU")?;
+    let shared = Arc::new(Mutex::new(Shared {
+        state: "running",
+        ..Shared::default()
+    }));
+    let (jobs_tx, jobs_rx) = bounded::<Job>(1);
+    let _api = match &o.api {
+        Some(path) => Some(api::serve(path, api_handler(o, &shared, &mon, &jobs_tx))?),
+        None => None,
+    };
     event(
-        &serde_json::json!({"event": "booted", "memory_bytes": o.memory_bytes, "vcpus": o.vcpus,
+        &serde_json::json!({"event": "booted", "vm": o.vm_id, "memory_bytes": o.memory_bytes, "vcpus": o.vcpus,
         "fill_ms": t.elapsed().as_secs_f64() * 1e3, "hot_set_bytes": o.program.hot_set_bytes,
-        "writes_per_s": o.program.writes_per_s}),
+        "writes_per_s": o.program.writes_per_s, "api": o.api}),
     );
     // Heartbeat events until the VM is gone.
     let stop = Arc::new(AtomicBool::new(false));
@@ -107,40 +160,35 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
             }
         })
     };
-    let started = Instant::now();
-    if let Some(m) = &o.migrate {
-        std::thread::sleep(m.after);
-        vm.checksum_at_pause = o.verify;
-        match migrate(&mut vm, &mem, m) {
-            Ok(line) => {
-                // The destination owns the guest now: this VM never runs again.
-                let runs = vm.runs();
-                let runs_after = vm.shut_down();
-                stop.store(true, Ordering::SeqCst);
-                let _ = beats.join();
-                let mut line = line;
-                line["runs_after_commit"] = serde_json::json!(runs_after - runs);
-                event(&line);
-                return Ok(());
-            }
-            Err(why) if mon.paused() => {
-                // Past the commit point with no word from the destination:
-                // the guest may be running there. It stays paused here.
-                event(&serde_json::json!({"event": "migration-in-doubt", "reason": why,
-                    "guest": "paused here; the destination may be running it: check it before resuming anything",
-                    "heartbeat": mon.heartbeat()}));
-            }
-            Err(why) => {
-                event(&serde_json::json!({"event": "migration-failed", "reason": why,
-                    "guest": "running here", "heartbeat": mon.heartbeat()}));
-            }
-        }
+    if let Some((to, after)) = &o.migrate {
+        let (jobs, to, after) = (jobs_tx.clone(), to.clone(), *after);
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            let _ = jobs.send(Job {
+                to,
+                events: None,
+                delivered: None,
+            });
+        });
     }
-    match o.run_for {
-        Some(d) => std::thread::sleep(d.saturating_sub(started.elapsed())),
-        None => loop {
-            std::thread::park();
-        },
+    let started = Instant::now();
+    loop {
+        let wait = o
+            .run_for
+            .map_or(Duration::from_secs(3600), |d| d.saturating_sub(started.elapsed()));
+        match jobs_rx.recv_timeout(wait) {
+            Ok(job) => {
+                if run_job(o, &mut vm, &mem, &mon, &shared, job) {
+                    // The destination owns the guest now: this VM never runs again.
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = beats.join();
+                    return Ok(());
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if o.run_for.is_some_and(|d| started.elapsed() >= d) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => unreachable!("main holds a sender"),
+        }
     }
     stop.store(true, Ordering::SeqCst);
     vm.shut_down();
@@ -149,41 +197,251 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
     Ok(())
 }
 
-fn migrate(vm: &mut KvmVm, mem: &GuestMemory, m: &MigrateTo) -> Result<serde_json::Value, String> {
-    let audit = match &m.audit {
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: &Sender<Job>) -> Arc<api::Handler> {
+    let (shared, mon, jobs) = (shared.clone(), mon.clone(), jobs.clone());
+    let (vm_id, memory_bytes, vcpus, can_migrate) = (o.vm_id.clone(), o.memory_bytes, o.vcpus, o.source.is_some());
+    Arc::new(move |req, send| match req {
+        Request::Status => {
+            let s = lock(&shared);
+            send(&serde_json::json!({"event": "status", "vm": vm_id, "state": s.state,
+                "memory_bytes": memory_bytes, "vcpus": vcpus, "heartbeat": mon.heartbeat(),
+                "guest_writes": mon.guest_writes(), "paused": mon.paused(),
+                "progress": s.progress, "last_error": s.last_error}));
+        }
+        Request::Cancel => {
+            let s = lock(&shared);
+            match (&s.hooks, s.state) {
+                (Some(h), "migrating") => {
+                    h.cancel();
+                    send(&serde_json::json!({"event": "cancel", "cancelled": true,
+                        "note": "the migration stops before its commit point; the guest keeps running here"}));
+                }
+                (_, state) => {
+                    send(&api::error_line(&format!(
+                        "nothing to cancel: the VM is {state}{}",
+                        if state == "committed" || state == "migrated" {
+                            " (past the commit point, the guest belongs to the destination)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+        }
+        Request::Migrate {
+            to,
+            dest_host,
+            downtime_ms_max,
+        } => {
+            if !can_migrate {
+                send(&api::error_line(
+                    "this VM was started without --pki, --name, --authn and --authz: it cannot migrate",
+                ));
+                return;
+            }
+            let (tx, rx) = bounded::<serde_json::Value>(1024);
+            let (done_tx, done_rx) = bounded::<()>(1);
+            let job = Job {
+                to: MigrateTo {
+                    dest: to,
+                    dest_host,
+                    downtime_ms_max,
+                    record: None,
+                },
+                events: Some(tx),
+                delivered: Some(done_rx),
+            };
+            let state = lock(&shared).state;
+            if state != "running" || jobs.try_send(job).is_err() {
+                send(&api::error_line(&format!(
+                    "the VM is {state}: only a running VM with no migration under way can migrate"
+                )));
+                return;
+            }
+            // Every line of the migration until its last; a client that
+            // went away stops getting them but the migration goes on.
+            let mut client = true;
+            for line in rx {
+                client = client && send(&line);
+            }
+            let _ = done_tx.send(());
+        }
+    })
+}
+
+/// Runs one migration on the main thread. True when the guest left.
+fn run_job(
+    o: &VmOptions,
+    vm: &mut KvmVm,
+    mem: &GuestMemory,
+    mon: &Monitor,
+    shared: &Arc<Mutex<Shared>>,
+    job: Job,
+) -> bool {
+    let say = |v: &serde_json::Value| {
+        if let Some(tx) = &job.events {
+            let _ = tx.try_send(v.clone());
+        }
+    };
+    let Some(host) = &o.source else {
+        say(&api::error_line("this VM cannot migrate: no source settings"));
+        return false;
+    };
+    let hooks = {
+        let (shared, events) = (shared.clone(), job.events.clone());
+        Hooks::new().on_progress(move |p| {
+            let v = serde_json::to_value(p).unwrap_or_default();
+            {
+                let mut s = lock(&shared);
+                match p {
+                    Progress::Round { stats, .. } => s.rounds.push(stats.clone()),
+                    Progress::Committed { .. } => s.state = "committed",
+                    _ => {}
+                }
+                s.progress = Some(v.clone());
+            }
+            if matches!(p, Progress::Round { .. } | Progress::Committed { .. }) {
+                event(&v);
+            }
+            if let Some(tx) = &events {
+                let _ = tx.try_send(v);
+            }
+        })
+    };
+    {
+        let mut s = lock(shared);
+        s.state = "migrating";
+        s.hooks = Some(hooks.clone());
+        s.progress = None;
+        s.rounds.clear();
+    }
+    let mut record = Record::new(&o.vm_id, &host.host, &job.to.dest_host, o.memory_bytes);
+    let begin = serde_json::json!({"event": "migrating", "vm": o.vm_id, "to": job.to.dest.to_string(),
+        "dest_host": job.to.dest_host, "tracker": "kvm-dirty-log"});
+    event(&begin);
+    let mut accepted = begin.clone();
+    accepted["event"] = "accepted".into();
+    say(&accepted);
+    vm.checksum_at_pause = o.verify;
+    let result = migrate(vm, mem, host, &o.vm_id, &job.to, &hooks);
+    let left = result.is_ok();
+    let mut last = match result {
+        Ok((line, done)) => {
+            record.outcome = "migrated".into();
+            record.migration_id = done.migration_id;
+            record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
+            record.steps = done.steps;
+            let r = &done.report;
+            record.total_ms = r
+                .resumed_confirmed_at
+                .saturating_duration_since(r.started_at)
+                .as_secs_f64()
+                * 1e3;
+            record.downtime_ms = Some(
+                r.resumed_confirmed_at
+                    .saturating_duration_since(r.paused_at)
+                    .as_secs_f64()
+                    * 1e3,
+            );
+            record.downtime_from_ms = Some(r.paused_at.saturating_duration_since(r.started_at).as_secs_f64() * 1e3);
+            record.rounds = r.rounds.clone();
+            let runs = vm.runs();
+            let runs_after = vm.shut_down();
+            let mut line = line;
+            line["runs_after_commit"] = serde_json::json!(runs_after - runs);
+            lock(shared).state = "migrated";
+            line
+        }
+        Err(why) if mon.paused() => {
+            // Past the commit point with no word from the destination: the
+            // guest may be running there. It stays paused here.
+            record.outcome = "in-doubt".into();
+            record.error = Some(why.clone());
+            lock(shared).state = "in-doubt";
+            serde_json::json!({"event": "migration-in-doubt", "reason": why,
+                "guest": "paused here; the destination may be running it: check it before resuming anything",
+                "heartbeat": mon.heartbeat()})
+        }
+        Err(why) => {
+            let cancelled = hooks.is_cancelled();
+            record.outcome = if cancelled { "cancelled" } else { "failed" }.into();
+            record.error = Some(why.clone());
+            let mut s = lock(shared);
+            s.state = "running";
+            s.last_error = Some(why.clone());
+            serde_json::json!({"event": if cancelled { "migration-cancelled" } else { "migration-failed" },
+                "reason": why, "guest": "running here", "heartbeat": mon.heartbeat()})
+        }
+    };
+    if record.rounds.is_empty() {
+        record.rounds = std::mem::take(&mut lock(shared).rounds);
+    }
+    lock(shared).hooks = None;
+    if let Some(path) = &job.to.record {
+        match record.write(path) {
+            Ok(()) => last["record_file"] = path.display().to_string().into(),
+            Err(why) => tracing::warn!("{why}"),
+        }
+    }
+    event(&last);
+    if let Some(tx) = job.events {
+        last["record"] = serde_json::to_value(&record).unwrap_or_default();
+        let _ = tx.send_timeout(last, Duration::from_secs(2));
+        drop(tx);
+        if let Some(done) = job.delivered {
+            let _ = done.recv_timeout(Duration::from_secs(5));
+        }
+    }
+    left
+}
+
+fn migrate(
+    vm: &mut KvmVm,
+    mem: &GuestMemory,
+    h: &SourceHost,
+    vm_id: &str,
+    to: &MigrateTo,
+    hooks: &Hooks,
+) -> Result<(serde_json::Value, source::Migrated), String> {
+    let audit = match &h.audit {
         Some(path) => {
-            let id = Identity::load(&m.pki, Role::Host, &m.host).map_err(e)?;
-            Some(AuditLog::open(path, &format!("source {}", m.host), id).map_err(e)?)
+            let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(e)?;
+            Some(AuditLog::open(path, &format!("source {}", h.host), id).map_err(e)?)
         }
         None => None,
     };
     let at = Endpoints {
-        pki: &m.pki,
-        host: &m.host,
-        client: &m.client,
-        authn: m.authn,
-        authz: m.authz,
-        servers_name: &m.servers_name,
-        dest: m.dest,
-        dest_host: &m.dest_host,
+        pki: &h.pki,
+        host: &h.host,
+        client: &h.client,
+        authn: h.authn,
+        authz: h.authz,
+        servers_name: &h.servers_name,
+        dest: to.dest,
+        dest_host: &to.dest_host,
         audit: audit.as_ref(),
     };
+    let mut cfg = h.migration.clone();
+    if let Some(d) = to.downtime_ms_max {
+        cfg.downtime_ms_max = d;
+    }
     let mut tracker = vm.dirty_tracker();
-    event(
-        &serde_json::json!({"event": "migrating", "vm": m.vm_id, "to": m.dest.to_string(),
-        "dest_host": m.dest_host, "tracker": ferry_engine::dirty::DirtyTracker::name(&tracker)}),
-    );
-    let (report, receipt) = source::migrate(&at, &m.vm_id, mem, &mut tracker, vm, &m.migration)?;
+    let done = source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks)?;
+    let report = &done.report;
     let downtime = report.resumed_confirmed_at.saturating_duration_since(report.paused_at);
-    Ok(
-        serde_json::json!({"event": "migrated", "vm": m.vm_id, "rounds": report.rounds.len(),
+    let line = serde_json::json!({"event": "migrated", "vm": vm_id, "rounds": report.rounds.len(),
         "pages_sent": report.pages_sent, "bytes_on_wire": report.bytes_on_wire,
         "downtime_ms": downtime.as_secs_f64() * 1e3,
         "total_ms": report.resumed_confirmed_at.saturating_duration_since(report.started_at).as_secs_f64() * 1e3,
         "vcpu_state_bytes": report.device_state_bytes,
         "heartbeat_before": vm.heartbeat_at_pause(),
         "guest_checksum": vm.checksum_at_pause_value().map(|c| format!("{c:016x}")),
-        "transcript_matches": receipt.transcript_matches,
-        "round_detail": report.rounds}),
-    )
+        "transcript_matches": done.receipt.transcript_matches,
+        "steps": done.steps,
+        "round_detail": report.rounds});
+    Ok((line, done))
 }

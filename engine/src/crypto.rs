@@ -103,7 +103,9 @@ impl SessionKeys {
     pub fn test_only_unauthenticated(migration: MigrationId) -> Result<SessionKeys, CryptoError> {
         let mut secret = [0u8; 32];
         use ring::rand::SecureRandom as _;
-        ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| CryptoError::Random)?;
+        ring::rand::SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| CryptoError::Random)?;
         Ok(Self::from_secret(migration, &secret))
     }
 

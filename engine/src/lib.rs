@@ -28,6 +28,7 @@ pub mod memory;
 pub mod migrate;
 pub mod pipeline;
 pub mod probe;
+pub mod progress;
 pub mod transport;
 pub mod wire;
 pub mod workload;

@@ -34,6 +34,7 @@ pub use crate::io::IoError;
 use crate::io::{Conn, Event};
 use crate::memory::{GuestMemory, PageIndex, PAGE_SIZE_U64};
 use crate::pipeline::{self, FrameError, Integrity, StreamHeader};
+use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
 use crate::wire::{self, FrameHeader, Kind, Seq, StreamId, WireError, FLAG_FINAL, HEADER_LEN, MAX_FRAME};
 
 /// Tunables of one migration. Both sides must agree on `streams` and
@@ -187,6 +188,10 @@ pub enum MigrateError {
         #[source]
         source: IoError,
     },
+    /// The embedder called [`Hooks::cancel`] before the commit point: the
+    /// source's guest keeps running there.
+    #[error("cancelled before the commit point: the migration stopped and the guest keeps running at the source")]
+    Cancelled,
     /// Commit was sent but the destination's confirmation never came.
     #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination (`ferry status`) before resuming either copy")]
     InDoubt(Duration),
@@ -210,7 +215,7 @@ impl MigrateError {
 }
 
 /// What one pre-copy round did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RoundStats {
     /// Round number (1-based); the last one is the final (paused) round.
     pub round: u32,
@@ -232,6 +237,14 @@ pub struct RoundStats {
     pub dirty_scan_ms: f64,
     /// Whether the guest was paused (the stop-and-copy round).
     pub is_final: bool,
+    /// When the round started, in milliseconds since the migration started.
+    pub started_ms: f64,
+    /// Pages the guest dirtied per second during this round (pre-copy
+    /// rounds: `dirty_pages_after` over the round's duration).
+    pub dirty_rate_pages_per_s: f64,
+    /// What the final round would take if it started now: the dirty bytes
+    /// left over the best bandwidth seen so far (pre-copy rounds).
+    pub expected_downtime_ms: f64,
     /// The stream's transcript (final round, per-stream reports only).
     #[serde(skip)]
     transcript: Option<[u8; 32]>,
@@ -318,6 +331,7 @@ pub fn migrate_source(
     conns: Vec<TcpStream>,
     keys: &SessionKeys,
     cfg: &MigrationConfig,
+    hooks: &Hooks,
 ) -> Result<SourceReport, MigrateError> {
     cfg.validate()?;
     if conns.len() != usize::from(cfg.streams) {
@@ -337,6 +351,7 @@ pub fn migrate_source(
         conns,
         keys,
         cfg,
+        hooks,
         &mut paused,
         &mut committed,
         started_at,
@@ -359,11 +374,13 @@ fn source_inner(
     conns: Vec<TcpStream>,
     keys: &SessionKeys,
     cfg: &MigrationConfig,
+    hooks: &Hooks,
     paused: &mut bool,
     committed: &mut bool,
     started_at: Instant,
 ) -> Result<SourceReport, MigrateError> {
     let socks = clone_all(&conns)?;
+    let counters = Counters::default();
     let boundaries: Vec<u64> = mem.regions().iter().map(|r| r.first_page().0).collect();
     let (reply_tx, reply_rx) = bounded::<(u16, SrcReply)>(usize::from(cfg.streams) * 4);
     std::thread::scope(|scope| {
@@ -374,11 +391,12 @@ fn source_inner(
             cmd_txs.push(tx);
             let reply = reply_tx.clone();
             let boundaries = &boundaries;
+            let counters = &counters;
             std::thread::Builder::new()
                 .name(format!("ferry-send-{stream}"))
                 .spawn_scoped(scope, move || {
                     pin(cfg, usize::from(stream));
-                    let r = SendWorker::new(stream, mem, keys, cfg, sock, boundaries)
+                    let r = SendWorker::new(stream, mem, keys, cfg, sock, boundaries, hooks, counters)
                         .and_then(|mut w| w.run(&rx, &reply, stream));
                     if let Err(e) = r {
                         let _ = reply.send((stream, SrcReply::Failed(e)));
@@ -393,6 +411,11 @@ fn source_inner(
             replies: reply_rx,
             socks: &socks,
             cfg,
+            hooks,
+            counters: &counters,
+            started_at,
+            sending: None,
+            cancellable: true,
         };
         let r = ctl.drive(mem, tracker, guest, paused, committed, started_at);
         if r.is_err() {
@@ -435,9 +458,27 @@ struct SourceCtl<'a> {
     replies: Receiver<(u16, SrcReply)>,
     socks: &'a [TcpStream],
     cfg: &'a MigrationConfig,
+    hooks: &'a Hooks,
+    counters: &'a Counters,
+    started_at: Instant,
+    /// The round under way, its page count and the page counter at its start.
+    sending: Option<(u32, u64, u64)>,
+    /// Until the commit point, a cancel stops the migration.
+    cancellable: bool,
 }
 
 impl SourceCtl<'_> {
+    fn elapsed_ms(&self) -> f64 {
+        self.started_at.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.cancellable && self.hooks.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        Ok(())
+    }
+
     fn abort(&self) {
         for s in self.socks {
             let _ = s.shutdown(std::net::Shutdown::Both);
@@ -446,15 +487,32 @@ impl SourceCtl<'_> {
 
     /// Waits for one reply; workers time out on their own network waits, so
     /// this bound is only a backstop.
+    /// Meanwhile reports progress and watches the cancel switch.
     fn reply(&self) -> Result<(u16, SrcReply), MigrateError> {
-        let limit = self.cfg.io_timeout * 3;
-        match self.replies.recv_timeout(limit) {
-            Ok((s, SrcReply::Failed(e))) => {
-                tracing::debug!("stream {s} failed: {e}");
-                Err(self.settle(e))
+        let deadline = Instant::now() + self.cfg.io_timeout * 3;
+        loop {
+            self.check_cancel()?;
+            let wait = PROGRESS_EVERY.min(deadline.saturating_duration_since(Instant::now()));
+            match self.replies.recv_timeout(wait) {
+                Ok((s, SrcReply::Failed(e))) => {
+                    tracing::debug!("stream {s} failed: {e}");
+                    return Err(self.settle(e));
+                }
+                Ok(r) => return Ok(r),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    if let Some((round, pages_in_round, pages_at_start)) = self.sending {
+                        let (pages, bytes) = self.counters.get();
+                        self.hooks.emit(&Progress::Sending {
+                            round,
+                            pages_sent: pages.saturating_sub(pages_at_start).min(pages_in_round),
+                            pages_in_round,
+                            bytes_on_wire: bytes,
+                            elapsed_ms: self.elapsed_ms(),
+                        });
+                    }
+                }
+                Err(_) => return Err(MigrateError::WorkerLost(u16::MAX)),
             }
-            Ok(r) => Ok(r),
-            Err(_) => Err(MigrateError::WorkerLost(u16::MAX)),
         }
     }
 
@@ -486,6 +544,8 @@ impl SourceCtl<'_> {
         is_final: bool,
     ) -> Result<(RoundStats, bool), MigrateError> {
         let t0 = Instant::now();
+        self.check_cancel()?;
+        self.sending = Some((round, dirty.count(), self.counters.get().0));
         for i in 0..self.cmd_txs.len() {
             self.send(
                 i,
@@ -501,6 +561,7 @@ impl SourceCtl<'_> {
         let mut total = RoundStats {
             round,
             is_final,
+            started_ms: t0.saturating_duration_since(self.started_at).as_secs_f64() * 1e3,
             ..Default::default()
         };
         let mut done = 0;
@@ -530,6 +591,7 @@ impl SourceCtl<'_> {
                 }
             }
         }
+        self.sending = None;
         let secs = t0.elapsed().as_secs_f64();
         total.duration_ms = secs * 1e3;
         total.throughput_gbps = gbps(total.pages * PAGE_SIZE_U64, secs);
@@ -585,6 +647,14 @@ impl SourceCtl<'_> {
                 expected_downtime_ms = expected_ms,
                 "pre-copy round done"
             );
+            stats.expected_downtime_ms = expected_ms;
+            if stats.duration_ms > 0.0 {
+                stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
+            }
+            self.hooks.emit(&Progress::Round {
+                stats: stats.clone(),
+                elapsed_ms: self.elapsed_ms(),
+            });
             let stalled = rounds.len() >= 4
                 && rounds[rounds.len() - 2..]
                     .iter()
@@ -603,7 +673,8 @@ impl SourceCtl<'_> {
             round += 1;
         }
 
-        // Stop and copy.
+        // Stop and copy (unless cancelled meanwhile).
+        self.check_cancel()?;
         guest.pause()?;
         *paused = true;
         // Downtime starts when the guest began to stop.
@@ -615,8 +686,16 @@ impl SourceCtl<'_> {
         let scan_ms = t.elapsed().as_secs_f64() * 1e3;
         let state = Arc::new(guest.save_state()?);
         let device_state_bytes = state.len();
+        self.hooks.emit(&Progress::Paused {
+            round: round + 1,
+            pages: last.count(),
+        });
         let (mut fin, ready) = self.run_round(round + 1, Arc::new(last), None, Some(state), true)?;
         fin.dirty_scan_ms = scan_ms;
+        self.hooks.emit(&Progress::Round {
+            stats: fin.clone(),
+            elapsed_ms: self.elapsed_ms(),
+        });
         rounds.push(fin);
 
         // Stream 0 reports the destination's Ready: the commit point.
@@ -632,7 +711,11 @@ impl SourceCtl<'_> {
             }
         }
         *committed = true;
+        self.cancellable = false;
         let committed_at = Instant::now();
+        self.hooks.emit(&Progress::Committed {
+            elapsed_ms: self.elapsed_ms(),
+        });
         tracing::info!("destination ready: commit point passed, the source gives the VM up");
         self.send(0, SrcCmd::Commit)
             .map_err(|_| MigrateError::InDoubt(self.cfg.io_timeout))?;
@@ -640,6 +723,9 @@ impl SourceCtl<'_> {
             Ok((0, SrcReply::Resumed)) => Instant::now(),
             Ok(_) | Err(_) => return Err(MigrateError::InDoubt(self.cfg.io_timeout)),
         };
+        self.hooks.emit(&Progress::Resumed {
+            elapsed_ms: self.elapsed_ms(),
+        });
         Ok(SourceReport {
             pages_sent: rounds.iter().map(|r| r.pages).sum(),
             zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
@@ -702,7 +788,7 @@ impl MigrateError {
     /// then what was wrong with the data, then a stream that merely closed.
     fn rank(&self) -> u8 {
         match self {
-            MigrateError::PeerAborted { .. } => 0,
+            MigrateError::PeerAborted { .. } | MigrateError::Cancelled => 0,
             MigrateError::Transport { .. } | MigrateError::Setup { .. } | MigrateError::WorkerLost(_) => 2,
             _ => 1,
         }
@@ -906,9 +992,12 @@ struct SendWorker<'a> {
     ready: bool,
     resumed: bool,
     transcript: Transcript,
+    hooks: &'a Hooks,
+    counters: &'a Counters,
 }
 
 impl<'a> SendWorker<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         stream: u16,
         mem: &'a GuestMemory,
@@ -916,6 +1005,8 @@ impl<'a> SendWorker<'a> {
         cfg: &'a MigrationConfig,
         mut sock: TcpStream,
         boundaries: &'a [u64],
+        hooks: &'a Hooks,
+        counters: &'a Counters,
     ) -> Result<Self, MigrateError> {
         crate::transport::prove_stream(&mut sock, keys, stream, cfg.io_timeout).map_err(|e| MigrateError::Setup {
             stream,
@@ -946,6 +1037,8 @@ impl<'a> SendWorker<'a> {
             ready: false,
             resumed: false,
             transcript: Transcript::new(),
+            hooks,
+            counters,
         })
     }
 
@@ -1056,6 +1149,7 @@ impl<'a> SendWorker<'a> {
                 stats.pages += u64::from(e.pages);
                 stats.zero_pages += u64::from(e.zero_pages);
                 stats.bytes_on_wire += e.wire_bytes as u64;
+                self.counters.add(u64::from(e.pages), e.wire_bytes as u64);
                 if self.cur.len() >= self.cfg.batch_bytes {
                     self.flush()?;
                 }
@@ -1119,6 +1213,10 @@ impl<'a> SendWorker<'a> {
     fn flush(&mut self) -> Result<(), MigrateError> {
         if self.cur.is_empty() {
             return Ok(());
+        }
+        // Checked once per batch; `run` tells the destination why it stops.
+        if !self.ready && self.hooks.is_cancelled() {
+            return Err(MigrateError::Cancelled);
         }
         while self.conn.send_busy() {
             self.wait_event("sending")?;
@@ -1223,6 +1321,7 @@ pub fn migrate_destination(
     conns: Vec<TcpStream>,
     keys: &SessionKeys,
     cfg: &MigrationConfig,
+    hooks: &Hooks,
 ) -> Result<DestReport, MigrateError> {
     cfg.validate()?;
     if conns.len() != usize::from(cfg.streams) {
@@ -1234,6 +1333,7 @@ pub fn migrate_destination(
     }
     let socks = clone_all(&conns)?;
     let (reply_tx, reply_rx) = bounded::<(usize, DstReply)>(usize::from(cfg.streams) * 4);
+    let counters = Counters::default();
     let stats: Vec<std::sync::Mutex<(u64, u64, u64)>> =
         (0..conns.len()).map(|_| std::sync::Mutex::new((0, 0, 0))).collect();
     let result = std::thread::scope(|scope| {
@@ -1243,11 +1343,12 @@ pub fn migrate_destination(
             cmd_txs.push(tx);
             let reply = reply_tx.clone();
             let slot = &stats[i];
+            let counters = &counters;
             std::thread::Builder::new()
                 .name(format!("ferry-recv-{i}"))
                 .spawn_scoped(scope, move || {
                     pin(cfg, i + 1);
-                    let r = RecvWorker::new(i, mem, keys, cfg, sock).and_then(|mut w| {
+                    let r = RecvWorker::new(i, mem, keys, cfg, sock, counters).and_then(|mut w| {
                         let r = w.run(&rx, &reply);
                         if let Ok(mut s) = slot.lock() {
                             *s = (w.frames, w.pages, w.inbox.bytes);
@@ -1266,7 +1367,7 @@ pub fn migrate_destination(
                 .expect("spawning a receiver worker");
         }
         drop(reply_tx);
-        let r = dest_drive(guest, &cmd_txs, &reply_rx, cfg);
+        let r = dest_drive(guest, &cmd_txs, &reply_rx, cfg, hooks, &counters);
         if r.is_err() {
             for s in &socks {
                 let _ = s.shutdown(std::net::Shutdown::Both);
@@ -1297,7 +1398,10 @@ fn dest_drive(
     cmd_txs: &[Sender<DstCmd>],
     replies: &Receiver<(usize, DstReply)>,
     cfg: &MigrationConfig,
+    hooks: &Hooks,
+    counters: &Counters,
 ) -> Result<(Instant, [u8; 32]), MigrateError> {
+    let started = Instant::now();
     let n = cmd_txs.len();
     let (mut hellos, mut finals, mut done) = (0, 0, 0);
     let mut stream_of_worker: Vec<Option<usize>> = vec![None; n];
@@ -1308,9 +1412,22 @@ fn dest_drive(
     let mut ready_sent = false;
     let mut resumed_at = None;
     let mut zero_worker = None;
+    let mut deadline = Instant::now() + cfg.io_timeout * 3;
     loop {
-        let (i, r) = match replies.recv_timeout(cfg.io_timeout * 3) {
-            Ok(r) => r,
+        if !ready_sent && hooks.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let wait = PROGRESS_EVERY.min(deadline.saturating_duration_since(Instant::now()));
+        let (i, r) = match replies.recv_timeout(wait) {
+            Ok(r) => {
+                deadline = Instant::now() + cfg.io_timeout * 3;
+                r
+            }
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                let (pages, bytes) = counters.get();
+                hooks.emit(&Progress::Receiving { pages, bytes });
+                continue;
+            }
             Err(RecvTimeoutError::Timeout) => {
                 return Err(MigrateError::Transport {
                     stream: u16::MAX,
@@ -1351,6 +1468,9 @@ fn dest_drive(
                 // The source has given the VM up: run it here.
                 guest.resume()?;
                 resumed_at = Some(Instant::now());
+                hooks.emit(&Progress::Resumed {
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                });
                 let _ = cmd_txs[i].send(DstCmd::SendResumed);
             }
             DstReply::Done => {
@@ -1418,6 +1538,7 @@ struct RecvWorker<'a> {
     round: u32,
     frames: u64,
     pages: u64,
+    counters: &'a Counters,
 }
 
 impl<'a> RecvWorker<'a> {
@@ -1427,6 +1548,7 @@ impl<'a> RecvWorker<'a> {
         keys: &'a SessionKeys,
         cfg: &'a MigrationConfig,
         mut sock: TcpStream,
+        counters: &'a Counters,
     ) -> Result<Self, MigrateError> {
         let s = u16::try_from(index).unwrap_or(u16::MAX);
         // Which stream this connection carries, proven with a MAC over a
@@ -1469,6 +1591,7 @@ impl<'a> RecvWorker<'a> {
             round: 0,
             frames: 0,
             pages: 0,
+            counters,
         })
     }
 
@@ -1566,6 +1689,7 @@ impl<'a> RecvWorker<'a> {
         let mem = self.mem;
         let index = self.index;
         let ack_every = self.cfg.ack_every;
+        let counters = self.counters;
         let (phase, since_ack, ack_due, frames, pages, round) = (
             &mut self.phase,
             &mut self.since_ack,
@@ -1621,6 +1745,7 @@ impl<'a> RecvWorker<'a> {
                             },
                         )?;
                         *pages += u64::from(h.page_count);
+                        counters.add(u64::from(h.page_count), h.frame_len() as u64);
                     }
                     (Kind::DeviceState, RecvPhase::Rounds) if stream == 0 => {
                         let _ = replies.send((index, DstReply::State(plain.to_vec())));

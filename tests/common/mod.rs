@@ -2,6 +2,8 @@
 //! frame-aware TCP relay that can attack the source→destination direction.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};

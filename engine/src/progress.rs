@@ -1,0 +1,169 @@
+//! What a running migration tells its embedder, and how the embedder stops
+//! it: [`Hooks`] (a progress callback and a cancel switch) go with every
+//! [`crate::migrate::migrate_source`] and
+//! [`crate::migrate::migrate_destination`] call.
+//!
+//! Progress events come from the migration's controller thread, a few times
+//! a second and at every round's end, never from the per-frame hot path: the
+//! workers only add to two shared counters once per frame. A callback must
+//! return quickly (hand the event to a channel with `try_send`, say); the
+//! migration waits for it.
+//!
+//! [`Hooks::cancel`] stops a migration that has not reached its commit
+//! point: the source's workers abort their streams (the destination is told
+//! why and discards what it got) and the source's guest runs on, as after
+//! any failure before the commit. A cancel after the commit point does
+//! nothing: the guest already belongs to the destination.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::migrate::RoundStats;
+
+/// How often the controller reports `Sending` while a round runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// One progress event.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Progress {
+    /// A round is under way (every [`PROGRESS_EVERY`]).
+    Sending {
+        /// Round number (1-based).
+        round: u32,
+        /// Pages of this round sent so far.
+        pages_sent: u64,
+        /// Pages this round sends.
+        pages_in_round: u64,
+        /// Bytes written to the streams since the migration started.
+        bytes_on_wire: u64,
+        /// Milliseconds since the migration started.
+        elapsed_ms: f64,
+    },
+    /// A round ended (the final one too).
+    Round {
+        /// What the round did.
+        #[serde(flatten)]
+        stats: RoundStats,
+        /// Milliseconds since the migration started.
+        elapsed_ms: f64,
+    },
+    /// The source paused its guest for the final round.
+    Paused {
+        /// The final round's number.
+        round: u32,
+        /// Pages the final round sends.
+        pages: u64,
+    },
+    /// The destination said Ready and the source committed: the guest now
+    /// belongs to the destination and a cancel has no effect.
+    Committed {
+        /// Milliseconds since the migration started.
+        elapsed_ms: f64,
+    },
+    /// The guest runs at the destination (source: confirmed by it;
+    /// destination: resumed here).
+    Resumed {
+        /// Milliseconds since the migration started (source) or since the
+        /// first stream arrived (destination).
+        elapsed_ms: f64,
+    },
+    /// Destination: the data received so far (every [`PROGRESS_EVERY`]).
+    Receiving {
+        /// Pages written into guest memory so far.
+        pages: u64,
+        /// Bytes read from the streams so far.
+        bytes: u64,
+    },
+}
+
+type Callback = dyn Fn(&Progress) + Send + Sync;
+
+/// A migration's progress callback and cancel switch. Cloning shares both:
+/// keep a clone to cancel from another thread.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    progress: Option<Arc<Callback>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("progress", &self.progress.is_some())
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl Hooks {
+    /// No callback, not cancelled.
+    pub fn new() -> Hooks {
+        Hooks::default()
+    }
+
+    /// Calls `f` with every progress event (on the controller thread).
+    #[must_use]
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Hooks {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Asks the migration to stop. Before the commit point it ends with
+    /// [`crate::migrate::MigrateError::Cancelled`] and the source's guest
+    /// keeps running; after it, nothing happens.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Hooks::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn emit(&self, p: &Progress) {
+        if let Some(f) = &self.progress {
+            f(p);
+        }
+    }
+}
+
+/// Pages and bytes sent by all workers, bumped once per frame.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) pages: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(&self, pages: u64, bytes: u64) {
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    pub(crate) fn get(&self) -> (u64, u64) {
+        (self.pages.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn clones_share_the_cancel_switch_and_the_callback() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hooks = Hooks::new().on_progress(move |p| s.lock().unwrap().push(serde_json::to_string(p).unwrap()));
+        let other = hooks.clone();
+        assert!(!hooks.is_cancelled());
+        other.cancel();
+        assert!(hooks.is_cancelled());
+        other.emit(&Progress::Committed { elapsed_ms: 1.5 });
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![r#"{"event":"committed","elapsed_ms":1.5}"#.to_string()]
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! A VMM's local API: JSON lines over a Unix socket.
+//!
+//! A client connects, writes one request line and reads reply lines until
+//! the VMM closes the connection:
+//!
+//! ```text
+//! {"op":"status"}                                  → {"event":"status","state":"running",...}
+//! {"op":"cancel"}                                  → {"event":"cancel","cancelled":true}
+//! {"op":"migrate","to":"10.0.0.2:7700","dest_host":"dst"}
+//!                                                  → {"event":"accepted",...}
+//!                                                    {"event":"sending",...} {"event":"round",...} ...
+//!                                                    {"event":"migrated",...,"record":{...}}
+//!                                                    (or "migration-failed" / "migration-in-doubt")
+//! ```
+//!
+//! Any error is one line `{"event":"error","error":"..."}`. `ferry vm`
+//! serves it (`--api PATH`); `ferry migrate`, `ferry status` and `ferry
+//! cancel` are its clients. The socket is created mode 0600: whoever can
+//! open it can move the VM (within what the authorization server allows the
+//! host's operator credential).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 10;
+/// Most API connections served at once.
+pub const MAX_CLIENTS: usize = 16;
+/// How long a client has to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Migrate the VM to a destination daemon; the reply streams progress.
+    Migrate {
+        /// The destination daemon's control address.
+        to: SocketAddr,
+        /// The destination's host name (its certificate must be for it).
+        dest_host: String,
+        /// Downtime target in milliseconds (default: the VMM's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms_max: Option<u64>,
+    },
+    /// The VM's state and the migration's latest progress.
+    Status,
+    /// Stop the running migration if it has not reached its commit point.
+    Cancel,
+}
+
+/// An error line.
+pub fn error_line(e: &str) -> serde_json::Value {
+    serde_json::json!({"event": "error", "error": e})
+}
+
+/// What serves the requests: `handle` gets each parsed request and a sink
+/// for its reply lines (the connection closes when `handle` returns).
+pub type Handler = dyn Fn(Request, &mut dyn FnMut(&serde_json::Value) -> bool) + Send + Sync;
+
+/// A bound API socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ApiSocket {
+    path: PathBuf,
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (mode 0600; a stale socket file left by a dead VMM is
+/// replaced, a live one is an error) and serves requests on a thread.
+pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is already served by another process: give this VM its own --api path",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ferry-api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                    clients.fetch_sub(1, Ordering::SeqCst);
+                    let _ = writeln!(conn, "{}", error_line("too many API clients at once; try again"));
+                    continue;
+                }
+                let (handler, clients) = (handler.clone(), clients.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ferry-api-conn".into())
+                    .spawn(move || {
+                        serve_one(conn, handler.as_ref());
+                        clients.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start a thread for an API client");
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    Ok(ApiSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+fn serve_one(conn: UnixStream, handler: &Handler) {
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
+    let Ok(mut out) = conn.try_clone() else { return };
+    let mut line = String::new();
+    let read = BufReader::new(conn.take(MAX_REQUEST_BYTES)).read_line(&mut line);
+    let mut send = |v: &serde_json::Value| writeln!(out, "{v}").and_then(|()| out.flush()).is_ok();
+    match read {
+        Ok(0) => {}
+        Ok(_) if !line.ends_with('\n') => {
+            send(&error_line("request line too long or not ended by a newline"));
+        }
+        Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => handler(req, &mut send),
+            Err(e) => {
+                send(&error_line(&format!(
+                    "bad request ({e}); send one JSON line: {{\"op\":\"status\"}}, {{\"op\":\"cancel\"}} or {{\"op\":\"migrate\",\"to\":\"ADDR\",\"dest_host\":\"NAME\"}}"
+                )));
+            }
+        },
+        Err(e) => {
+            send(&error_line(&format!("no request line within {REQUEST_TIMEOUT:?}: {e}")));
+        }
+    }
+}
+
+/// Sends `req` to the VMM at `path` and calls `each` with every reply line
+/// until the VMM closes the connection or `each` returns false. `idle` bounds
+/// the wait for each line.
+pub fn call(
+    path: &Path,
+    req: &Request,
+    idle: Duration,
+    mut each: impl FnMut(serde_json::Value) -> bool,
+) -> Result<(), String> {
+    let mut conn = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach the VMM's API at {}: {e} (is `ferry vm --api {}` running, and may you open it?)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(idle)).map_err(|e| e.to_string())?;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    writeln!(conn, "{line}").map_err(|e| format!("sending the request: {e}"))?;
+    for line in BufReader::new(conn).lines() {
+        let line = line.map_err(|e| format!("the VMM went silent for {idle:?} or closed: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("the VMM sent a line that is not JSON ({e}): {line}"))?;
+        if !each(v) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let m = Request::Migrate {
+            to: "127.0.0.1:7700".parse().unwrap(),
+            dest_host: "dst".into(),
+            downtime_ms_max: None,
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(s, r#"{"op":"migrate","to":"127.0.0.1:7700","dest_host":"dst"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), m);
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"migrate","to":"127.0.0.1:1","dest_host":"d","force":true}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn a_server_answers_refuses_garbage_and_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        // A stale socket file, as a killed VMM leaves it.
+        drop(UnixListener::bind(&path).unwrap());
+        let handler: Arc<Handler> = Arc::new(|req, send| {
+            send(&serde_json::json!({"event": "echo", "req": format!("{req:?}")}));
+        });
+        let sock = serve(&path, handler.clone()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(serve(&path, handler).unwrap_err().contains("already served"));
+        let mut got = Vec::new();
+        call(&path, &Request::Status, Duration::from_secs(5), |v| {
+            got.push(v);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, vec![serde_json::json!({"event": "echo", "req": "Status"})]);
+        let mut raw = UnixStream::connect(&path).unwrap();
+        writeln!(raw, "not json").unwrap();
+        let mut reply = String::new();
+        BufReader::new(raw).read_line(&mut reply).unwrap();
+        assert!(reply.contains("bad request"), "{reply}");
+        drop(sock);
+        assert!(!path.exists());
+    }
+}
