@@ -116,3 +116,88 @@ fn demo_refuses_options_of_the_other_guest() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("--guest synthetic"), "{said}");
 }
+
+#[test]
+fn every_command_explains_itself_with_examples() {
+    for cmd in [
+        &["demo"][..],
+        &["pki"],
+        &["pki", "init"],
+        &["serve"],
+        &["serve", "authn"],
+        &["serve", "authz"],
+        &["receive"],
+        &["vm"],
+        &["migrate"],
+        &["status"],
+        &["cancel"],
+        &["report"],
+        &["audit"],
+        &["audit", "verify"],
+        &["workload"],
+        &[],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let out = ferry(&args);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "ferry {args:?}");
+        assert!(
+            help.contains("Example"),
+            "`ferry {}` has no examples:\n{help}",
+            args.join(" ")
+        );
+    }
+}
+
+#[test]
+fn the_example_config_file_names_only_real_options() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/ferry.example.toml");
+    for cmd in [
+        &["pki", "init"][..],
+        &["serve", "authn"],
+        &["serve", "authz"],
+        &["receive"],
+        &["vm"],
+        &["migrate"],
+        &["demo"],
+    ] {
+        // Every key becomes an option in front of `--help`: an unknown one
+        // would be an error before the help.
+        let mut args = vec!["--config", example];
+        args.extend_from_slice(cmd);
+        args.push("--help");
+        let out = ferry(&args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_command_line_overrides_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ferry.toml");
+    // `workload` prints what it runs: the file's hot set, the command
+    // line's memory.
+    std::fs::write(
+        &config,
+        "[workload]\nmemory = \"64MiB\"\nhot-set = \"8MiB\"\nseconds = 1\ndirty-rate = 100\n",
+    )
+    .unwrap();
+    let out = ferry(&["--config", config.to_str().unwrap(), "workload", "--memory", "32MiB"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("userfaultfd") {
+            eprintln!("SKIPPED the_command_line_overrides_the_config_file: userfaultfd missing: {err}");
+            return;
+        }
+        panic!("{text}{err}");
+    }
+    assert!(text.contains("32.0 MiB memory, 8.0 MiB hot set"), "{text}");
+    let bad = ferry(&["--config", config.to_str().unwrap(), "workload", "--nonsense"]);
+    assert!(!bad.status.success());
+}

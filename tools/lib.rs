@@ -1,6 +1,7 @@
 //! The `ferry` package: the CLI's building blocks (the loopback demo, size
 //! parsing) shared by the binary, the end-to-end tests and the benches.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod config;

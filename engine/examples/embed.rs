@@ -17,7 +17,7 @@
 //! **Keys.** This example uses `SessionKeys::test_only_unauthenticated`,
 //! which exists only with the `insecure-test-keys` feature. A real VMM gets
 //! its keys from the control plane: `ferry_control::handshake::request`
-//! (source) or `serve_request` (destination) yields an `Admitted`, and
+//! (source) or `serve_destination` (destination) yields an `Admitted`, and
 //! `SessionKeys::from_grant(admitted.key_grant())` is the only other way to
 //! make keys — see `tools/source.rs` in the ferry repository for the whole
 //! source side (tickets, admission, data streams, manifest and receipt).
