@@ -8,6 +8,8 @@ use ferry_control::pki::{Identity, Role};
 fn ferry(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
+        // Records of the demo runs go here, not into the host's state.
+        .env("FERRY_STATE_DIR", env!("CARGO_TARGET_TMPDIR"))
         .output()
         .expect("run ferry")
 }

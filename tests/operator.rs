@@ -15,7 +15,11 @@ mod common;
 use common::procs::{ready, s, Proc, SourceDomain};
 
 fn ferry(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_STATE_DIR", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .unwrap()
 }
 
 fn text(o: &std::process::Output) -> String {

@@ -587,6 +587,10 @@ fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
     let recorded = report.record().write(&record_path);
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        match &recorded {
+            Ok(()) => eprintln!("record: {}", record_path.display()),
+            Err(why) => eprintln!("record: not written: {why}"),
+        }
     } else {
         match &recorded {
             Ok(()) => println!(

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::lab::Step;
 
 const ORANGE: RGBColor = RGBColor(230, 140, 0);
+/// The bottom of the bytes panel's log scale (1 KiB).
+const FLOOR_MIB: f64 = 1.0 / 1024.0;
 
 /// What a record file says it is.
 pub const KIND: &str = "ferry-migration-record";
@@ -200,13 +202,14 @@ pub fn draw_svg(r: &Record, out: &Path) -> Result<(), String> {
     let top = r.rounds.iter().map(|x| mib(x.bytes_on_wire)).fold(1.0, f64::max) * 1.1;
     let mut c = ChartBuilder::on(&panels[0])
         .caption(
-            "bytes on the wire per round (MiB; red: the paused round)",
+            "bytes on the wire per round (MiB, log scale; red: the paused round)",
             ("sans-serif", 15),
         )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(rounds.clone().into_segmented(), 0.0..top)
+        // Log scale: the first round is often a thousand times the last.
+        .build_cartesian_2d(rounds.clone().into_segmented(), (FLOOR_MIB..top).log_scale())
         .map_err(plot_err)?;
     c.configure_mesh()
         .x_desc("round")
@@ -217,8 +220,8 @@ pub fn draw_svg(r: &Record, out: &Path) -> Result<(), String> {
         let color = if x.is_final { RED } else { BLUE };
         c.draw_series(std::iter::once(Rectangle::new(
             [
-                (SegmentValue::Exact(x.round), mib(x.bytes_on_wire)),
-                (SegmentValue::Exact(x.round + 1), 0.0),
+                (SegmentValue::Exact(x.round), mib(x.bytes_on_wire).max(FLOOR_MIB)),
+                (SegmentValue::Exact(x.round + 1), FLOOR_MIB),
             ],
             color.mix(0.6).filled(),
         )))

@@ -30,6 +30,8 @@ impl Proc {
         };
         let mut child = cmd
             .args(args)
+            // Migration records go here, not into the host's state.
+            .env("FERRY_STATE_DIR", env!("CARGO_TARGET_TMPDIR"))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
