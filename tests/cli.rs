@@ -203,3 +203,25 @@ fn the_command_line_overrides_the_config_file() {
     let bad = ferry(&["--config", config.to_str().unwrap(), "workload", "--nonsense"]);
     assert!(!bad.status.success());
 }
+
+#[test]
+fn a_bad_data_port_range_is_refused_with_the_reason() {
+    let out = ferry(&[
+        "receive",
+        "--pki",
+        "/nonexistent",
+        "--name",
+        "dst",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        "/nonexistent/policy.toml",
+        "--state-dir",
+        "/nonexistent",
+        "--data-ports",
+        "7729-7710",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the first port must not be above the last"), "{err}");
+}

@@ -63,6 +63,9 @@ fn an_operator_migrates_cancels_and_reports_with_the_cli() {
             s(&dom.policy),
             "--state-dir",
             s(&d.join("dst")),
+            // As behind a firewall: data streams only on these ports.
+            "--data-ports",
+            "47100-47199",
         ],
     );
     let dst_addr = dst.listening().to_string();
@@ -164,6 +167,10 @@ fn an_operator_migrates_cancels_and_reports_with_the_cli() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(seen["state"], "migrating", "{seen}");
+    // One migration at a time: a second request is refused, the first goes on.
+    let second = ferry(&["migrate", "--api", api, "--to", &dst_addr, "--dest-host", "dst"]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(text(&second).contains("the VM is migrating"), "{}", text(&second));
     assert!(
         pty.wait().unwrap().success(),
         "{}",

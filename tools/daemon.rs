@@ -125,6 +125,8 @@ pub struct ReceiveOptions {
     pub verify_guest: bool,
     /// Print a `heartbeat` event for every running KVM guest this often.
     pub heartbeat_events: Option<Duration>,
+    /// Ports for data listeners (first, last); `None`: ephemeral.
+    pub data_ports: Option<(u16, u16)>,
 }
 
 /// The guest kinds this host can run: KVM where /dev/kvm works, and the
@@ -280,7 +282,10 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     handshake::serve_destination(
         l,
         dest,
-        ServeLimits::default(),
+        ServeLimits {
+            data_ports: o.data_ports,
+            ..ServeLimits::default()
+        },
         on_admitted,
         Arc::new(AtomicBool::new(false)),
     )

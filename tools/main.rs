@@ -122,7 +122,9 @@ const MIGRATE_EXAMPLES: &str = "Examples:
   ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst --json --record web-1.json
 
 Exit status: 0 migrated; 1 failed or cancelled (the guest runs at the source);
-3 in doubt (commit sent, no confirmation: check the destination first).";
+3 in doubt (commit sent, no confirmation: check the destination first).
+The migration runs in the VMM: stopping `ferry migrate` does not stop it;
+`ferry cancel` does (before the commit point).";
 
 /// Which VMM to talk to.
 #[derive(Args)]
@@ -269,6 +271,9 @@ struct VmArgs {
     /// Destination: folder for the replay cache and the audit log.
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
+    /// Destination: ports for the data streams, FIRST-LAST (default: ephemeral).
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range)]
+    data_ports: Option<(u16, u16)>,
     /// PKI folder (see `ferry pki init`).
     #[arg(long)]
     pki: Option<std::path::PathBuf>,
@@ -340,6 +345,10 @@ struct ReceiveArgs {
     /// Most incoming migrations at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent: usize,
+    /// Ports for the data streams, FIRST-LAST (one per migration at a time;
+    /// default: an ephemeral port). For firewalls.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range)]
+    data_ports: Option<(u16, u16)>,
     /// Seconds without network progress before a migration aborts.
     #[arg(long, default_value_t = 10)]
     io_timeout_s: u64,
@@ -447,6 +456,22 @@ struct WorkloadArgs {
     seconds: u64,
 }
 
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (a, b) = (port(a)?, port(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first port must not be above the last"));
+    }
+    Ok((a, b))
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (0.0..=1.0).contains(&v) {
@@ -513,6 +538,7 @@ fn main() -> ExitCode {
             guests: ferry::daemon::local_guests(),
             verify_guest: false,
             heartbeat_events: None,
+            data_ports: a.data_ports,
         })
         .map(|()| ExitCode::SUCCESS),
         Cmd::Pki(PkiCmd::Init { out, hosts }) => ferry_control::pki::init(&out, &hosts)
@@ -646,6 +672,7 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
             guests: vec!["kvm".into()],
             verify_guest: a.verify,
             heartbeat_events: Some(Duration::from_millis(a.heartbeat_every_ms.max(10))),
+            data_ports: a.data_ports,
         })
         .map(|()| ExitCode::SUCCESS);
     }

@@ -220,6 +220,9 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                     send(&serde_json::json!({"event": "cancel", "cancelled": true,
                         "note": "the migration stops before its commit point; the guest keeps running here"}));
                 }
+                (None, "migrating") => {
+                    send(&api::error_line("the migration is starting: cancel again in a moment"));
+                }
                 (_, state) => {
                     send(&api::error_line(&format!(
                         "nothing to cancel: the VM is {state}{}",
@@ -255,11 +258,23 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 events: Some(tx),
                 delivered: Some(done_rx),
             };
-            let state = lock(&shared).state;
-            if state != "running" || jobs.try_send(job).is_err() {
-                send(&api::error_line(&format!(
-                    "the VM is {state}: only a running VM with no migration under way can migrate"
-                )));
+            {
+                // Claimed under the lock: of two clients asking at once, one wins.
+                let mut s = lock(&shared);
+                if s.state != "running" {
+                    send(&api::error_line(&format!(
+                        "the VM is {}: only a running VM with no migration under way can migrate",
+                        s.state
+                    )));
+                    return;
+                }
+                s.state = "migrating";
+            }
+            if jobs.try_send(job).is_err() {
+                lock(&shared).state = "running";
+                send(&api::error_line(
+                    "a migration is about to start (--migrate-to): try again when it ends",
+                ));
                 return;
             }
             // Every line of the migration until its last; a client that
@@ -288,6 +303,7 @@ fn run_job(
         }
     };
     let Some(host) = &o.source else {
+        lock(shared).state = "running";
         say(&api::error_line("this VM cannot migrate: no source settings"));
         return false;
     };

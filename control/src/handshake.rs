@@ -701,6 +701,21 @@ impl Admitted {
     }
 }
 
+/// A data listener on `ip`: on the first free port of `range`, or an
+/// ephemeral one.
+fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Option<std::net::TcpListener> {
+    let Some((first, last)) = range else {
+        return std::net::TcpListener::bind((ip, 0)).ok();
+    };
+    let found = (first..=last).find_map(|port| std::net::TcpListener::bind((ip, port)).ok());
+    if found.is_none() {
+        tracing::warn!(
+            "receive: every data port {first}-{last} is in use: widen --data-ports or lower --max-concurrent"
+        );
+    }
+    found
+}
+
 /// Handshakes in progress: per peer address, and in all.
 type Pending = Mutex<(HashMap<IpAddr, usize>, usize)>;
 
@@ -732,6 +747,10 @@ pub struct ServeLimits {
     pub pending_per_peer: usize,
     /// Handshakes in progress in all.
     pub pending_total: usize,
+    /// The ports data listeners may use (first, last), for firewalls; `None`
+    /// takes an ephemeral port. A handshake that finds every port of the
+    /// range taken is closed (and logged).
+    pub data_ports: Option<(u16, u16)>,
 }
 
 impl Default for ServeLimits {
@@ -739,6 +758,7 @@ impl Default for ServeLimits {
         ServeLimits {
             pending_per_peer: 8,
             pending_total: 256,
+            data_ports: None,
         }
     }
 }
@@ -795,7 +815,7 @@ pub fn serve_destination(
                 let admitted = sock
                     .set_nonblocking(false)
                     .ok()
-                    .and_then(|()| std::net::TcpListener::bind((data_ip, 0)).ok())
+                    .and_then(|()| bind_data(data_ip, limits.data_ports))
                     .and_then(|data| {
                         let port = data.local_addr().ok()?.port();
                         let a = dest.admit(sock, port);
@@ -835,5 +855,31 @@ pub fn audit_request(
             serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm, "dest_host": claims.dest_host,
                 "reason": e.to_string()}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_listeners_stay_inside_the_configured_port_range() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        // Find two free consecutive ports, hold the first: the second is taken.
+        let (held, port) = (20_000u16..60_000)
+            .find_map(|p| {
+                let a = std::net::TcpListener::bind((ip, p)).ok()?;
+                std::net::TcpListener::bind((ip, p + 1)).ok().map(|b| {
+                    drop(b);
+                    (a, p)
+                })
+            })
+            .unwrap();
+        let l = bind_data(ip, Some((port, port + 1))).unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), port + 1);
+        // Both taken now: no listener, the handshake is refused.
+        assert!(bind_data(ip, Some((port, port + 1))).is_none());
+        drop((held, l));
+        assert!(bind_data(ip, None).is_some());
     }
 }
