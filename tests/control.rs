@@ -590,3 +590,37 @@ fn a_guest_kind_the_destination_cannot_run_is_refused_at_admission() {
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, o);
     refused_and_audited(&lab, &r, "this destination runs kvm and synthetic guests");
 }
+
+#[test]
+fn the_engine_refuses_a_configuration_other_than_the_admitted_offer() {
+    let (lab, dest, t, c, src) = setup();
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    let (s, d) = (s.unwrap(), d.unwrap());
+    let mem = ferry_engine::GuestMemory::new(1 << 22).unwrap();
+    // The admitted offer says 2 streams and aead+sha256.
+    let one_stream = ferry_engine::migrate::MigrationConfig {
+        streams: 1,
+        ..Default::default()
+    };
+    let no_digests = ferry_engine::migrate::MigrationConfig {
+        integrity: ferry_engine::pipeline::Integrity::Aead,
+        ..Default::default()
+    };
+    let data = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hooks = ferry_engine::progress::Hooks::new();
+    let mut guest =
+        ferry_engine::workload::SyntheticGuest::incoming(Arc::new(ferry_engine::GuestMemory::new(1 << 22).unwrap()));
+    for cfg in [&one_stream, &no_digests] {
+        let e = ferry_engine::session::run_destination(&mem, &mut guest, &d, &data, cfg, &hooks).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the admitted offer has 2 streams and aead+sha256"),
+            "{e}"
+        );
+        let mut tracker =
+            ferry_engine::dirty::BitmapTracker::new(Arc::new(ferry_engine::bitmap::AtomicBitmap::new(mem.pages())));
+        let ip = "127.0.0.1".parse().unwrap();
+        let e = ferry_engine::session::run_source(&mem, &mut tracker, &mut guest, &s, ip, cfg, &hooks).unwrap_err();
+        assert!(e.to_string().contains("the admitted offer"), "{e}");
+    }
+}

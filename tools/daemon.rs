@@ -16,12 +16,10 @@ use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
 use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::tls;
-use ferry_engine::crypto::SessionKeys;
 use ferry_engine::guest::GuestControl;
 use ferry_engine::kvm::KvmVm;
-use ferry_engine::migrate::{migrate_destination, MigrationConfig};
+use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::progress::Hooks;
-use ferry_engine::transport::accept_streams;
 use ferry_engine::workload::SyntheticGuest;
 use ferry_engine::GuestMemory;
 
@@ -227,22 +225,15 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                 }
                 _ => Received::Synthetic(SyntheticGuest::incoming(mem.clone())),
             };
-            let conns = accept_streams(&data, offer.streams, io_timeout).map_err(e)?;
             let cfg = MigrationConfig {
                 streams: offer.streams,
                 integrity,
                 io_timeout,
                 ..MigrationConfig::default()
             };
-            let report = migrate_destination(
-                &mem,
-                guest.control(),
-                conns,
-                &SessionKeys::from_grant(admitted.key_grant()),
-                &cfg,
-                &Hooks::new(),
-            )
-            .map_err(e)?;
+            let report =
+                ferry_engine::session::run_destination(&mem, guest.control(), &admitted, &data, &cfg, &Hooks::new())
+                    .map_err(e)?;
             let _ = prefault.join();
             let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
             // The guest runs here now: its memory stays committed (it counts

@@ -13,12 +13,10 @@ use ferry_control::pki::{self, Identity, Role};
 use ferry_control::servers::{self, ServerReply, ServerRequest};
 use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
 use ferry_control::tls;
-use ferry_engine::crypto::SessionKeys;
 use ferry_engine::dirty::DirtyTracker;
 use ferry_engine::guest::GuestControl;
-use ferry_engine::migrate::{migrate_source, MigrationConfig, SourceReport};
+use ferry_engine::migrate::{MigrationConfig, SourceReport};
 use ferry_engine::progress::Hooks;
-use ferry_engine::transport::connect_streams;
 use ferry_engine::GuestMemory;
 use rustls::ClientConfig;
 
@@ -153,23 +151,9 @@ pub fn migrate(
     }
     let mut admitted = requested.map_err(|x| e(&x))?;
     step("request: mutual TLS 1.3, ticket and policies checked, admitted, keys exported");
-    if hooks.is_cancelled() {
-        return Err(ferry_engine::migrate::MigrateError::Cancelled.to_string());
-    }
-    let data = SocketAddr::new(at.dest.ip(), admitted.data_port());
-    let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|x| e(&x))?;
-    step("data streams connected");
     let started = std::time::SystemTime::now();
-    let report = migrate_source(
-        mem,
-        tracker,
-        guest,
-        conns,
-        &SessionKeys::from_grant(admitted.key_grant()),
-        cfg,
-        hooks,
-    )
-    .map_err(|x| e(&x))?;
+    let report = ferry_engine::session::run_source(mem, tracker, guest, &admitted, at.dest.ip(), cfg, hooks)
+        .map_err(|x| e(&x))?;
     t = Instant::now();
     let ms = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)

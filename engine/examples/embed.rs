@@ -18,9 +18,11 @@
 //! which exists only with the `insecure-test-keys` feature. A real VMM gets
 //! its keys from the control plane: `ferry_control::handshake::request`
 //! (source) or `serve_destination` (destination) yields an `Admitted`, and
-//! `SessionKeys::from_grant(admitted.key_grant())` is the only other way to
-//! make keys — see `tools/source.rs` in the ferry repository for the whole
-//! source side (tickets, admission, data streams, manifest and receipt).
+//! `ferry_engine::session::run_source` / `run_destination` take that session
+//! instead of connections and keys (`SessionKeys::from_grant` is the only
+//! other way to make keys) — see `tools/source.rs` in the ferry repository
+//! for the whole source side (tickets, admission, migration, manifest and
+//! receipt).
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};

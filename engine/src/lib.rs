@@ -12,7 +12,10 @@
 //! migration has) and derives its [`crypto::SessionKeys`] from it; no other
 //! constructor exists outside tests and the `insecure-test-keys` feature.
 //!
-//! Entry points: [`migrate::migrate_source`] and [`migrate::migrate_destination`].
+//! Entry points: [`session::run_source`] and [`session::run_destination`]
+//! (from an admitted control session), built on [`migrate::migrate_source`]
+//! and [`migrate::migrate_destination`] (from connected streams and keys);
+//! [`progress::Hooks`] carry progress events and a cancel switch.
 //! A VMM provides the guest through [`guest::GuestControl`] and a
 //! [`dirty::DirtyTracker`]; [`kvm`] is a minimal KVM VMM that does both.
 #![warn(missing_docs)]
@@ -29,6 +32,7 @@ pub mod migrate;
 pub mod pipeline;
 pub mod probe;
 pub mod progress;
+pub mod session;
 pub mod transport;
 pub mod wire;
 pub mod workload;
