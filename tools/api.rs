@@ -101,7 +101,11 @@ pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
         .name("ferry-api".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+                let Ok(mut conn) = conn else {
+                    // Out of descriptors, say: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
                 if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::SeqCst);
                     let _ = writeln!(conn, "{}", error_line("too many API clients at once; try again"));

@@ -205,16 +205,24 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
     let (shared, mon, jobs) = (shared.clone(), mon.clone(), jobs.clone());
     let (vm_id, memory_bytes, vcpus, can_migrate) = (o.vm_id.clone(), o.memory_bytes, o.vcpus, o.source.is_some());
     Arc::new(move |req, send| match req {
+        // Replies are written with the lock released: a slow client must
+        // not hold up the migration's progress callback, which takes it too.
         Request::Status => {
-            let s = lock(&shared);
-            send(&serde_json::json!({"event": "status", "vm": vm_id, "state": s.state,
-                "memory_bytes": memory_bytes, "vcpus": vcpus, "heartbeat": mon.heartbeat(),
-                "guest_writes": mon.guest_writes(), "paused": mon.paused(),
-                "progress": s.progress, "last_error": s.last_error}));
+            let line = {
+                let s = lock(&shared);
+                serde_json::json!({"event": "status", "vm": vm_id, "state": s.state,
+                    "memory_bytes": memory_bytes, "vcpus": vcpus, "heartbeat": mon.heartbeat(),
+                    "guest_writes": mon.guest_writes(), "paused": mon.paused(),
+                    "progress": s.progress, "last_error": s.last_error})
+            };
+            send(&line);
         }
         Request::Cancel => {
-            let s = lock(&shared);
-            match (&s.hooks, s.state) {
+            let (hooks, state) = {
+                let s = lock(&shared);
+                (s.hooks.clone(), s.state)
+            };
+            match (hooks, state) {
                 (Some(h), "migrating") => {
                     h.cancel();
                     send(&serde_json::json!({"event": "cancel", "cancelled": true,
@@ -258,17 +266,20 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 events: Some(tx),
                 delivered: Some(done_rx),
             };
-            {
-                // Claimed under the lock: of two clients asking at once, one wins.
+            // Claimed under the lock: of two clients asking at once, one wins.
+            let refused = {
                 let mut s = lock(&shared);
-                if s.state != "running" {
-                    send(&api::error_line(&format!(
-                        "the VM is {}: only a running VM with no migration under way can migrate",
-                        s.state
-                    )));
-                    return;
+                let was = s.state;
+                if was == "running" {
+                    s.state = "migrating";
                 }
-                s.state = "migrating";
+                (was != "running").then_some(was)
+            };
+            if let Some(state) = refused {
+                send(&api::error_line(&format!(
+                    "the VM is {state}: only a running VM with no migration under way can migrate"
+                )));
+                return;
             }
             if jobs.try_send(job).is_err() {
                 lock(&shared).state = "running";
