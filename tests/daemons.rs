@@ -5,10 +5,7 @@
 //! daemon restart.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,43 +16,8 @@ use ferry_engine::progress::Hooks;
 use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
 use ferry_engine::GuestMemory;
 
-/// A child process killed on drop, with its stdout event lines.
-struct Daemon {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> (Daemon, SocketAddr) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            out: BufReader::new(child.stdout.take().unwrap()),
-            child,
-        };
-        let first = d.next_event();
-        assert_eq!(first["event"], "listening", "{first}");
-        let addr = first["addr"].as_str().unwrap().parse().unwrap();
-        (d, addr)
-    }
-
-    fn next_event(&mut self) -> serde_json::Value {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not an event line ({e}): {line:?}"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::procs::{s, Proc, SourceDomain};
 
 fn ferry_ok(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().unwrap();
@@ -67,54 +29,32 @@ fn ferry_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn migrate_to_real_daemons_and_audit() {
     if let Err(why) = ferry_engine::probe::io_uring().and(ferry_engine::probe::uffd_wp()) {
         eprintln!("SKIPPED migrate_to_real_daemons_and_audit: {why}");
         return;
     }
-    let dir = ferry::lab::LabDir::new().unwrap();
-    let d = dir.path();
-    let pki = d.join("pki");
-    ferry_ok(&["pki", "init", "--out", s(&pki), "--hosts", "src,dst"]);
-    let policy = d.join("policy.toml");
-    std::fs::write(&policy, ferry::lab::POLICY).unwrap();
-    let authz_audit = d.join("authz-audit.jsonl");
+    // A lab PKI and policy, and the source domain's authn and authz servers.
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let (d, pki, policy) = (dom.dir.path(), &dom.pki, &dom.policy);
+    let authz_audit = d.join("authz.jsonl");
     let state = d.join("dst-state");
-    let lo = "127.0.0.1:0";
-    let (_authn, authn) = Daemon::start(&["serve", "authn", "--pki", s(&pki), "--name", "src", "--listen", lo]);
-    let (_authz, authz) = Daemon::start(&[
-        "serve",
-        "authz",
-        "--pki",
-        s(&pki),
-        "--name",
-        "src",
-        "--listen",
-        lo,
-        "--policy",
-        s(&policy),
-        "--audit",
-        s(&authz_audit),
-    ]);
     let recv_args = [
         "receive",
         "--pki",
-        s(&pki),
+        s(pki),
         "--name",
         "dst",
         "--listen",
-        lo,
+        "127.0.0.1:0",
         "--policy",
-        s(&policy),
+        s(policy),
         "--state-dir",
         s(&state),
     ];
-    let (mut recv, dest) = Daemon::start(&recv_args);
+    let recv = Proc::start(None, &recv_args);
+    let dest = recv.listening();
 
     // The source: a running guest, migrated by the library.
     let mem = Arc::new(GuestMemory::new(32 << 20).unwrap());
@@ -126,11 +66,11 @@ fn migrate_to_real_daemons_and_audit() {
     let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
     let mut tracker = UffdWpTracker::new(&mem).unwrap();
     let at = Endpoints {
-        pki: &pki,
+        pki,
         host: "src",
         client: "operator",
-        authn,
-        authz,
+        authn: dom.authn_addr.parse().unwrap(),
+        authz: dom.authz_addr.parse().unwrap(),
         servers_name: "src",
         dest,
         dest_host: "dst",
@@ -147,8 +87,7 @@ fn migrate_to_real_daemons_and_audit() {
         !guest.is_running(),
         "the source guest must stay paused after the commit"
     );
-    let ev = recv.next_event();
-    assert_eq!(ev["event"], "received", "{ev}");
+    let ev = recv.wait_for("received", Duration::from_secs(10));
     assert_eq!(ev["vm"], "demo-vm");
     assert_eq!(ev["pages"], report.pages_sent);
     assert_eq!(ev["transcript_matches"], true);
@@ -184,7 +123,8 @@ fn migrate_to_real_daemons_and_audit() {
     // The used ticket nonce is on disk and survives a daemon restart (a
     // replay against a restarted destination: tests/control.rs).
     drop(recv);
-    let (_recv2, _) = Daemon::start(&recv_args);
+    let recv2 = Proc::start(None, &recv_args);
+    recv2.listening();
     let journal = std::fs::read_to_string(state.join("replay")).unwrap();
     assert_eq!(journal.lines().count(), 1, "the used nonce is on disk");
 }

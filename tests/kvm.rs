@@ -15,14 +15,7 @@ use common::{relay, Attack, Target};
 use ferry::demo::{self, DemoError, DemoOptions, GuestKind};
 
 fn kvm_ready(test: &str) -> bool {
-    if !common::host_ready(test) {
-        return false;
-    }
-    if let Err(why) = ferry_engine::kvm::available() {
-        eprintln!("SKIPPED {test}: KVM missing on this host: {why}");
-        return false;
-    }
-    true
+    common::host_ready(test) && common::skip_unless(test, &[("KVM", ferry_engine::kvm::available())])
 }
 
 fn kvm_small() -> DemoOptions {

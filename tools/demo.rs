@@ -388,7 +388,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         Ok(b.count())
     };
     let holes_before = holes(&src_mem)?;
-    let started_unix_ms = unix_ms();
+    let started_unix_ms = crate::record::unix_ms();
     let heap_base = alloc::current_bytes();
     alloc::reset_peak();
     let writes_at_start = src_guest.writes();
@@ -443,7 +443,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         }
     };
 
-    let finished_unix_ms = unix_ms();
+    let finished_unix_ms = crate::record::unix_ms();
     let source_holes_filled = holes_before.saturating_sub(holes(&src_mem)?);
     for r in &src.rounds {
         say(&format!(
@@ -565,7 +565,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         transcript_root: manifest.transcript_root.clone(),
         rounds: src.rounds.len(),
         downtime_ms,
-        downtime_from_ms: src.paused_at.saturating_duration_since(src.started_at).as_secs_f64() * 1e3,
+        downtime_from_ms: src.paused_after().as_secs_f64() * 1e3,
         guest_stop_ms: src_guest.control().stop_latency().as_secs_f64() * 1e3,
         total_ms,
         bytes_on_wire: src.bytes_on_wire,
@@ -601,12 +601,6 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
 
 fn ferry_engine_io_error(e: std::io::Error) -> ferry_engine::migrate::IoError {
     ferry_engine::migrate::IoError::Connect(e)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Resolves `Auto` to the KVM guest where /dev/kvm works.

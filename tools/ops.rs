@@ -43,7 +43,7 @@ fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = ferry_engine::memory::PAGE_SIZE_U64;
 
 /// How the progress is shown.
 enum Show {

@@ -136,11 +136,15 @@ impl Record {
     }
 }
 
+/// `t` in Unix milliseconds.
+pub fn unix_ms_at(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Now, in Unix milliseconds.
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    unix_ms_at(std::time::SystemTime::now())
 }
 
 /// The state directory: `$FERRY_STATE_DIR`, else /var/lib/ferry for root,

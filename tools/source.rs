@@ -155,10 +155,6 @@ pub fn migrate(
     let report = ferry_engine::session::run_source(mem, tracker, guest, &admitted, at.dest.ip(), cfg, hooks)
         .map_err(|x| e(&x))?;
     t = Instant::now();
-    let ms = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    };
     let manifest = Manifest {
         migration_id: claims.migration_id,
         vm: vm.into(),
@@ -166,15 +162,9 @@ pub fn migrate(
         pages_sent: report.pages_sent,
         bytes_on_wire: report.bytes_on_wire,
         rounds: report.rounds.len() as u64,
-        started_unix_ms: ms(started),
-        finished_unix_ms: ms(std::time::SystemTime::now()),
-        downtime_us: u64::try_from(
-            report
-                .resumed_confirmed_at
-                .saturating_duration_since(report.paused_at)
-                .as_micros(),
-        )
-        .unwrap_or(u64::MAX),
+        started_unix_ms: crate::record::unix_ms_at(started),
+        finished_unix_ms: crate::record::unix_ms(),
+        downtime_us: u64::try_from(report.downtime().as_micros()).unwrap_or(u64::MAX),
         transcript_root: ferry_control::hex(&report.transcript_root),
     };
     let receipt = admitted.exchange_manifest(&host, &manifest).map_err(|x| e(&x))?;

@@ -363,18 +363,9 @@ fn run_job(
             record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
             record.steps = done.steps;
             let r = &done.report;
-            record.total_ms = r
-                .resumed_confirmed_at
-                .saturating_duration_since(r.started_at)
-                .as_secs_f64()
-                * 1e3;
-            record.downtime_ms = Some(
-                r.resumed_confirmed_at
-                    .saturating_duration_since(r.paused_at)
-                    .as_secs_f64()
-                    * 1e3,
-            );
-            record.downtime_from_ms = Some(r.paused_at.saturating_duration_since(r.started_at).as_secs_f64() * 1e3);
+            record.total_ms = r.total().as_secs_f64() * 1e3;
+            record.downtime_ms = Some(r.downtime().as_secs_f64() * 1e3);
+            record.downtime_from_ms = Some(r.paused_after().as_secs_f64() * 1e3);
             record.rounds = r.rounds.clone();
             let runs = vm.runs();
             let runs_after = vm.shut_down();
@@ -459,11 +450,10 @@ fn migrate(
     let mut tracker = vm.dirty_tracker();
     let done = source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks)?;
     let report = &done.report;
-    let downtime = report.resumed_confirmed_at.saturating_duration_since(report.paused_at);
     let line = serde_json::json!({"event": "migrated", "vm": vm_id, "rounds": report.rounds.len(),
         "pages_sent": report.pages_sent, "bytes_on_wire": report.bytes_on_wire,
-        "downtime_ms": downtime.as_secs_f64() * 1e3,
-        "total_ms": report.resumed_confirmed_at.saturating_duration_since(report.started_at).as_secs_f64() * 1e3,
+        "downtime_ms": report.downtime().as_secs_f64() * 1e3,
+        "total_ms": report.total().as_secs_f64() * 1e3,
         "vcpu_state_bytes": report.device_state_bytes,
         "heartbeat_before": vm.heartbeat_at_pause(),
         "guest_checksum": vm.checksum_at_pause_value().map(|c| format!("{c:016x}")),

@@ -122,7 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     match (src, dst) {
         (Ok(s), Ok(_)) => {
-            let downtime = s.resumed_confirmed_at.saturating_duration_since(s.paused_at);
+            let downtime = s.downtime();
             println!(
                 "migrated in {:.0} ms, {} rounds, downtime {:.2} ms; the guest runs at the destination: {}",
                 started.elapsed().as_secs_f64() * 1e3,

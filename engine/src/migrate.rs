@@ -282,6 +282,22 @@ pub struct SourceReport {
     pub transcript_root: [u8; 32],
 }
 
+impl SourceReport {
+    /// Guest downtime as the source sees it: from the pause until the
+    /// destination confirmed the guest runs.
+    pub fn downtime(&self) -> Duration {
+        self.resumed_confirmed_at.saturating_duration_since(self.paused_at)
+    }
+    /// From the start until the destination confirmed the guest runs.
+    pub fn total(&self) -> Duration {
+        self.resumed_confirmed_at.saturating_duration_since(self.started_at)
+    }
+    /// When the guest was paused, counted from the start.
+    pub fn paused_after(&self) -> Duration {
+        self.paused_at.saturating_duration_since(self.started_at)
+    }
+}
+
 /// What the destination saw.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DestReport {

@@ -13,19 +13,27 @@ use ferry::demo::{DemoOptions, GuestKind, Interpose};
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::wire::{FrameHeader, Kind, HEADER_LEN};
 
-/// Returns false (after printing a loud SKIPPED line) when the host lacks
-/// io_uring or userfaultfd write-protect.
-pub fn host_ready(test: &str) -> bool {
-    for (what, r) in [
-        ("io_uring", ferry_engine::probe::io_uring()),
-        ("userfaultfd write-protect", ferry_engine::probe::uffd_wp()),
-    ] {
+/// Returns false, after printing a loud SKIPPED line naming what is
+/// missing, unless every probe in `needs` (what, its probe's result) passed.
+pub fn skip_unless(test: &str, needs: &[(&str, Result<(), String>)]) -> bool {
+    for (what, r) in needs {
         if let Err(why) = r {
             eprintln!("SKIPPED {test}: {what} missing on this host: {why}");
             return false;
         }
     }
     true
+}
+
+/// The data plane's needs: io_uring and userfaultfd write-protect.
+pub fn host_ready(test: &str) -> bool {
+    skip_unless(
+        test,
+        &[
+            ("io_uring", ferry_engine::probe::io_uring()),
+            ("userfaultfd write-protect", ferry_engine::probe::uffd_wp()),
+        ],
+    )
 }
 
 /// Small, fast migration settings for tests.

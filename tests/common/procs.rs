@@ -87,17 +87,15 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// What a `ferry vm` test needs: io_uring and KVM.
 pub fn ready(test: &str) -> bool {
-    for (what, r) in [
-        ("io_uring", ferry_engine::probe::io_uring()),
-        ("KVM", ferry_engine::kvm::available()),
-    ] {
-        if let Err(why) = r {
-            eprintln!("SKIPPED {test}: {what} missing on this host: {why}");
-            return false;
-        }
-    }
-    true
+    super::skip_unless(
+        test,
+        &[
+            ("io_uring", ferry_engine::probe::io_uring()),
+            ("KVM", ferry_engine::kvm::available()),
+        ],
+    )
 }
 
 /// A temporary PKI and policy, and the source domain's authentication and
