@@ -16,7 +16,8 @@ use ferry_engine::crypto::{AeadBackend, Direction, SessionKeys, StreamCrypto};
 use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
 use ferry_engine::pipeline::{self, Integrity, StreamHeader};
 use ferry_engine::wire::{FrameHeader, MigrationId, Seq, StreamId, HEADER_LEN};
-use ferry_engine::{workload, GuestMemory, PageIndex, PAGE_SIZE};
+use ferry_engine::{GuestMemory, PageIndex, PAGE_SIZE};
+use ferry_vmm::workload;
 
 const MEM: u64 = 64 << 20;
 const CHUNK: u32 = 32;

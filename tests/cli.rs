@@ -89,7 +89,7 @@ fn demo_json_reports_the_whole_protocol() {
     assert_eq!(r["verified"], true);
     assert_eq!(r["audit_verified"], true);
     // The default guest is a real KVM guest where /dev/kvm works.
-    let expected_guest = if ferry_engine::kvm::available().is_ok() {
+    let expected_guest = if ferry_vmm::kvm::available().is_ok() {
         "kvm"
     } else {
         eprintln!("NOTE: KVM missing here, the demo ran the synthetic guest");

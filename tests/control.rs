@@ -609,7 +609,7 @@ fn the_engine_refuses_a_configuration_other_than_the_admitted_offer() {
     let data = TcpListener::bind("127.0.0.1:0").unwrap();
     let hooks = ferry_engine::progress::Hooks::new();
     let mut guest =
-        ferry_engine::workload::SyntheticGuest::incoming(Arc::new(ferry_engine::GuestMemory::new(1 << 22).unwrap()));
+        ferry_vmm::workload::SyntheticGuest::incoming(Arc::new(ferry_engine::GuestMemory::new(1 << 22).unwrap()));
     for cfg in [&one_stream, &no_digests] {
         let e = ferry_engine::session::run_destination(&mem, &mut guest, &d, &data, cfg, &hooks).unwrap_err();
         assert!(

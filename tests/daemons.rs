@@ -13,8 +13,8 @@ use ferry::source::{self, Endpoints};
 use ferry_engine::dirty::UffdWpTracker;
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::progress::Hooks;
-use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
 use ferry_engine::GuestMemory;
+use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 
 mod common;
 use common::procs::{s, Proc, SourceDomain};

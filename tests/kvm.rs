@@ -15,7 +15,7 @@ use common::{relay, Attack, Target};
 use ferry::demo::{self, DemoError, DemoOptions, GuestKind};
 
 fn kvm_ready(test: &str) -> bool {
-    common::host_ready(test) && common::skip_unless(test, &[("KVM", ferry_engine::kvm::available())])
+    common::host_ready(test) && common::skip_unless(test, &[("KVM", ferry_vmm::kvm::available())])
 }
 
 fn kvm_small() -> DemoOptions {

@@ -17,11 +17,11 @@ use ferry_control::replay::ReplayCache;
 use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::tls;
 use ferry_engine::guest::GuestControl;
-use ferry_engine::kvm::KvmVm;
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::progress::Hooks;
-use ferry_engine::workload::SyntheticGuest;
 use ferry_engine::GuestMemory;
+use ferry_vmm::kvm::KvmVm;
+use ferry_vmm::workload::SyntheticGuest;
 
 fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
@@ -131,7 +131,7 @@ pub struct ReceiveOptions {
 /// synthetic guest.
 pub fn local_guests() -> Vec<String> {
     let mut g = Vec::new();
-    match ferry_engine::kvm::available() {
+    match ferry_vmm::kvm::available() {
         Ok(()) => g.push("kvm".to_string()),
         Err(why) => tracing::warn!("KVM guests cannot be received here: {why}"),
     }

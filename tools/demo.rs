@@ -18,13 +18,14 @@ use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::{AeadBackend, SessionKeys};
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
-use ferry_engine::kvm::{self, GuestProgram, KvmVm};
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::progress::Hooks;
 use ferry_engine::transport::{accept_streams, connect_streams};
-use ferry_engine::workload::{self, SyntheticGuest, WorkloadConfig};
-use ferry_engine::{alloc, GuestMemory};
+use ferry_engine::GuestMemory;
+use ferry_vmm::alloc;
+use ferry_vmm::kvm::{self, GuestProgram, KvmVm};
+use ferry_vmm::workload::{self, SyntheticGuest, WorkloadConfig};
 use serde::Serialize;
 
 use crate::lab;
@@ -56,7 +57,7 @@ impl std::str::FromStr for TrackerKind {
 pub enum GuestKind {
     /// KVM where /dev/kvm works, else synthetic (and the report says why).
     Auto,
-    /// A real KVM guest run by ferry's minimal VMM ([`ferry_engine::kvm`]).
+    /// A real KVM guest run by ferry's minimal VMM ([`ferry_vmm::kvm`]).
     Kvm,
     /// A thread writing guest memory directly ([`SyntheticGuest`]).
     Synthetic,

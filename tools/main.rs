@@ -13,12 +13,12 @@ use ferry_engine::crypto::AeadBackend;
 use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::pipeline::Integrity;
-use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
 use ferry_engine::GuestMemory;
+use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 
 /// Counts heap bytes so the demo can report what the engine really used.
 #[global_allocator]
-static ALLOC: ferry_engine::alloc::CountingAlloc = ferry_engine::alloc::CountingAlloc;
+static ALLOC: ferry_vmm::alloc::CountingAlloc = ferry_vmm::alloc::CountingAlloc;
 
 #[derive(Parser)]
 #[command(
@@ -659,7 +659,7 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
             "--migrate-to is for the source, not with --incoming",
             a.migrate_to.is_none(),
         )?;
-        ferry_engine::kvm::available().map_err(|why| format!("ferry vm needs KVM: {why}"))?;
+        ferry_vmm::kvm::available().map_err(|why| format!("ferry vm needs KVM: {why}"))?;
         return ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
             pki,
             name,
@@ -721,7 +721,7 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
     ferry::vm::run(&ferry::vm::VmOptions {
         memory_bytes: a.memory,
         vcpus: a.vcpus,
-        program: ferry_engine::kvm::GuestProgram {
+        program: ferry_vmm::kvm::GuestProgram {
             hot_set_bytes: a.hot_set,
             writes_per_s: a.dirty_rate,
             ..Default::default()

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use ferry_control::audit::AuditLog;
 use ferry_control::pki::{Identity, Role};
-use ferry_engine::kvm::{self, GuestProgram, KvmVm, Monitor};
 use ferry_engine::migrate::{MigrationConfig, RoundStats};
 use ferry_engine::progress::{Hooks, Progress};
 use ferry_engine::GuestMemory;
+use ferry_vmm::kvm::{self, GuestProgram, KvmVm, Monitor};
 
 use crate::api::{self, Request};
 use crate::daemon::event;

@@ -17,16 +17,15 @@
 //! and [`migrate::migrate_destination`] (from connected streams and keys);
 //! [`progress::Hooks`] carry progress events and a cancel switch.
 //! A VMM provides the guest through [`guest::GuestControl`] and a
-//! [`dirty::DirtyTracker`]; [`kvm`] is a minimal KVM VMM that does both.
+//! [`dirty::DirtyTracker`]; the `ferry-vmm` crate (under `tools/vmm`) holds
+//! a minimal KVM VMM and a synthetic guest that do both.
 #![warn(missing_docs)]
 
-pub mod alloc;
 pub mod bitmap;
 pub mod crypto;
 pub mod dirty;
 pub mod guest;
 mod io;
-pub mod kvm;
 pub mod memory;
 pub mod migrate;
 pub mod pipeline;
@@ -35,7 +34,6 @@ pub mod progress;
 pub mod session;
 pub mod transport;
 pub mod wire;
-pub mod workload;
 
 pub use memory::{GuestAddress, GuestMemory, PageIndex, PAGE_SIZE};
 

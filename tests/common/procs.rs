@@ -93,7 +93,7 @@ pub fn ready(test: &str) -> bool {
         test,
         &[
             ("io_uring", ferry_engine::probe::io_uring()),
-            ("KVM", ferry_engine::kvm::available()),
+            ("KVM", ferry_vmm::kvm::available()),
         ],
     )
 }

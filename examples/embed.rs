@@ -2,13 +2,13 @@
 //! events and a cancel switch.
 //!
 //! ```sh
-//! cargo run --release -p ferry-engine --features insecure-test-keys --example embed
-//! cargo run --release -p ferry-engine --features insecure-test-keys --example embed -- --cancel-after-ms 100
+//! cargo run --release --example embed
+//! cargo run --release --example embed -- --cancel-after-ms 100
 //! ```
 //!
 //! A VMM brings three things per side: its guest memory (`GuestMemory`,
 //! memfd-backed, which it maps into its VM), a dirty tracker
-//! (`DirtyTracker`: KVM's dirty log in `ferry_engine::kvm`, or the
+//! (`DirtyTracker`: KVM's dirty log in `ferry_vmm::kvm`, or the
 //! write-protect and bitmap trackers of `ferry_engine::dirty`), and a
 //! `GuestControl` (pause, resume, save and load the device state). Here
 //! a synthetic guest (a thread writing a hot set) stands in for the VM, and
@@ -36,8 +36,8 @@ use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, M
 use ferry_engine::progress::{Hooks, Progress};
 use ferry_engine::transport::{accept_streams, connect_streams};
 use ferry_engine::wire::MigrationId;
-use ferry_engine::workload::{SyntheticGuest, WorkloadConfig};
 use ferry_engine::GuestMemory;
+use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cancel_after = std::env::args()

@@ -2,7 +2,7 @@
 //! engine really used (current and peak), not an estimate.
 //!
 //! Install it in a binary with
-//! `#[global_allocator] static A: ferry_engine::alloc::CountingAlloc = ferry_engine::alloc::CountingAlloc;`
+//! `#[global_allocator] static A: ferry_vmm::alloc::CountingAlloc = ferry_vmm::alloc::CountingAlloc;`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -23,7 +23,7 @@
 //! is the whole device state.
 
 mod dirty;
-mod state;
+pub mod state;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
@@ -35,9 +35,9 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 pub use self::dirty::KvmDirtyTracker;
 use self::state::{VcpuState, VmState};
-use crate::bitmap::AtomicBitmap;
-use crate::guest::{GuestControl, GuestError};
-use crate::memory::{GuestMemory, PageIndex, PAGE_SIZE_U64};
+use ferry_engine::bitmap::AtomicBitmap;
+use ferry_engine::guest::{GuestControl, GuestError};
+use ferry_engine::memory::{GuestMemory, PageIndex, PAGE_SIZE_U64};
 
 /// The guest program, assembled from `guest.S` (beside this file).
 pub const GUEST_PROGRAM: &[u8] = include_bytes!("guest.bin");

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 
 use super::Core;
-use crate::bitmap::{AtomicBitmap, DirtyBitmap};
-use crate::dirty::{DirtyError, DirtyTracker};
+use ferry_engine::bitmap::{AtomicBitmap, DirtyBitmap};
+use ferry_engine::dirty::{DirtyError, DirtyTracker};
 
 const BACKEND: &str = "kvm-dirty-log";
 

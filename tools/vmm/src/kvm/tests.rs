@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::bitmap::DirtyBitmap;
-use crate::dirty::DirtyTracker;
+use ferry_engine::bitmap::DirtyBitmap;
+use ferry_engine::dirty::DirtyTracker;
 
 fn kvm_here(test: &str) -> bool {
     match available() {

@@ -11,9 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::bitmap::AtomicBitmap;
-use crate::guest::{GuestControl, GuestError};
-use crate::memory::{GuestMemory, PageIndex, PAGE_SIZE};
+use ferry_engine::bitmap::AtomicBitmap;
+use ferry_engine::guest::{GuestControl, GuestError};
+use ferry_engine::memory::{GuestMemory, PageIndex, PAGE_SIZE};
 
 /// How the synthetic guest behaves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,7 +191,7 @@ impl std::fmt::Debug for SyntheticGuest {
 
 impl SyntheticGuest {
     /// Fills `mem` and starts writing (source side). With `marks`, every
-    /// write is also marked there (the [`crate::dirty::BitmapTracker`] path).
+    /// write is also marked there (the [`ferry_engine::dirty::BitmapTracker`] path).
     pub fn start(mem: Arc<GuestMemory>, cfg: WorkloadConfig, marks: Option<Arc<AtomicBitmap>>) -> SyntheticGuest {
         fill(&mem, cfg.seed, cfg.zero_fraction);
         let hot_pages = (cfg.hot_set_bytes / PAGE_SIZE as u64).clamp(1, mem.pages());
@@ -365,7 +365,7 @@ impl Drop for SyntheticGuest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::PAGE_SIZE_U64;
+    use ferry_engine::memory::PAGE_SIZE_U64;
 
     #[test]
     fn fill_respects_zero_fraction() {

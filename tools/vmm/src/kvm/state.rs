@@ -14,7 +14,7 @@ use kvm_bindings::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::guest::GuestError;
+use ferry_engine::guest::GuestError;
 
 const MAGIC: &[u8; 8] = b"FERRYKV1";
 
