@@ -35,16 +35,24 @@ const MAX_ENTRIES: usize = 256;
 
 /// One vCPU's state, as KVM reports it.
 #[derive(Clone, Default)]
-pub(crate) struct VcpuState {
+pub struct VcpuState {
+    /// General registers.
     pub regs: kvm_regs,
+    /// Segment and control registers.
     pub sregs: kvm_sregs,
+    /// x87/SSE state.
     pub fpu: kvm_fpu,
     /// The 4 KiB XSAVE area (`kvm_xsave::region`).
     pub xsave: Option<[u32; 1024]>,
+    /// Extended control registers, where the host has them.
     pub xcrs: Option<kvm_xcrs>,
+    /// Pending exceptions, interrupts and NMIs.
     pub events: kvm_vcpu_events,
+    /// Run state (runnable, halted, ...).
     pub mp_state: kvm_mp_state,
+    /// The model-specific registers the VMM saves.
     pub msrs: Vec<kvm_msr_entry>,
+    /// The CPUID the guest sees.
     pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
@@ -60,8 +68,10 @@ impl std::fmt::Debug for VcpuState {
 
 /// The whole VM's vCPU state.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct VmState {
+pub struct VmState {
+    /// The guest's TSC frequency.
     pub tsc_khz: u32,
+    /// One entry per vCPU, in index order.
     pub vcpus: Vec<VcpuState>,
 }
 
@@ -73,7 +83,8 @@ fn section(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
 }
 
 impl VmState {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The state as the blob the migration carries.
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.vcpus.len() * 8192);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.tsc_khz.to_le_bytes());
@@ -98,7 +109,10 @@ impl VmState {
         out
     }
 
-    pub(crate) fn decode(blob: &[u8]) -> Result<VmState, GuestError> {
+    /// Parses a blob from [`encode`](Self::encode). Any input — truncated,
+    /// oversized, unknown sections — gives `GuestError::BadState`, never a
+    /// panic (fuzzed by `fuzz/fuzz_targets/vm_state.rs`).
+    pub fn decode(blob: &[u8]) -> Result<VmState, GuestError> {
         let bad = |m: String| GuestError::BadState(m);
         let mut r = Reader { b: blob, at: 0 };
         if r.take(8)? != MAGIC {
@@ -236,6 +250,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn sample() -> VmState {
         let mut v = VcpuState::default();
@@ -292,5 +307,35 @@ mod tests {
         section(&mut b, REGS, &[0u8; std::mem::size_of::<kvm_regs>() - 1]);
         section(&mut b, END, &[]);
         assert!(VmState::decode(&b).unwrap_err().to_string().contains("wrong size"));
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let blob = sample().encode();
+        for cut in 0..blob.len() {
+            assert!(
+                VmState::decode(&blob[..cut]).is_err(),
+                "a blob cut at {cut} bytes decoded"
+            );
+        }
+    }
+
+    proptest! {
+        // The stable-toolchain stand-in for fuzz/fuzz_targets/vm_state.rs.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = VmState::decode(&data);
+        }
+
+        #[test]
+        fn altered_blobs_never_panic_and_what_decodes_re_encodes(at in any::<usize>(), xor in 1u8..) {
+            let mut blob = sample().encode();
+            let i = at % blob.len();
+            blob[i] ^= xor;
+            if let Ok(s) = VmState::decode(&blob) {
+                let again = s.encode();
+                prop_assert_eq!(VmState::decode(&again).map(|s| s.encode()).ok(), Some(again));
+            }
+        }
     }
 }
