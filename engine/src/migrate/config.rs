@@ -1,0 +1,76 @@
+//! The tunables of one migration and their limits.
+
+use std::time::Duration;
+
+use super::MigrateError;
+use crate::crypto::AeadBackend;
+use crate::pipeline::Integrity;
+use crate::wire;
+
+/// Tunables of one migration. Both sides must agree on `streams` and
+/// `integrity` (checked in the Hello).
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Data streams (TCP connections, one pinned worker each).
+    pub streams: u16,
+    /// Page integrity mode.
+    pub integrity: Integrity,
+    /// AES-GCM implementation.
+    pub aead: AeadBackend,
+    /// Most pages per frame (1..=64).
+    pub chunk_pages: u32,
+    /// Downtime target: stop iterating when the rest fits in it.
+    pub downtime_ms_max: u64,
+    /// Pre-copy rounds at most before the final one.
+    pub max_rounds: u32,
+    /// Longest wait for any network progress.
+    pub io_timeout: Duration,
+    /// Most frames a stream may have unacknowledged.
+    pub window_frames: u64,
+    /// The destination acknowledges at least every this many frames.
+    pub ack_every: u64,
+    /// Bytes gathered before one send is issued.
+    pub batch_bytes: usize,
+    /// Pin workers to cores.
+    pub pin_workers: bool,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            streams: 2,
+            integrity: Integrity::AeadSha256,
+            aead: AeadBackend::Ring,
+            chunk_pages: 32,
+            downtime_ms_max: 50,
+            max_rounds: 30,
+            io_timeout: Duration::from_secs(10),
+            window_frames: 512,
+            ack_every: 32,
+            batch_bytes: 1 << 20,
+            pin_workers: true,
+        }
+    }
+}
+
+impl MigrationConfig {
+    pub(super) fn validate(&self) -> Result<(), MigrateError> {
+        let bad = |m: &str| Err(MigrateError::Config(m.into()));
+        if self.streams == 0 || self.streams > 64 {
+            return bad("streams must be 1..=64");
+        }
+        if self.chunk_pages == 0 || self.chunk_pages > wire::MAX_FRAME_PAGES {
+            return bad("chunk_pages must be 1..=64");
+        }
+        if self.ack_every == 0 || self.window_frames < 2 * self.ack_every {
+            return bad("window_frames must be at least twice ack_every (and ack_every > 0)");
+        }
+        if self.io_timeout.is_zero() {
+            return bad("io_timeout must be positive");
+        }
+        if self.batch_bytes < 64 << 10 || self.batch_bytes > 64 << 20 {
+            return bad("batch_bytes must be 64 KiB..=64 MiB");
+        }
+        Ok(())
+    }
+}

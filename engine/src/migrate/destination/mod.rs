@@ -1,0 +1,231 @@
+//! The destination: the controller that loads the state and resumes the
+//! guest on Commit, and one receiving worker per stream.
+
+mod phase;
+mod worker;
+
+use std::net::TcpStream;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use self::worker::RecvWorker;
+use super::error::{settle_errors, SETTLE};
+use super::transcript::transcript_root;
+use super::{clone_all, pin, DestReport, MigrateError, MigrationConfig};
+use crate::crypto::SessionKeys;
+use crate::guest::GuestControl;
+use crate::io::IoError;
+use crate::memory::GuestMemory;
+use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
+
+pub(crate) enum DstCmd {
+    SendReady,
+    SendResumed,
+}
+
+pub(crate) enum DstReply {
+    Hello(u16),
+    Final([u8; 32]),
+    State(Vec<u8>),
+    Commit,
+    Done,
+    Failed(MigrateError),
+}
+
+/// Receives a migration over accepted `conns` into `mem` (fresh, zeroed
+/// memory of the source's size) and `guest` (not yet run). On `Ok` the guest
+/// runs here. On `Err` the guest never ran and `mem` holds a partial image
+/// that the caller must discard.
+pub fn migrate_destination(
+    mem: &GuestMemory,
+    guest: &mut dyn GuestControl,
+    conns: Vec<TcpStream>,
+    keys: &SessionKeys,
+    cfg: &MigrationConfig,
+    hooks: &Hooks,
+) -> Result<DestReport, MigrateError> {
+    cfg.validate()?;
+    if conns.len() != usize::from(cfg.streams) {
+        return Err(MigrateError::Config(format!(
+            "{} connections for {} streams",
+            conns.len(),
+            cfg.streams
+        )));
+    }
+    let socks = clone_all(&conns)?;
+    let (reply_tx, reply_rx) = bounded::<(usize, DstReply)>(usize::from(cfg.streams) * 4);
+    let counters = Counters::default();
+    let stats: Vec<std::sync::Mutex<(u64, u64, u64)>> =
+        (0..conns.len()).map(|_| std::sync::Mutex::new((0, 0, 0))).collect();
+    let result = std::thread::scope(|scope| {
+        let mut cmd_txs = Vec::new();
+        for (i, sock) in conns.into_iter().enumerate() {
+            let (tx, rx) = bounded::<DstCmd>(2);
+            cmd_txs.push(tx);
+            let reply = reply_tx.clone();
+            let slot = &stats[i];
+            let counters = &counters;
+            std::thread::Builder::new()
+                .name(format!("ferry-recv-{i}"))
+                .spawn_scoped(scope, move || {
+                    pin(cfg, i + 1);
+                    let r = RecvWorker::new(i, mem, keys, cfg, sock, counters).and_then(|mut w| {
+                        let r = w.run(&rx, &reply);
+                        if let Ok(mut s) = slot.lock() {
+                            *s = (w.frames, w.pages, w.inbox.bytes);
+                        }
+                        r
+                    });
+                    match r {
+                        Ok(()) => {
+                            let _ = reply.send((i, DstReply::Done));
+                        }
+                        Err(e) => {
+                            let _ = reply.send((i, DstReply::Failed(e)));
+                        }
+                    }
+                })
+                .expect("spawning a receiver worker");
+        }
+        drop(reply_tx);
+        let r = dest_drive(guest, &cmd_txs, &reply_rx, cfg, hooks, &counters);
+        if r.is_err() {
+            for s in &socks {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        drop(cmd_txs);
+        r
+    });
+    let (resumed_at, transcript_root) = result?;
+    let (mut frames, mut pages, mut bytes) = (0, 0, 0);
+    for s in &stats {
+        let (f, p, b) = *s.lock().map_err(|_| MigrateError::WorkerLost(u16::MAX))?;
+        frames += f;
+        pages += p;
+        bytes += b;
+    }
+    Ok(DestReport {
+        frames,
+        pages,
+        bytes_received: bytes,
+        resumed_at,
+        transcript_root,
+    })
+}
+
+fn dest_drive(
+    guest: &mut dyn GuestControl,
+    cmd_txs: &[Sender<DstCmd>],
+    replies: &Receiver<(usize, DstReply)>,
+    cfg: &MigrationConfig,
+    hooks: &Hooks,
+    counters: &Counters,
+) -> Result<(Instant, [u8; 32]), MigrateError> {
+    let started = Instant::now();
+    let n = cmd_txs.len();
+    let (mut hellos, mut finals, mut done) = (0, 0, 0);
+    let mut stream_of_worker: Vec<Option<usize>> = vec![None; n];
+    let mut transcripts: Vec<Option<[u8; 32]>> = vec![None; n];
+    // Streams whose Hello arrived (streams <= 64, checked by validate()).
+    let mut seen = 0u64;
+    let mut state: Option<Vec<u8>> = None;
+    let mut ready_sent = false;
+    let mut resumed_at = None;
+    let mut zero_worker = None;
+    let mut deadline = Instant::now() + cfg.io_timeout * 3;
+    loop {
+        if !ready_sent && hooks.is_cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
+        let wait = PROGRESS_EVERY.min(deadline.saturating_duration_since(Instant::now()));
+        let (i, r) = match replies.recv_timeout(wait) {
+            Ok(r) => {
+                deadline = Instant::now() + cfg.io_timeout * 3;
+                r
+            }
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                let (pages, bytes) = counters.get();
+                hooks.emit(&Progress::Receiving { pages, bytes });
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(MigrateError::Transport {
+                    stream: u16::MAX,
+                    round: 0,
+                    during: "waiting for the source",
+                    source: IoError::Timeout(cfg.io_timeout * 3),
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err(MigrateError::WorkerLost(u16::MAX)),
+        };
+        match r {
+            DstReply::Hello(stream) => {
+                // Every stream exactly once: a connection that repeats another
+                // stream (a copied or replayed connection) would otherwise
+                // stand in for a stream that never arrived.
+                let bit = 1u64 << stream;
+                if seen & bit != 0 {
+                    return Err(MigrateError::Protocol {
+                        stream,
+                        detail: format!("stream {stream} opened twice: a duplicated or replayed connection"),
+                    });
+                }
+                seen |= bit;
+                hellos += 1;
+                stream_of_worker[i] = Some(usize::from(stream));
+            }
+            DstReply::Final(t) => {
+                finals += 1;
+                if let Some(slot) = transcripts.get_mut(stream_of_worker[i].unwrap_or(usize::MAX)) {
+                    *slot = Some(t);
+                }
+            }
+            DstReply::State(s) => {
+                zero_worker = Some(i);
+                state = Some(s);
+            }
+            DstReply::Commit => {
+                // The source has given the VM up: run it here.
+                guest.resume()?;
+                resumed_at = Some(Instant::now());
+                hooks.emit(&Progress::Resumed {
+                    elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                });
+                let _ = cmd_txs[i].send(DstCmd::SendResumed);
+            }
+            DstReply::Done => {
+                done += 1;
+                if done == n {
+                    let resumed_at = resumed_at.ok_or(MigrateError::Protocol {
+                        stream: 0,
+                        detail: "streams ended without a commit".into(),
+                    })?;
+                    let root = transcript_root(&transcripts).ok_or(MigrateError::WorkerLost(u16::MAX))?;
+                    return Ok((resumed_at, root));
+                }
+            }
+            DstReply::Failed(e) => {
+                return Err(settle_errors(e, || match replies.recv_timeout(SETTLE) {
+                    Ok((_, DstReply::Failed(e))) => Some(Some(e)),
+                    Ok(_) => Some(None),
+                    Err(_) => None,
+                }))
+            }
+        }
+        if !ready_sent && finals == n && hellos == n {
+            let (Some(s), Some(z)) = (state.as_ref(), zero_worker) else {
+                return Err(MigrateError::Protocol {
+                    stream: 0,
+                    detail: "final round ended without device state".into(),
+                });
+            };
+            guest.load_state(s)?;
+            ready_sent = true;
+            cmd_txs[z]
+                .send(DstCmd::SendReady)
+                .map_err(|_| MigrateError::WorkerLost(0))?;
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! A receiving worker: one stream's frames into guest memory, and its
+//! acknowledgements, Ready and Resumed back.
+
+use std::net::TcpStream;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::phase::RecvPhase;
+use super::{DstCmd, DstReply};
+use crate::bitmap::stream_of;
+use crate::crypto::{Direction, SessionKeys, StreamCrypto};
+use crate::io::{Conn, Event, IoError};
+use crate::memory::GuestMemory;
+use crate::migrate::inbox::Inbox;
+use crate::migrate::{hello_payload, send_abort, MigrateError, MigrationConfig, MAX_TO_SOURCE_FRAME};
+use crate::pipeline::{self, FrameError, StreamHeader};
+use crate::progress::Counters;
+use crate::wire::{Kind, Seq, StreamId, FLAG_FINAL, MAX_FRAME};
+
+pub(crate) struct RecvWorker<'a> {
+    index: usize,
+    stream: u16,
+    mem: &'a GuestMemory,
+    cfg: &'a MigrationConfig,
+    keys: &'a SessionKeys,
+    conn: Conn,
+    tx: StreamCrypto,
+    tx_seq: u64,
+    out_spare: Option<Vec<u8>>,
+    pub(super) inbox: Inbox,
+    since_ack: u64,
+    ack_due: bool,
+    ready_due: bool,
+    resumed_due: bool,
+    phase: RecvPhase,
+    /// Round of the last frame received (for error reports).
+    round: u32,
+    pub(super) frames: u64,
+    pub(super) pages: u64,
+    counters: &'a Counters,
+}
+
+impl<'a> RecvWorker<'a> {
+    pub(super) fn new(
+        index: usize,
+        mem: &'a GuestMemory,
+        keys: &'a SessionKeys,
+        cfg: &'a MigrationConfig,
+        mut sock: TcpStream,
+        counters: &'a Counters,
+    ) -> Result<Self, MigrateError> {
+        let s = u16::try_from(index).unwrap_or(u16::MAX);
+        // Which stream this connection carries, proven with a MAC over a
+        // fresh nonce under this session's key before any frame is read.
+        let stream = crate::transport::verify_stream(&mut sock, keys, cfg.io_timeout).map_err(|e| match e {
+            crate::transport::PreambleError::BadProof(st) => MigrateError::Protocol {
+                stream: st,
+                detail: e.to_string(),
+            },
+            other => MigrateError::Setup {
+                stream: s,
+                source: IoError::Preamble(other.to_string()),
+            },
+        })?;
+        if stream >= cfg.streams {
+            return Err(MigrateError::Protocol {
+                stream,
+                detail: format!("stream {stream} of {}", cfg.streams),
+            });
+        }
+        let conn = Conn::new(sock, cfg.io_timeout).map_err(|source| MigrateError::Setup { stream, source })?;
+        let id = StreamId(stream);
+        let rx = StreamCrypto::new(keys, Direction::ToDestination, id, cfg.aead);
+        Ok(RecvWorker {
+            index,
+            stream,
+            mem,
+            cfg,
+            keys,
+            conn,
+            tx: StreamCrypto::new(keys, Direction::ToSource, id, cfg.aead),
+            tx_seq: 0,
+            out_spare: Some(Vec::with_capacity(MAX_TO_SOURCE_FRAME)),
+            inbox: Inbox::new(2 * MAX_FRAME + (256 << 10), rx),
+            since_ack: 0,
+            ack_due: false,
+            ready_due: false,
+            resumed_due: false,
+            phase: RecvPhase::Rounds,
+            round: 0,
+            frames: 0,
+            pages: 0,
+            counters,
+        })
+    }
+
+    fn sid(&self) -> u16 {
+        self.stream
+    }
+
+    pub(super) fn run(
+        &mut self,
+        cmds: &Receiver<DstCmd>,
+        replies: &Sender<(usize, DstReply)>,
+    ) -> Result<(), MigrateError> {
+        let r = self.run_inner(cmds, replies);
+        if let Err(e) = &r {
+            if !matches!(e, MigrateError::PeerAborted { .. } | MigrateError::Transport { .. }) {
+                let hdr = StreamHeader {
+                    migration: self.keys.migration(),
+                    stream: StreamId(self.stream),
+                };
+                send_abort(&mut self.conn, &mut self.tx, hdr, self.tx_seq, &e.to_string());
+            }
+        }
+        r
+    }
+
+    fn run_inner(&mut self, cmds: &Receiver<DstCmd>, replies: &Sender<(usize, DstReply)>) -> Result<(), MigrateError> {
+        let sid = self.sid();
+        self.inbox.arm(&mut self.conn, sid, 0)?;
+        loop {
+            self.pump_sends()?;
+            match self.phase {
+                RecvPhase::AwaitGo if !self.conn.send_busy() => {
+                    match cmds.recv_timeout(self.cfg.io_timeout * 2) {
+                        Ok(DstCmd::SendReady) => {
+                            self.ready_due = true;
+                            self.phase = RecvPhase::AwaitCommit;
+                        }
+                        _ => return Err(self.protocol("no go-ahead to send Ready")),
+                    }
+                    continue;
+                }
+                RecvPhase::AwaitResumeGo => {
+                    match cmds.recv_timeout(self.cfg.io_timeout * 2) {
+                        Ok(DstCmd::SendResumed) => {
+                            self.resumed_due = true;
+                            self.phase = RecvPhase::Finishing;
+                        }
+                        _ => return Err(self.protocol("guest did not resume")),
+                    }
+                    continue;
+                }
+                RecvPhase::Finishing if !self.conn.send_busy() && !self.ack_due && !self.resumed_due => return Ok(()),
+                _ => {}
+            }
+            let during = match self.phase {
+                RecvPhase::Rounds => "receiving pages",
+                RecvPhase::AwaitCommit => "waiting for the source's Commit",
+                _ => "sending",
+            };
+            let ev = self
+                .conn
+                .wait()
+                .map_err(MigrateError::io(self.sid(), self.round, during))?;
+            match ev {
+                Event::Sent(mut b) => {
+                    b.clear();
+                    self.out_spare = Some(b);
+                }
+                Event::Received { buf, start, n } => {
+                    let was_rounds = self.phase == RecvPhase::Rounds;
+                    self.on_received(buf, start, n, replies)?;
+                    if was_rounds && matches!(self.phase, RecvPhase::AwaitGo | RecvPhase::Finishing) {
+                        // The final round ended: nothing before Commit follows.
+                        let _ = replies.send((self.index, DstReply::Final(self.inbox.transcript.root())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn protocol(&self, detail: &str) -> MigrateError {
+        MigrateError::Protocol {
+            stream: self.sid(),
+            detail: detail.into(),
+        }
+    }
+
+    fn on_received(
+        &mut self,
+        buf: Vec<u8>,
+        start: usize,
+        n: usize,
+        replies: &Sender<(usize, DstReply)>,
+    ) -> Result<(), MigrateError> {
+        let stream = self.sid();
+        let streams = self.cfg.streams;
+        let integrity = self.cfg.integrity;
+        let hello = hello_payload(self.cfg);
+        let mem = self.mem;
+        let index = self.index;
+        let ack_every = self.cfg.ack_every;
+        let counters = self.counters;
+        let (phase, since_ack, ack_due, frames, pages, round) = (
+            &mut self.phase,
+            &mut self.since_ack,
+            &mut self.ack_due,
+            &mut self.frames,
+            &mut self.pages,
+            &mut self.round,
+        );
+        self.inbox.on_received(
+            &mut self.conn,
+            buf,
+            start,
+            n,
+            stream,
+            self.keys.migration(),
+            MAX_FRAME,
+            |h, plain| {
+                *frames += 1;
+                *since_ack += 1;
+                *round = (*round).max(h.round);
+                let proto = |d: String| MigrateError::Protocol { stream, detail: d };
+                match (h.kind, *phase) {
+                    (Kind::Hello, RecvPhase::Rounds) if h.seq.0 == 0 => {
+                        if plain != hello {
+                            return Err(MigrateError::Config(format!(
+                                "source offers streams/integrity {:?}, this destination expects {:?} ({} streams, {})",
+                                plain,
+                                hello,
+                                streams,
+                                integrity.as_str()
+                            )));
+                        }
+                        let _ = replies.send((index, DstReply::Hello(stream)));
+                    }
+                    (Kind::Pages, RecvPhase::Rounds) if h.seq.0 > 0 => {
+                        if stream_of(h.first_page, streams) != stream {
+                            return Err(proto(format!(
+                                "page {} arrived on stream {stream}, not its own",
+                                h.first_page
+                            )));
+                        }
+                        pipeline::apply_pages(h, plain, integrity, mem, h.round == 1).map_err(
+                            |detail| match detail {
+                                FrameError::IntegrityMode(_) | FrameError::OutOfRange { .. } => {
+                                    proto(detail.to_string())
+                                }
+                                d => MigrateError::Integrity {
+                                    stream,
+                                    seq: h.seq.0,
+                                    round: h.round,
+                                    detail: d,
+                                },
+                            },
+                        )?;
+                        *pages += u64::from(h.page_count);
+                        counters.add(u64::from(h.page_count), h.frame_len() as u64);
+                    }
+                    (Kind::DeviceState, RecvPhase::Rounds) if stream == 0 => {
+                        let _ = replies.send((index, DstReply::State(plain.to_vec())));
+                    }
+                    (Kind::RoundEnd, RecvPhase::Rounds) => {
+                        *ack_due = true;
+                        if h.flags & FLAG_FINAL != 0 {
+                            *phase = if stream == 0 {
+                                RecvPhase::AwaitGo
+                            } else {
+                                RecvPhase::Finishing
+                            };
+                            return Ok(stream == 0);
+                        }
+                    }
+                    (Kind::Commit, RecvPhase::AwaitCommit) => {
+                        let _ = replies.send((index, DstReply::Commit));
+                        *phase = RecvPhase::AwaitResumeGo;
+                        return Ok(false);
+                    }
+                    (Kind::Abort, _) => {
+                        return Err(MigrateError::PeerAborted {
+                            stream,
+                            reason: String::from_utf8_lossy(plain).into_owned(),
+                        })
+                    }
+                    (k, p) => return Err(proto(format!("unexpected {k:?} frame (phase {p:?})"))),
+                }
+                if *since_ack >= ack_every {
+                    *ack_due = true;
+                }
+                Ok(true)
+            },
+        )
+    }
+
+    /// Sends what is due, one frame at a time: Resumed, Ready, then acks.
+    fn pump_sends(&mut self) -> Result<(), MigrateError> {
+        if self.conn.send_busy() {
+            return Ok(());
+        }
+        let tx = &mut self.tx;
+        let hdr = StreamHeader {
+            migration: self.keys.migration(),
+            stream: StreamId(self.stream),
+        };
+        let mut out = self
+            .out_spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_TO_SOURCE_FRAME));
+        if self.ack_due {
+            let cum = self.inbox.next_seq.to_le_bytes();
+            pipeline::encode_control(Kind::Ack, 0, hdr, 0, Seq(self.tx_seq), &cum, tx, &mut out);
+            self.tx_seq += 1;
+            self.ack_due = false;
+            self.since_ack = 0;
+        }
+        if self.ready_due {
+            pipeline::encode_control(Kind::Ready, 0, hdr, 0, Seq(self.tx_seq), &[], tx, &mut out);
+            self.tx_seq += 1;
+            self.ready_due = false;
+        }
+        if self.resumed_due {
+            pipeline::encode_control(Kind::Resumed, 0, hdr, 0, Seq(self.tx_seq), &[], tx, &mut out);
+            self.tx_seq += 1;
+            self.resumed_due = false;
+        }
+        if out.is_empty() {
+            self.out_spare = Some(out);
+            return Ok(());
+        }
+        self.conn
+            .start_send(out)
+            .map_err(MigrateError::io(self.sid(), 0, "sending acknowledgements"))
+    }
+}

@@ -1,0 +1,158 @@
+//! Why a migration failed, and which of several failures tells most.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::dirty::DirtyError;
+use crate::guest::GuestError;
+use crate::io::IoError;
+use crate::pipeline::FrameError;
+use crate::wire::WireError;
+
+/// Why a migration failed. Each names the stream, and where it applies the
+/// sequence and round, of what went wrong.
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    /// The connection failed, closed or went silent.
+    #[error("stream {stream}, round {round}, {during}: {source}")]
+    Transport {
+        /// Stream.
+        stream: u16,
+        /// Round in progress.
+        round: u32,
+        /// What the stream was doing.
+        during: &'static str,
+        /// What happened.
+        #[source]
+        source: IoError,
+    },
+    /// A frame failed authentication or its page digest.
+    #[error("integrity check failed on stream {stream} at sequence {seq} (round {round}): {detail}; the frame was altered in transit or sealed under other keys")]
+    Integrity {
+        /// Stream.
+        stream: u16,
+        /// Sequence of the bad frame.
+        seq: u64,
+        /// Round the frame claims.
+        round: u32,
+        /// Tag or digest.
+        detail: FrameError,
+    },
+    /// A frame out of order: replayed, reordered or dropped.
+    #[error("stream {stream}: expected frame sequence {expected}, got {got} (round {round}): a replayed, reordered or dropped frame")]
+    Sequence {
+        /// Stream.
+        stream: u16,
+        /// Sequence expected.
+        expected: u64,
+        /// Sequence received.
+        got: u64,
+        /// Round the frame claims.
+        round: u32,
+    },
+    /// A header that does not decode.
+    #[error("stream {stream}: malformed frame after sequence {after_seq}: {source}")]
+    Malformed {
+        /// Stream.
+        stream: u16,
+        /// Last good sequence + 1.
+        after_seq: u64,
+        /// Decoding error.
+        #[source]
+        source: WireError,
+    },
+    /// A well-formed frame that breaks the protocol.
+    #[error("stream {stream}: protocol violation: {detail}")]
+    Protocol {
+        /// Stream.
+        stream: u16,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The other side aborted, with its reason.
+    #[error("the peer aborted the migration (stream {stream}): {reason}")]
+    PeerAborted {
+        /// Stream the abort arrived on.
+        stream: u16,
+        /// The peer's reason.
+        reason: String,
+    },
+    /// Pausing, resuming or (de)serialising the guest failed.
+    #[error("guest: {0}")]
+    Guest(#[from] GuestError),
+    /// The dirty tracker failed.
+    #[error("{0}")]
+    Tracker(#[from] DirtyError),
+    /// Setting a stream up failed.
+    #[error("setting up stream {stream}: {source}")]
+    Setup {
+        /// Stream (or connection index).
+        stream: u16,
+        /// What failed.
+        #[source]
+        source: IoError,
+    },
+    /// The embedder called [`Hooks::cancel`] before the commit point: the
+    /// source's guest keeps running there.
+    #[error("cancelled before the commit point: the migration stopped and the guest keeps running at the source")]
+    Cancelled,
+    /// Commit was sent but the destination's confirmation never came.
+    #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination (`ferry status`) before resuming either copy")]
+    InDoubt(Duration),
+    /// A setting out of range, or the two sides disagree.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A worker thread vanished (a bug).
+    #[error("worker for stream {0} stopped without a report (internal error)")]
+    WorkerLost(u16),
+}
+
+impl MigrateError {
+    pub(super) fn io(stream: u16, round: u32, during: &'static str) -> impl FnOnce(IoError) -> MigrateError {
+        move |source| MigrateError::Transport {
+            stream,
+            round,
+            during,
+            source,
+        }
+    }
+}
+
+/// How long a failing side waits for its other streams' reports.
+pub(super) const SETTLE: Duration = Duration::from_millis(250);
+
+impl MigrateError {
+    /// How much the error tells an operator: the peer's own reason first,
+    /// then what was wrong with the data, then a stream that merely closed.
+    fn rank(&self) -> u8 {
+        match self {
+            MigrateError::PeerAborted { .. } | MigrateError::Cancelled => 0,
+            MigrateError::Transport { .. } | MigrateError::Setup { .. } | MigrateError::WorkerLost(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Keeps the best-ranked of `first` and the errors `next` yields
+/// (`Some(Some(e))` an error, `Some(None)` another reply, `None` no more).
+pub(super) fn settle_errors(
+    first: MigrateError,
+    mut next: impl FnMut() -> Option<Option<MigrateError>>,
+) -> MigrateError {
+    let mut best = first;
+    if best.rank() == 0 {
+        return best;
+    }
+    while let Some(r) = next() {
+        if let Some(e) = r {
+            if e.rank() < best.rank() {
+                best = e;
+                if best.rank() == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    best
+}

@@ -1,0 +1,100 @@
+//! Pre-copy live migration: the source's round controller and stream
+//! workers, the destination's mirror, and the two-phase switchover.
+//!
+//! ```text
+//! source controller                 workers (one per stream, pinned)        destination
+//!  round 1: every page      ──Round──▶ chunks of my stripes → frames ──▶ open, verify, write
+//!  round r: dirty pages     ◀─Done────  wait until every frame acked ◀── Ack (batched)
+//!  converged? (dirty bytes / bandwidth <= downtime target)
+//!  pause guest, last dirty set, device state ──▶ final frames + state ──▶ load state
+//!                                          ◀── Ready (stream 0)
+//!  COMMIT POINT: the source gives the VM up ──▶ Commit ──────────────▶ resume guest
+//!                                          ◀── Resumed
+//! ```
+//!
+//! Before the source receives `Ready`, any failure (a bad frame, a dead or
+//! silent peer, an abort) shuts every stream down and the source resumes its
+//! guest: the destination discards what it got, never having run it. After
+//! `Ready` the source never resumes; if `Resumed` does not come back it
+//! reports [`MigrateError::InDoubt`] and keeps its paused copy untouched,
+//! so the VM runs in at most one place and its state is never lost.
+
+mod config;
+mod convergence;
+mod destination;
+mod error;
+mod inbox;
+mod report;
+mod source;
+mod transcript;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+pub use self::config::MigrationConfig;
+pub use self::destination::migrate_destination;
+pub use self::error::MigrateError;
+pub use self::report::{DestReport, RoundStats, SourceReport};
+pub use self::source::migrate_source;
+use crate::crypto::StreamCrypto;
+use crate::io::Conn;
+pub use crate::io::IoError;
+use crate::pipeline::{self, Integrity, StreamHeader};
+use crate::wire::{self, Kind, Seq, HEADER_LEN};
+
+fn clone_all(conns: &[TcpStream]) -> Result<Vec<TcpStream>, MigrateError> {
+    conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.try_clone().map_err(|e| MigrateError::Setup {
+                stream: u16::try_from(i).unwrap_or(u16::MAX),
+                source: IoError::Setup(e),
+            })
+        })
+        .collect()
+}
+
+fn pin(cfg: &MigrationConfig, index: usize) {
+    if !cfg.pin_workers {
+        return;
+    }
+    if let Some(ids) = core_affinity::get_core_ids() {
+        if !ids.is_empty() {
+            core_affinity::set_for_current(ids[index % ids.len()]);
+        }
+    }
+}
+
+const HELLO_LEN: usize = 4;
+/// Frames the destination sends are small; anything larger is refused.
+pub(crate) const MAX_TO_SOURCE_FRAME: usize = HEADER_LEN + wire::MAX_REASON + wire::TAG_LEN;
+
+pub(crate) fn hello_payload(cfg: &MigrationConfig) -> [u8; HELLO_LEN] {
+    let s = cfg.streams.to_le_bytes();
+    let i = match cfg.integrity {
+        Integrity::AeadSha256 => 1,
+        Integrity::Aead => 2,
+    };
+    [s[0], s[1], i, 0]
+}
+
+/// Sends `Abort(reason)` on a stream, best effort, within a short time.
+pub(crate) fn send_abort(conn: &mut Conn, crypto: &mut StreamCrypto, hdr: StreamHeader, seq: u64, reason: &str) {
+    let mut reason = reason.as_bytes();
+    if reason.len() > wire::MAX_REASON {
+        reason = &reason[..wire::MAX_REASON];
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + reason.len() + wire::TAG_LEN);
+    pipeline::encode_control(Kind::Abort, 0, hdr, 0, Seq(seq), reason, crypto, &mut out);
+    if conn.send_busy() || conn.start_send(out).is_err() {
+        return;
+    }
+    let limit = Duration::from_millis(500).min(conn.timeout());
+    let deadline = Instant::now() + limit;
+    while conn.send_busy() && Instant::now() < deadline {
+        if conn.wait_for(limit).is_err() {
+            return;
+        }
+    }
+}
