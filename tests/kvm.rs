@@ -138,3 +138,42 @@ fn cut_before_the_destinations_acknowledgement_leaves_the_guest_at_the_source() 
         },
     );
 }
+
+/// The switchover guard: a worker that panics after the source paused the
+/// guest (an injected fault standing in for the nonce-reuse assert in
+/// `seal` or an `expect` in the pipeline) unwinds past every error path;
+/// the paused guest is a value whose drop resumes it, so the guest runs at
+/// the source again with its memory intact, and the migration reports the
+/// panic as an error instead of propagating it.
+#[test]
+fn a_worker_panic_after_the_pause_leaves_the_guest_running_at_the_source() {
+    let name = "worker_panic_after_pause";
+    if !kvm_ready(name) {
+        return;
+    }
+    let mut o = kvm_small();
+    o.hooks = ferry_engine::progress::Hooks::new().inject_panic_in_final_round(1);
+    match demo::run(&o, |_| {}) {
+        Ok(r) => panic!(
+            "{name}: the migration succeeded despite the panic (verified={})",
+            r.verified
+        ),
+        Err(DemoError::Failed(f)) => {
+            eprintln!("{name}: {f}");
+            assert!(
+                matches!(
+                    f.source_error,
+                    Some(ferry_engine::migrate::MigrateError::WorkerPanicked(1))
+                ),
+                "{name}: the source did not report the worker's panic: {f}"
+            );
+            assert!(f.source_guest_running, "{name}: the source guest is not running: {f}");
+            assert!(
+                !f.destination_guest_ran,
+                "{name}: the destination entered the guest: {f}"
+            );
+            assert_eq!(f.source_memory_intact, Some(true), "{name}: {f}");
+        }
+        Err(e) => panic!("{name}: setup failed: {e}"),
+    }
+}

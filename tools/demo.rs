@@ -422,7 +422,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                     &opts.hooks,
                 )
             });
-        let dst = dest.join().unwrap_or(Err(MigrateError::WorkerLost(u16::MAX)));
+        let dst = dest.join().unwrap_or(Err(MigrateError::WorkersGone));
         (src, dst)
     });
     let engine_heap_peak_bytes = alloc::peak_bytes().saturating_sub(heap_base) as u64;

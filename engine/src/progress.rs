@@ -86,6 +86,10 @@ type Callback = dyn Fn(&Progress) + Send + Sync;
 pub struct Hooks {
     progress: Option<Arc<Callback>>,
     cancel: Arc<AtomicBool>,
+    /// Fault injection for tests: the stream whose worker panics in the
+    /// final round.
+    #[cfg(feature = "fault-injection")]
+    panic_in_final_round: Option<u16>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -120,6 +124,28 @@ impl Hooks {
     /// Whether [`Hooks::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Fault injection (tests only, feature `fault-injection`): the sending
+    /// worker of `stream` panics when it starts the final round, after the
+    /// source guest was paused — the case the switchover guard exists for.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn inject_panic_in_final_round(mut self, stream: u16) -> Hooks {
+        self.panic_in_final_round = Some(stream);
+        self
+    }
+
+    pub(crate) fn injected_panic_in_final_round(&self, _stream: u16) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.panic_in_final_round == Some(_stream)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
     }
 
     pub(crate) fn emit(&self, p: &Progress) {

@@ -106,6 +106,28 @@ pub enum MigrateError {
     /// A worker thread vanished (a bug).
     #[error("worker for stream {0} stopped without a report (internal error)")]
     WorkerLost(u16),
+    /// Every worker thread stopped without a report (a bug).
+    #[error("every stream worker stopped without a report (internal error)")]
+    WorkersGone,
+    /// A worker thread panicked (a bug; the panic message is in the log).
+    /// Before the commit point the source guest was resumed.
+    #[error("the worker for stream {0} panicked (a bug in ferry: its message is in the log above); before the commit point the source guest keeps running, after it see the other errors")]
+    WorkerPanicked(u16),
+    /// A stream's final transcript is missing (a bug).
+    #[error("a stream reported its final round without its transcript (internal error)")]
+    MissingTranscript,
+    /// No stream from the source made progress in time (destination).
+    #[error("nothing arrived from the source for {0:?}: it is dead, stalled or cut off; the guest never ran here")]
+    SourceSilent(Duration),
+    /// A worker thread could not be started.
+    #[error("starting the worker thread for stream {stream}: {source}; the host is out of threads or memory")]
+    Spawn {
+        /// Stream.
+        stream: u16,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl MigrateError {
@@ -128,7 +150,11 @@ impl MigrateError {
     fn rank(&self) -> u8 {
         match self {
             MigrateError::PeerAborted { .. } | MigrateError::Cancelled => 0,
-            MigrateError::Transport { .. } | MigrateError::Setup { .. } | MigrateError::WorkerLost(_) => 2,
+            MigrateError::Transport { .. }
+            | MigrateError::Setup { .. }
+            | MigrateError::WorkerLost(_)
+            | MigrateError::WorkersGone
+            | MigrateError::SourceSilent(_) => 2,
             _ => 1,
         }
     }

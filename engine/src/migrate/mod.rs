@@ -20,7 +20,7 @@
 //! so the VM runs in at most one place and its state is never lost.
 
 mod config;
-mod convergence;
+pub mod convergence;
 mod destination;
 mod error;
 mod inbox;

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::convergence::StopReason;
+
 /// What one pre-copy round did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RoundStats {
@@ -43,6 +45,8 @@ pub struct RoundStats {
 pub struct SourceReport {
     /// Every round, the final one last.
     pub rounds: Vec<RoundStats>,
+    /// Why the live rounds ended.
+    pub precopy_stop: StopReason,
     /// Pages sent over all rounds.
     pub pages_sent: u64,
     /// Zero pages among them.

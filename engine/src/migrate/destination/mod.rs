@@ -15,7 +15,6 @@ use super::transcript::transcript_root;
 use super::{clone_all, pin, DestReport, MigrateError, MigrationConfig};
 use crate::crypto::SessionKeys;
 use crate::guest::GuestControl;
-use crate::io::IoError;
 use crate::memory::GuestMemory;
 use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
 
@@ -101,7 +100,7 @@ pub fn migrate_destination(
     let (resumed_at, transcript_root) = result?;
     let (mut frames, mut pages, mut bytes) = (0, 0, 0);
     for s in &stats {
-        let (f, p, b) = *s.lock().map_err(|_| MigrateError::WorkerLost(u16::MAX))?;
+        let (f, p, b) = *s.lock().map_err(|_| MigrateError::WorkersGone)?;
         frames += f;
         pages += p;
         bytes += b;
@@ -151,14 +150,9 @@ fn dest_drive(
                 continue;
             }
             Err(RecvTimeoutError::Timeout) => {
-                return Err(MigrateError::Transport {
-                    stream: u16::MAX,
-                    round: 0,
-                    during: "waiting for the source",
-                    source: IoError::Timeout(cfg.io_timeout * 3),
-                })
+                return Err(MigrateError::SourceSilent(cfg.io_timeout * 3));
             }
-            Err(RecvTimeoutError::Disconnected) => return Err(MigrateError::WorkerLost(u16::MAX)),
+            Err(RecvTimeoutError::Disconnected) => return Err(MigrateError::WorkersGone),
         };
         match r {
             DstReply::Hello(stream) => {
@@ -202,7 +196,7 @@ fn dest_drive(
                         stream: 0,
                         detail: "streams ended without a commit".into(),
                     })?;
-                    let root = transcript_root(&transcripts).ok_or(MigrateError::WorkerLost(u16::MAX))?;
+                    let root = transcript_root(&transcripts).ok_or(MigrateError::MissingTranscript)?;
                     return Ok((resumed_at, root));
                 }
             }

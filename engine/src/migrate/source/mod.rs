@@ -1,6 +1,7 @@
 //! The source: the round controller that decides, pauses and commits, and
 //! one sending worker per stream.
 
+mod switchover;
 mod worker;
 
 use std::net::TcpStream;
@@ -9,7 +10,10 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
+pub(crate) use self::switchover::ReadyFrame;
+use self::switchover::{FinalAcked, Paused, Tracking};
 use self::worker::SendWorker;
+use super::convergence::{self, Decision, Limits, RoundOutcome, StopReason};
 use super::error::{settle_errors, SETTLE};
 use super::report::gbps;
 use super::transcript::transcript_root;
@@ -35,15 +39,36 @@ pub(crate) enum SrcCmd {
 
 pub(crate) enum SrcReply {
     RoundDone { stats: RoundStats },
-    Ready,
+    Ready(ReadyFrame),
     Resumed,
     Failed(MigrateError),
 }
 
+/// Sends `Failed(WorkerPanicked)` for its stream if the worker thread
+/// unwinds, so the controller stops at once instead of at its backstop
+/// timeout.
+struct ReportPanic<'a> {
+    stream: u16,
+    replies: &'a Sender<(u16, SrcReply)>,
+}
+
+impl Drop for ReportPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self
+                .replies
+                .send((self.stream, SrcReply::Failed(MigrateError::WorkerPanicked(self.stream))));
+        }
+    }
+}
+
 /// Runs a migration from the source side over connected `conns` (one per
 /// stream, in stream order). On `Ok`, the destination runs the guest and the
-/// local guest is paused for good. On `Err` before the commit point the
-/// local guest is running (resumed if it had been paused).
+/// local guest is paused for good. On `Err` before the commit point — any
+/// error, or a panic in a worker — the local guest is running (resumed if it
+/// had been paused): see the `switchover` module for how that holds by
+/// construction. After the commit point the only error is
+/// [`MigrateError::InDoubt`], and the guest stays paused here.
 pub fn migrate_source(
     mem: &GuestMemory,
     tracker: &mut dyn DirtyTracker,
@@ -62,67 +87,43 @@ pub fn migrate_source(
         )));
     }
     let started_at = Instant::now();
-    let mut paused = false;
-    let mut committed = false;
-    let result = source_inner(
-        mem,
-        tracker,
-        guest,
-        conns,
-        keys,
-        cfg,
-        hooks,
-        &mut paused,
-        &mut committed,
-        started_at,
-    );
-    if result.is_err() && paused && !committed {
-        // Before the commit point the source still owns the VM: run it again.
-        if let Err(e) = guest.resume() {
-            tracing::error!("resuming the source guest after a failed migration failed: {e}");
-        }
-    }
-    let _ = tracker.stop();
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn source_inner(
-    mem: &GuestMemory,
-    tracker: &mut dyn DirtyTracker,
-    guest: &mut dyn GuestControl,
-    conns: Vec<TcpStream>,
-    keys: &SessionKeys,
-    cfg: &MigrationConfig,
-    hooks: &Hooks,
-    paused: &mut bool,
-    committed: &mut bool,
-    started_at: Instant,
-) -> Result<SourceReport, MigrateError> {
     let socks = clone_all(&conns)?;
     let counters = Counters::default();
     let boundaries: Vec<u64> = mem.regions().iter().map(|r| r.first_page().0).collect();
     let (reply_tx, reply_rx) = bounded::<(u16, SrcReply)>(usize::from(cfg.streams) * 4);
     std::thread::scope(|scope| {
         let mut cmd_txs = Vec::new();
+        let mut workers = Vec::new();
         for (i, sock) in conns.into_iter().enumerate() {
-            let stream = u16::try_from(i).expect("streams <= 64");
+            let stream = u16::try_from(i).map_err(|_| MigrateError::Config("more than 64 streams".into()))?;
             let (tx, rx) = bounded::<SrcCmd>(2);
             cmd_txs.push(tx);
             let reply = reply_tx.clone();
             let boundaries = &boundaries;
             let counters = &counters;
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("ferry-send-{stream}"))
                 .spawn_scoped(scope, move || {
+                    let _report = ReportPanic {
+                        stream,
+                        replies: &reply,
+                    };
                     pin(cfg, usize::from(stream));
                     let r = SendWorker::new(stream, mem, keys, cfg, sock, boundaries, hooks, counters)
                         .and_then(|mut w| w.run(&rx, &reply, stream));
                     if let Err(e) = r {
                         let _ = reply.send((stream, SrcReply::Failed(e)));
                     }
-                })
-                .expect("spawning a sender worker");
+                });
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    for s in &socks {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    return Err(MigrateError::Spawn { stream, source: e });
+                }
+            }
         }
         drop(reply_tx);
         let mut ctl = SourceCtl {
@@ -137,13 +138,32 @@ fn source_inner(
             sending: None,
             cancellable: true,
         };
-        let r = ctl.drive(mem, tracker, guest, paused, committed, started_at);
+        let r = ctl.drive(mem, tracker, guest);
         if r.is_err() {
             ctl.abort();
         }
         // Dropping the command channels lets every worker finish.
         drop(ctl);
-        r
+        // Joined here, so a worker's panic is this migration's error (the
+        // guest was resumed when `drive` returned) and not the caller's.
+        let mut panicked = None;
+        for (i, w) in workers.into_iter().enumerate() {
+            if w.join().is_err() && panicked.is_none() {
+                panicked = u16::try_from(i).ok();
+            }
+        }
+        match (r, panicked) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Some(stream)) => {
+                // Past the commit point (Resumed arrived) a worker died on
+                // its way out: the migration is done, say so loudly.
+                tracing::error!(
+                    "the worker for stream {stream} panicked after the destination confirmed the guest runs"
+                );
+                Err(MigrateError::WorkerPanicked(stream))
+            }
+            (Ok(report), None) => Ok(report),
+        }
     })
 }
 
@@ -207,7 +227,7 @@ impl SourceCtl<'_> {
                         });
                     }
                 }
-                Err(_) => return Err(MigrateError::WorkerLost(u16::MAX)),
+                Err(_) => return Err(MigrateError::WorkersGone),
             }
         }
     }
@@ -224,11 +244,8 @@ impl SourceCtl<'_> {
     }
 
     fn send(&self, stream: usize, cmd: SrcCmd) -> Result<(), MigrateError> {
-        let s = u16::try_from(stream).unwrap_or(u16::MAX);
-        self.cmd_txs[stream]
-            .send(cmd)
-            .map_err(|_| MigrateError::WorkerLost(s))?;
-        Ok(())
+        let lost = || u16::try_from(stream).map_or(MigrateError::WorkersGone, MigrateError::WorkerLost);
+        self.cmd_txs.get(stream).ok_or_else(lost)?.send(cmd).map_err(|_| lost())
     }
 
     fn run_round(
@@ -238,7 +255,7 @@ impl SourceCtl<'_> {
         known_zero: Option<Arc<DirtyBitmap>>,
         state: Option<Arc<Vec<u8>>>,
         is_final: bool,
-    ) -> Result<(RoundStats, bool), MigrateError> {
+    ) -> Result<(RoundStats, Option<ReadyFrame>), MigrateError> {
         let t0 = Instant::now();
         self.check_cancel()?;
         self.sending = Some((round, dirty.count(), self.counters.get().0));
@@ -261,7 +278,7 @@ impl SourceCtl<'_> {
             ..Default::default()
         };
         let mut done = 0;
-        let mut ready = false;
+        let mut ready = None;
         while done < self.cmd_txs.len() {
             match self.reply()? {
                 (s, SrcReply::RoundDone { stats }) => {
@@ -278,7 +295,7 @@ impl SourceCtl<'_> {
                 }
                 // Stream 0 may see the destination's Ready before the other
                 // streams report their final round done.
-                (0, SrcReply::Ready) if is_final => ready = true,
+                (0, SrcReply::Ready(r)) if is_final => ready = Some(r),
                 (s, _) => {
                     return Err(MigrateError::Protocol {
                         stream: s,
@@ -294,17 +311,14 @@ impl SourceCtl<'_> {
         Ok((total, ready))
     }
 
-    fn drive(
+    /// Live rounds until [`convergence::decide`] says stop. Returns the
+    /// rounds, the dirty set the paused round sends and why pre-copy ended.
+    fn precopy(
         &mut self,
         mem: &GuestMemory,
-        tracker: &mut dyn DirtyTracker,
-        guest: &mut dyn GuestControl,
-        paused: &mut bool,
-        committed: &mut bool,
-        started_at: Instant,
-    ) -> Result<SourceReport, MigrateError> {
+        tracking: &mut Tracking<'_>,
+    ) -> Result<(Vec<RoundStats>, DirtyBitmap, StopReason), MigrateError> {
         let pages = mem.pages();
-        tracker.start()?;
         // Never-written pages (memfd holes) go as zero pages without being
         // read: reading would make the kernel allocate them. Taken after
         // tracking started, so a hole written later is dirty in round 2.
@@ -312,81 +326,85 @@ impl SourceCtl<'_> {
         mem.holes_into(&mut holes)
             .map_err(|e| MigrateError::Config(format!("cannot map guest memory holes: {e}")))?;
         let mut holes = Some(Arc::new(holes));
+        let limits = Limits {
+            downtime_ms_max: self.cfg.downtime_ms_max,
+            max_rounds: self.cfg.max_rounds,
+        };
         let mut rounds: Vec<RoundStats> = Vec::new();
+        let mut outcomes: Vec<RoundOutcome> = Vec::new();
         let mut dirty = Arc::new(DirtyBitmap::full(pages));
-        // Guest bytes per second, from the largest round so far.
-        let mut bandwidth = 0.0f64;
-        let mut largest = 0u64;
-        let mut round = 1u32;
         loop {
+            let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
             let (mut stats, _) = self.run_round(round, dirty, holes.take(), None, false)?;
-            if stats.pages >= largest && stats.duration_ms > 0.0 {
-                largest = stats.pages;
-                bandwidth = stats.pages as f64 * PAGE_SIZE_U64 as f64 / (stats.duration_ms / 1e3);
-            }
             let t = Instant::now();
             let mut next = DirtyBitmap::new(pages);
-            tracker.collect(&mut next)?;
+            tracking.tracker().collect(&mut next)?;
             stats.dirty_scan_ms = t.elapsed().as_secs_f64() * 1e3;
             stats.dirty_pages_after = next.count();
-            let left_bytes = stats.dirty_pages_after as f64 * PAGE_SIZE_U64 as f64;
-            let expected_ms = if bandwidth > 0.0 {
-                left_bytes / bandwidth * 1e3
-            } else {
-                f64::INFINITY
-            };
+            outcomes.push(RoundOutcome {
+                pages_sent: stats.pages,
+                duration_ms: stats.duration_ms,
+                dirty_pages_after: stats.dirty_pages_after,
+            });
+            stats.expected_downtime_ms = convergence::expected_downtime_ms(&outcomes);
+            if stats.duration_ms > 0.0 {
+                stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
+            }
+            let decision = convergence::decide(&outcomes, limits);
             tracing::info!(
                 round,
                 pages = stats.pages,
                 ms = stats.duration_ms,
                 dirty_after = stats.dirty_pages_after,
-                expected_downtime_ms = expected_ms,
+                expected_downtime_ms = stats.expected_downtime_ms,
+                ?decision,
                 "pre-copy round done"
             );
-            stats.expected_downtime_ms = expected_ms;
-            if stats.duration_ms > 0.0 {
-                stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
-            }
             self.hooks.emit(&Progress::Round {
                 stats: stats.clone(),
                 elapsed_ms: self.elapsed_ms(),
             });
-            let stalled = rounds.len() >= 4
-                && rounds[rounds.len() - 2..]
-                    .iter()
-                    .all(|r| stats.dirty_pages_after * 20 >= r.dirty_pages_after * 19);
-            // Within the target, one more live round is still worth it while
-            // it at least halves what the paused round must send and that is
-            // more than about a millisecond of transfer.
-            let within_target = expected_ms <= self.cfg.downtime_ms_max as f64;
-            let worth_another = stats.dirty_pages_after * 2 <= stats.pages && expected_ms > 1.0;
-            let converged = within_target && !worth_another;
             rounds.push(stats);
             dirty = Arc::new(next);
-            if converged || round >= self.cfg.max_rounds || stalled {
-                break;
+            if let Decision::Stop(why) = decision {
+                let last = Arc::try_unwrap(dirty).unwrap_or_else(|a| (*a).clone());
+                return Ok((rounds, last, why));
             }
-            round += 1;
         }
+    }
 
-        // Stop and copy (unless cancelled meanwhile).
+    fn drive(
+        &mut self,
+        mem: &GuestMemory,
+        tracker: &mut dyn DirtyTracker,
+        guest: &mut dyn GuestControl,
+    ) -> Result<SourceReport, MigrateError> {
+        let tracker_name = tracker.name();
+        let mut tracking = Tracking::start(tracker)?;
+        let (mut rounds, mut last, precopy_stop) = self.precopy(mem, &mut tracking)?;
+        let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
+
+        // Stop and copy (unless cancelled meanwhile). From here until the
+        // commit, dropping `paused` — by any return or unwind — resumes the
+        // guest.
         self.check_cancel()?;
-        guest.pause()?;
-        *paused = true;
+        let mut paused: Paused<'_> = tracking.pause(guest)?;
         // Downtime starts when the guest began to stop.
         let now = Instant::now();
-        let paused_at = now.checked_sub(guest.stop_latency()).unwrap_or(now);
-        let mut last = Arc::try_unwrap(dirty).unwrap_or_else(|a| (*a).clone());
+        let paused_at = now.checked_sub(paused.guest().stop_latency()).unwrap_or(now);
         let t = Instant::now();
-        tracker.collect(&mut last)?;
+        paused.tracker().collect(&mut last)?;
         let scan_ms = t.elapsed().as_secs_f64() * 1e3;
-        let state = Arc::new(guest.save_state()?);
+        let state = Arc::new(paused.guest().save_state()?);
         let device_state_bytes = state.len();
         self.hooks.emit(&Progress::Paused {
-            round: round + 1,
+            round,
             pages: last.count(),
         });
-        let (mut fin, ready) = self.run_round(round + 1, Arc::new(last), None, Some(state), true)?;
+        let (mut fin, ready) = self.run_round(round, Arc::new(last), None, Some(state), true)?;
+        // Every stream reported its final round done: each had every frame
+        // acknowledged first.
+        let acked = FinalAcked::every_stream_reported();
         fin.dirty_scan_ms = scan_ms;
         self.hooks.emit(&Progress::Round {
             stats: fin.clone(),
@@ -395,18 +413,20 @@ impl SourceCtl<'_> {
         rounds.push(fin);
 
         // Stream 0 reports the destination's Ready: the commit point.
-        if !ready {
-            match self.reply()? {
-                (0, SrcReply::Ready) => {}
+        let ready = match ready {
+            Some(r) => r,
+            None => match self.reply()? {
+                (0, SrcReply::Ready(r)) => r,
                 (s, _) => {
                     return Err(MigrateError::Protocol {
                         stream: s,
                         detail: "expected Ready from the destination".into(),
                     })
                 }
-            }
-        }
-        *committed = true;
+            },
+        };
+        let transcript_root = transcript_root(&self.transcripts).ok_or(MigrateError::MissingTranscript)?;
+        let _committed = paused.ready(acked, ready).commit();
         self.cancellable = false;
         let committed_at = Instant::now();
         self.hooks.emit(&Progress::Committed {
@@ -427,13 +447,14 @@ impl SourceCtl<'_> {
             zero_pages: rounds.iter().map(|r| r.zero_pages).sum(),
             bytes_on_wire: rounds.iter().map(|r| r.bytes_on_wire).sum(),
             rounds,
+            precopy_stop,
             device_state_bytes,
-            tracker: tracker.name(),
+            tracker: tracker_name,
             paused_at,
             committed_at,
             resumed_confirmed_at,
-            started_at,
-            transcript_root: transcript_root(&self.transcripts).ok_or(MigrateError::WorkerLost(u16::MAX))?,
+            started_at: self.started_at,
+            transcript_root,
         })
     }
 }

@@ -4,6 +4,7 @@ use std::net::TcpStream;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::switchover::ReadyFrame;
 use super::{SrcCmd, SrcReply};
 use crate::bitmap::{for_each_chunk, DirtyBitmap};
 use crate::crypto::{Direction, SessionKeys, StreamCrypto};
@@ -120,6 +121,9 @@ impl<'a> SendWorker<'a> {
                     is_final,
                 } => {
                     self.round = round;
+                    if is_final && self.hooks.injected_panic_in_final_round(stream) {
+                        panic!("injected fault: stream {stream}'s worker panics in the final round, after the pause");
+                    }
                     let stats = self.send_round(
                         &dirty,
                         known_zero.as_deref(),
@@ -131,7 +135,7 @@ impl<'a> SendWorker<'a> {
                         while !self.ready {
                             self.wait_event("waiting for the destination's Ready")?;
                         }
-                        let _ = replies.send((stream, SrcReply::Ready));
+                        let _ = replies.send((stream, SrcReply::Ready(ReadyFrame::opened())));
                     }
                 }
                 SrcCmd::Commit => {
