@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
+use self::phase::Go;
 use self::worker::RecvWorker;
 use super::error::{settle_errors, SETTLE};
 use super::transcript::transcript_root;
@@ -17,11 +18,6 @@ use crate::crypto::SessionKeys;
 use crate::guest::GuestControl;
 use crate::memory::GuestMemory;
 use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
-
-pub(crate) enum DstCmd {
-    SendReady,
-    SendResumed,
-}
 
 pub(crate) enum DstReply {
     Hello(u16),
@@ -60,7 +56,7 @@ pub fn migrate_destination(
     let result = std::thread::scope(|scope| {
         let mut cmd_txs = Vec::new();
         for (i, sock) in conns.into_iter().enumerate() {
-            let (tx, rx) = bounded::<DstCmd>(2);
+            let (tx, rx) = bounded::<Go>(2);
             cmd_txs.push(tx);
             let reply = reply_tx.clone();
             let slot = &stats[i];
@@ -116,7 +112,7 @@ pub fn migrate_destination(
 
 fn dest_drive(
     guest: &mut dyn GuestControl,
-    cmd_txs: &[Sender<DstCmd>],
+    cmd_txs: &[Sender<Go>],
     replies: &Receiver<(usize, DstReply)>,
     cfg: &MigrationConfig,
     hooks: &Hooks,
@@ -187,7 +183,7 @@ fn dest_drive(
                 hooks.emit(&Progress::Resumed {
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 });
-                let _ = cmd_txs[i].send(DstCmd::SendResumed);
+                let _ = cmd_txs[i].send(Go::SendResumed);
             }
             DstReply::Done => {
                 done += 1;
@@ -218,7 +214,7 @@ fn dest_drive(
             guest.load_state(s)?;
             ready_sent = true;
             cmd_txs[z]
-                .send(DstCmd::SendReady)
+                .send(Go::SendReady)
                 .map_err(|_| MigrateError::WorkerLost(0))?;
         }
     }

@@ -5,8 +5,8 @@ use std::net::TcpStream;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::phase::RecvPhase;
-use super::{DstCmd, DstReply};
+use super::phase::{self, Action, Go, RecvPhase, Seen};
+use super::DstReply;
 use crate::bitmap::stream_of;
 use crate::crypto::{Direction, SessionKeys, StreamCrypto};
 use crate::io::{Conn, Event, IoError};
@@ -98,11 +98,7 @@ impl<'a> RecvWorker<'a> {
         self.stream
     }
 
-    pub(super) fn run(
-        &mut self,
-        cmds: &Receiver<DstCmd>,
-        replies: &Sender<(usize, DstReply)>,
-    ) -> Result<(), MigrateError> {
+    pub(super) fn run(&mut self, cmds: &Receiver<Go>, replies: &Sender<(usize, DstReply)>) -> Result<(), MigrateError> {
         let r = self.run_inner(cmds, replies);
         if let Err(e) = &r {
             if !matches!(e, MigrateError::PeerAborted { .. } | MigrateError::Transport { .. }) {
@@ -116,34 +112,32 @@ impl<'a> RecvWorker<'a> {
         r
     }
 
-    fn run_inner(&mut self, cmds: &Receiver<DstCmd>, replies: &Sender<(usize, DstReply)>) -> Result<(), MigrateError> {
+    fn run_inner(&mut self, cmds: &Receiver<Go>, replies: &Sender<(usize, DstReply)>) -> Result<(), MigrateError> {
         let sid = self.sid();
         self.inbox.arm(&mut self.conn, sid, 0)?;
         loop {
             self.pump_sends()?;
-            match self.phase {
-                RecvPhase::AwaitGo if !self.conn.send_busy() => {
-                    match cmds.recv_timeout(self.cfg.io_timeout * 2) {
-                        Ok(DstCmd::SendReady) => {
-                            self.ready_due = true;
-                            self.phase = RecvPhase::AwaitCommit;
+            let awaiting = match self.phase {
+                RecvPhase::AwaitGo if !self.conn.send_busy() => Some("no go-ahead to send Ready"),
+                RecvPhase::AwaitResumeGo => Some("guest did not resume"),
+                _ => None,
+            };
+            if let Some(why) = awaiting {
+                let go = cmds.recv_timeout(self.cfg.io_timeout * 2).ok();
+                match go.and_then(|g| phase::on_go(self.phase, g).map(|p| (g, p))) {
+                    Some((g, next)) => {
+                        match g {
+                            Go::SendReady => self.ready_due = true,
+                            Go::SendResumed => self.resumed_due = true,
                         }
-                        _ => return Err(self.protocol("no go-ahead to send Ready")),
+                        self.phase = next;
                     }
-                    continue;
+                    None => return Err(self.protocol(why)),
                 }
-                RecvPhase::AwaitResumeGo => {
-                    match cmds.recv_timeout(self.cfg.io_timeout * 2) {
-                        Ok(DstCmd::SendResumed) => {
-                            self.resumed_due = true;
-                            self.phase = RecvPhase::Finishing;
-                        }
-                        _ => return Err(self.protocol("guest did not resume")),
-                    }
-                    continue;
-                }
-                RecvPhase::Finishing if !self.conn.send_busy() && !self.ack_due && !self.resumed_due => return Ok(()),
-                _ => {}
+                continue;
+            }
+            if self.phase == RecvPhase::Finishing && !self.conn.send_busy() && !self.ack_due && !self.resumed_due {
+                return Ok(());
             }
             let during = match self.phase {
                 RecvPhase::Rounds => "receiving pages",
@@ -214,8 +208,15 @@ impl<'a> RecvWorker<'a> {
                 *since_ack += 1;
                 *round = (*round).max(h.round);
                 let proto = |d: String| MigrateError::Protocol { stream, detail: d };
-                match (h.kind, *phase) {
-                    (Kind::Hello, RecvPhase::Rounds) if h.seq.0 == 0 => {
+                let seen = Seen {
+                    kind: h.kind,
+                    seq: h.seq.0,
+                    is_final: h.flags & FLAG_FINAL != 0,
+                };
+                let (next, action) = phase::on_frame(*phase, stream == 0, seen).map_err(|u| proto(u.to_string()))?;
+                *phase = next;
+                match action {
+                    Action::Hello => {
                         if plain != hello {
                             return Err(MigrateError::Config(format!(
                                 "source offers streams/integrity {:?}, this destination expects {:?} ({} streams, {})",
@@ -227,7 +228,7 @@ impl<'a> RecvWorker<'a> {
                         }
                         let _ = replies.send((index, DstReply::Hello(stream)));
                     }
-                    (Kind::Pages, RecvPhase::Rounds) if h.seq.0 > 0 => {
+                    Action::Pages => {
                         if stream_of(h.first_page, streams) != stream {
                             return Err(proto(format!(
                                 "page {} arrived on stream {stream}, not its own",
@@ -250,32 +251,25 @@ impl<'a> RecvWorker<'a> {
                         *pages += u64::from(h.page_count);
                         counters.add(u64::from(h.page_count), h.frame_len() as u64);
                     }
-                    (Kind::DeviceState, RecvPhase::Rounds) if stream == 0 => {
+                    Action::DeviceState => {
                         let _ = replies.send((index, DstReply::State(plain.to_vec())));
                     }
-                    (Kind::RoundEnd, RecvPhase::Rounds) => {
+                    Action::RoundEnd { keep_reading } => {
                         *ack_due = true;
-                        if h.flags & FLAG_FINAL != 0 {
-                            *phase = if stream == 0 {
-                                RecvPhase::AwaitGo
-                            } else {
-                                RecvPhase::Finishing
-                            };
-                            return Ok(stream == 0);
+                        if !keep_reading || seen.is_final {
+                            return Ok(keep_reading);
                         }
                     }
-                    (Kind::Commit, RecvPhase::AwaitCommit) => {
+                    Action::Commit => {
                         let _ = replies.send((index, DstReply::Commit));
-                        *phase = RecvPhase::AwaitResumeGo;
                         return Ok(false);
                     }
-                    (Kind::Abort, _) => {
+                    Action::Abort => {
                         return Err(MigrateError::PeerAborted {
                             stream,
                             reason: String::from_utf8_lossy(plain).into_owned(),
                         })
                     }
-                    (k, p) => return Err(proto(format!("unexpected {k:?} frame (phase {p:?})"))),
                 }
                 if *since_ack >= ack_every {
                     *ack_due = true;
