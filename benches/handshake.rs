@@ -18,8 +18,8 @@ fn handshake(c: &mut Criterion) {
         vm: VM.into(),
         memory_bytes: 1 << 30,
         streams: 2,
-        integrity: "aead+sha256".into(),
-        guest: "synthetic".into(),
+        integrity: ferry_control::modes::Integrity::AeadSha256,
+        guest: ferry_control::modes::GuestKind::Synthetic,
         vcpus: 1,
     };
     let mut g = c.benchmark_group("control");

@@ -12,34 +12,27 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_engine::bitmap::DirtyBitmap;
-use ferry_engine::crypto::{AeadBackend, Direction, SessionKeys, StreamCrypto};
+use ferry_engine::crypto::{AeadBackend, Direction, Sealer, SessionKeys, StreamCrypto};
 use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
 use ferry_engine::pipeline::{self, Integrity, StreamHeader};
-use ferry_engine::wire::{FrameHeader, MigrationId, Seq, StreamId, HEADER_LEN};
+use ferry_engine::wire::{FrameHeader, MigrationId, StreamId, HEADER_LEN};
 use ferry_engine::{GuestMemory, PageIndex, PAGE_SIZE};
 use ferry_vmm::workload;
 
 const MEM: u64 = 64 << 20;
 const CHUNK: u32 = 32;
 
-/// Seals every page of `mem` into `out` as CHUNK-page frames, from `seq`;
-/// with `flush_at`, clears `out` whenever it passes that size (a null sink).
-fn seal_image(
-    mem: &GuestMemory,
-    integrity: Integrity,
-    tx: &mut StreamCrypto,
-    seq: &mut u64,
-    out: &mut Vec<u8>,
-    flush_at: Option<usize>,
-) {
+/// Seals every page of `mem` into `out` as CHUNK-page frames, continuing
+/// `tx`'s sequence; with `flush_at`, clears `out` whenever it passes that
+/// size (a null sink).
+fn seal_image(mem: &GuestMemory, integrity: Integrity, tx: &mut Sealer, out: &mut Vec<u8>, flush_at: Option<usize>) {
     let hdr = StreamHeader {
         migration: MigrationId(1),
         stream: StreamId(0),
     };
     let mut first = 0;
     while first < mem.pages() {
-        pipeline::encode_pages(mem, PageIndex(first), CHUNK, hdr, 1, Seq(*seq), integrity, 0, tx, out);
-        *seq += 1;
+        pipeline::encode_pages(mem, PageIndex(first), CHUNK, hdr, 1, integrity, 0, tx, out);
         first += u64::from(CHUNK);
         if flush_at.is_some_and(|n| out.len() >= n) {
             black_box(&*out);
@@ -73,11 +66,10 @@ fn seal(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(4));
     for integrity in [Integrity::AeadSha256, Integrity::Aead] {
         for backend in backends() {
-            let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), backend);
+            let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), backend);
             let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
-            let mut seq = 0u64;
             g.bench_function(BenchmarkId::from_parameter(label(integrity, backend)), |b| {
-                b.iter(|| seal_image(&mem, integrity, &mut tx, &mut seq, &mut out, Some(1 << 20)))
+                b.iter(|| seal_image(&mem, integrity, &mut tx, &mut out, Some(1 << 20)))
             });
         }
     }
@@ -102,12 +94,10 @@ fn ceiling(c: &mut Criterion) {
             }
         })
     });
-    let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
-    let mut seq = 0;
+    let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
     g.bench_function("aes256gcm_seal_128KiB", |b| {
         b.iter(|| {
-            seq += 1;
-            black_box(tx.seal(seq, &[0u8; HEADER_LEN], &mut buf));
+            black_box(tx.seal_next(&[0u8; HEADER_LEN], &mut buf));
         })
     });
     g.finish();
@@ -124,9 +114,9 @@ fn open(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(4));
     for integrity in [Integrity::AeadSha256, Integrity::Aead] {
         // Seal the whole image once; each iteration opens a fresh copy.
-        let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut sealed = Vec::new();
-        seal_image(&mem, integrity, &mut tx, &mut 0, &mut sealed, None);
+        seal_image(&mem, integrity, &mut tx, &mut sealed, None);
         g.bench_function(BenchmarkId::from_parameter(integrity.as_str()), |b| {
             // A fresh copy of the sealed frames per iteration, made outside
             // the timed part (opening is in place).

@@ -20,8 +20,8 @@ fn offer(vm: &str) -> Offer {
         vm: vm.into(),
         memory_bytes: 1 << 30,
         streams: 2,
-        integrity: "aead+sha256".into(),
-        guest: "synthetic".into(),
+        integrity: ferry_control::modes::Integrity::AeadSha256,
+        guest: ferry_control::modes::GuestKind::Synthetic,
         vcpus: 1,
     }
 }
@@ -584,11 +584,18 @@ fn a_manifest_signed_by_another_key_is_refused() {
 
 #[test]
 fn a_guest_kind_the_destination_cannot_run_is_refused_at_admission() {
-    let (lab, dest, t, c, src) = setup();
+    let (lab, _, t, c, src) = setup();
+    let dest = lab
+        .destination_for(DEST, POLICY, 1 << 40, &[ferry_control::modes::GuestKind::Synthetic])
+        .unwrap();
     let mut o = offer(VM);
-    o.guest = "xen-pv".into();
+    o.guest = ferry_control::modes::GuestKind::Kvm;
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, o);
-    refused_and_audited(&lab, &r, "this destination runs kvm and synthetic guests");
+    refused_and_audited(
+        &lab,
+        &r,
+        "this destination runs synthetic guests, the request offers a kvm guest",
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferry_control::audit::AuditLog;
 use ferry_control::handshake::{self, Destination, DestinationConfig, Measurement, ServeLimits};
+use ferry_control::modes::GuestKind;
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
@@ -117,7 +118,7 @@ pub struct ReceiveOptions {
     pub io_timeout: Duration,
     /// Guest kinds received here ("kvm", "synthetic"); a request offering
     /// another is refused at admission.
-    pub guests: Vec<String>,
+    pub guests: Vec<GuestKind>,
     /// Have a received KVM guest checksum its memory as its first act, and
     /// report it (to compare with the source's checksum at pause).
     pub verify_guest: bool,
@@ -129,13 +130,13 @@ pub struct ReceiveOptions {
 
 /// The guest kinds this host can run: KVM where /dev/kvm works, and the
 /// synthetic guest.
-pub fn local_guests() -> Vec<String> {
+pub fn local_guests() -> Vec<GuestKind> {
     let mut g = Vec::new();
     match ferry_vmm::kvm::available() {
-        Ok(()) => g.push("kvm".to_string()),
+        Ok(()) => g.push(GuestKind::Kvm),
         Err(why) => tracing::warn!("KVM guests cannot be received here: {why}"),
     }
-    g.push("synthetic".to_string());
+    g.push(GuestKind::Synthetic);
     g
 }
 
@@ -212,18 +213,18 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         let claims = admitted.claims().clone();
         let offer = admitted.offer().clone();
         let result = (|| -> Result<serde_json::Value, String> {
-            let integrity = offer.integrity.parse().map_err(|x: String| x)?;
+            let integrity = offer.integrity;
             let mem = Arc::new(GuestMemory::new(offer.memory_bytes).map_err(e)?);
             // Fault the memory in off the receiver threads, as it arrives.
             let m2 = mem.clone();
             let prefault = std::thread::spawn(move || m2.prefault());
-            let mut guest = match offer.guest.as_str() {
-                "kvm" => {
+            let mut guest = match offer.guest {
+                GuestKind::Kvm => {
                     let mut vm = KvmVm::incoming(mem.clone(), offer.vcpus).map_err(e)?;
                     vm.checksum_at_resume = verify_guest;
                     Received::Kvm(vm)
                 }
-                _ => Received::Synthetic(SyntheticGuest::incoming(mem.clone())),
+                GuestKind::Synthetic => Received::Synthetic(SyntheticGuest::incoming(mem.clone())),
             };
             let cfg = MigrationConfig {
                 streams: offer.streams,

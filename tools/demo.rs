@@ -365,8 +365,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         vm: lab::VM.into(),
         memory_bytes: opts.memory_bytes,
         streams: cfg.streams,
-        integrity: cfg.integrity.as_str().into(),
-        guest: src_guest.kind().into(),
+        integrity: cfg.integrity,
+        guest: src_guest.kind(),
         vcpus: src_guest.control().vcpus(),
     };
     let (mut src_admitted, mut dst_admitted) = lab
@@ -548,7 +548,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
 
     Ok(DemoReport {
         verified,
-        guest: src_guest.kind(),
+        guest: src_guest.kind().as_str(),
         guest_note,
         vcpus: if kind == GuestKind::Kvm { opts.vcpus } else { 0 },
         memory_bytes: opts.memory_bytes,
@@ -653,7 +653,7 @@ impl Source {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> ferry_control::modes::GuestKind {
         match self {
             Source::Synthetic(g) => g.kind(),
             Source::Kvm(vm) => vm.kind(),

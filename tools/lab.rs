@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_control::audit::{self, AuditLog};
 use ferry_control::handshake::{self, Admitted, Destination, DestinationConfig, HandshakeError, Measurement, Offer};
+use ferry_control::modes::GuestKind;
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
@@ -224,6 +225,17 @@ impl Lab {
     /// A destination daemon for host `name` of this lab (its policy: the
     /// `[[incoming]]` rules of `policy`), with a replay cache file in the lab.
     pub fn destination(&self, name: &str, policy: &str, max_memory_bytes: u64) -> Result<Destination, LabError> {
+        self.destination_for(name, policy, max_memory_bytes, &[GuestKind::Kvm, GuestKind::Synthetic])
+    }
+
+    /// [`destination`](Self::destination) that runs only `guests`.
+    pub fn destination_for(
+        &self,
+        name: &str,
+        policy: &str,
+        max_memory_bytes: u64,
+        guests: &[GuestKind],
+    ) -> Result<Destination, LabError> {
         let d = self.dir.path();
         let id = Identity::load(d, Role::Host, name).map_err(setup)?;
         let tls_cfg = tls::server_config(&id, pki::roots(d).map_err(setup)?).map_err(setup)?;
@@ -235,7 +247,7 @@ impl Lab {
             max_concurrent: 4,
             max_memory_bytes,
             max_streams: 64,
-            guests: vec!["kvm".into(), "synthetic".into()],
+            guests: guests.to_vec(),
             measurement: Measurement::of_self(policy.as_bytes()).map_err(setup)?,
             io_timeout: Duration::from_secs(5),
         };

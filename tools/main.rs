@@ -669,7 +669,7 @@ fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
             max_memory_bytes: a.memory.max(64 << 30),
             max_concurrent: 1,
             io_timeout,
-            guests: vec!["kvm".into()],
+            guests: vec![ferry_control::modes::GuestKind::Kvm],
             verify_guest: a.verify,
             heartbeat_events: Some(Duration::from_millis(a.heartbeat_every_ms.max(10))),
             data_ports: a.data_ports,

@@ -131,8 +131,8 @@ pub fn migrate(
         vm: vm.into(),
         memory_bytes: mem.size_bytes(),
         streams: cfg.streams,
-        integrity: cfg.integrity.as_str().into(),
-        guest: guest.kind().into(),
+        integrity: cfg.integrity,
+        guest: guest.kind(),
         vcpus: guest.vcpus(),
     };
     let requested = handshake::request(

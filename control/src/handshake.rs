@@ -26,6 +26,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
+
+pub use crate::modes::{GuestKind, Integrity};
 use thiserror::Error;
 
 use crate::pki::Identity;
@@ -45,12 +47,13 @@ pub struct Offer {
     pub memory_bytes: u64,
     /// Data streams.
     pub streams: u16,
-    /// Integrity mode name.
-    pub integrity: String,
-    /// The kind of guest ("kvm", "synthetic"): the destination makes a VM of
-    /// this kind to receive it.
+    /// Integrity mode (its name in JSON; an unknown name fails to parse).
+    pub integrity: Integrity,
+    /// The kind of guest: the destination makes a VM of this kind to
+    /// receive it (an unknown kind fails to parse; absent means synthetic,
+    /// as before the field existed).
     #[serde(default)]
-    pub guest: String,
+    pub guest: GuestKind,
     /// vCPUs of the guest (a KVM guest's state carries this many).
     #[serde(default)]
     pub vcpus: u32,
@@ -256,8 +259,8 @@ pub struct DestinationConfig {
     pub max_memory_bytes: u64,
     /// Largest stream count accepted.
     pub max_streams: u16,
-    /// Guest kinds this host can run ("kvm", "synthetic").
-    pub guests: Vec<String>,
+    /// Guest kinds this host can run.
+    pub guests: Vec<GuestKind>,
     /// This daemon's measurement.
     pub measurement: Measurement,
     /// Timeout of every control read and write.
@@ -452,8 +455,13 @@ impl Destination {
         }
         if !self.cfg.guests.contains(&req.offer.guest) {
             return Err(format!(
-                "this destination runs {} guests, the request offers a {:?} guest",
-                self.cfg.guests.join(" and "),
+                "this destination runs {} guests, the request offers a {} guest",
+                self.cfg
+                    .guests
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
                 req.offer.guest
             ));
         }

@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod handshake;
+pub mod modes;
 pub mod pki;
 pub mod policy;
 pub mod replay;

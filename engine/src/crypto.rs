@@ -13,7 +13,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hkdf;
 use thiserror::Error;
 
-use crate::wire::{MigrationId, StreamId, TAG_LEN};
+use crate::wire::{MigrationId, Seq, StreamId, TAG_LEN};
 
 /// Frames per key: a stream rekeys when `seq >> REKEY_SHIFT` changes.
 pub const REKEY_SHIFT: u32 = 24;
@@ -228,12 +228,14 @@ impl StreamCrypto {
     }
 
     /// Encrypts `in_out` in place with `aad` authenticated, under nonce `seq`;
-    /// returns the tag.
+    /// returns the tag. Outside this crate frames are sealed through a
+    /// [`Sealer`], which picks `seq` itself.
     ///
     /// # Panics
     /// If `seq` is not greater than every sequence sealed before: a reused
-    /// nonce would break AES-GCM, so this is a crash, not an error.
-    pub fn seal(&mut self, seq: u64, aad: &[u8], in_out: &mut [u8]) -> [u8; TAG_LEN] {
+    /// nonce would break AES-GCM, so this is a crash, not an error (a
+    /// [`Sealer`] cannot reach it).
+    pub(crate) fn seal(&mut self, seq: u64, aad: &[u8], in_out: &mut [u8]) -> [u8; TAG_LEN] {
         assert!(
             seq >= self.next_seal,
             "nonce reuse: sequence {seq} sealed twice on {:?}",
@@ -282,6 +284,45 @@ impl StreamCrypto {
                 Ok(data)
             }
         }
+    }
+}
+
+/// The sealing half of one stream in one direction. It owns the frame
+/// sequence number — the AES-GCM nonce — so no caller passes a counter in
+/// and no two frames can share a nonce.
+///
+/// A frame's header carries its sequence and is the AEAD's associated data,
+/// so a frame is built as: read [`next_seq`](Self::next_seq), write the
+/// header with it, then [`seal_next`](Self::seal_next), which uses that
+/// sequence and moves on.
+#[derive(Debug)]
+pub struct Sealer {
+    crypto: StreamCrypto,
+    next: u64,
+}
+
+impl Sealer {
+    /// The sealer for `stream` in direction `dir`, from sequence 0.
+    pub fn new(keys: &SessionKeys, dir: Direction, stream: StreamId, backend: AeadBackend) -> Sealer {
+        Sealer {
+            crypto: StreamCrypto::new(keys, dir, stream, backend),
+            next: 0,
+        }
+    }
+
+    /// The sequence the next sealed frame gets; equally, how many frames
+    /// this sealer has sealed.
+    pub fn next_seq(&self) -> Seq {
+        Seq(self.next)
+    }
+
+    /// Seals `in_out` in place under [`next_seq`](Self::next_seq) with `aad`
+    /// authenticated; returns that sequence and the tag.
+    pub fn seal_next(&mut self, aad: &[u8], in_out: &mut [u8]) -> (Seq, [u8; TAG_LEN]) {
+        let seq = self.next;
+        let tag = self.crypto.seal(seq, aad, in_out);
+        self.next = seq + 1;
+        (Seq(seq), tag)
     }
 }
 

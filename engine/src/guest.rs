@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+pub use ferry_control::modes::GuestKind;
+
 /// Errors the guest side reports.
 #[derive(Debug, Error)]
 pub enum GuestError {
@@ -24,8 +26,9 @@ pub trait GuestControl: Send {
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
     /// Loads device state into a guest that has not run yet (destination).
     fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError>;
-    /// What kind of guest this is, for reports ("synthetic", "kvm").
-    fn kind(&self) -> &'static str;
+    /// What kind of guest this is: the destination makes a VM of this kind
+    /// to receive it.
+    fn kind(&self) -> GuestKind;
     /// How long the last [`pause`](Self::pause) took from asking the guest
     /// to stop executing until it had stopped: the engine counts it in the
     /// downtime. (Work the guest did on request before that, such as a

@@ -15,46 +15,11 @@
 
 use thiserror::Error;
 
-use crate::crypto::{CryptoError, StreamCrypto};
+use crate::crypto::{CryptoError, Sealer, StreamCrypto};
 use crate::memory::{is_zero, GuestMemory, PageIndex, PAGE_SIZE};
-use crate::wire::{self, FrameHeader, Kind, MigrationId, Seq, StreamId, DIGEST_LEN, FLAG_DIGESTS, HEADER_LEN, TAG_LEN};
+use crate::wire::{self, FrameHeader, Kind, MigrationId, StreamId, DIGEST_LEN, FLAG_DIGESTS, HEADER_LEN, TAG_LEN};
 
-/// What protects page contents in transit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub enum Integrity {
-    /// AES-256-GCM, plus the SHA-256 of every page inside the ciphertext,
-    /// checked by the destination (the paper's step 8).
-    #[default]
-    #[serde(rename = "aead+sha256")]
-    AeadSha256,
-    /// AES-256-GCM only (its tag already authenticates every byte).
-    #[serde(rename = "aead")]
-    Aead,
-}
-
-impl Integrity {
-    /// The name used on the command line and in reports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Integrity::AeadSha256 => "aead+sha256",
-            Integrity::Aead => "aead",
-        }
-    }
-    fn digests(self) -> bool {
-        self == Integrity::AeadSha256
-    }
-}
-
-impl std::str::FromStr for Integrity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "aead+sha256" => Ok(Integrity::AeadSha256),
-            "aead" => Ok(Integrity::Aead),
-            other => Err(format!("unknown integrity mode {other:?}: use aead+sha256 or aead")),
-        }
-    }
-}
+pub use crate::wire::Integrity;
 
 /// What one encoded frame held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,12 +77,12 @@ pub fn encode_pages(
     count: u32,
     hdr: StreamHeader,
     round: u32,
-    seq: Seq,
     integrity: Integrity,
     known_zero: u64,
-    crypto: &mut StreamCrypto,
+    sealer: &mut Sealer,
     out: &mut Vec<u8>,
 ) -> Encoded {
+    let seq = sealer.next_seq();
     assert!(
         (1..=wire::MAX_FRAME_PAGES).contains(&count),
         "bad chunk of {count} pages"
@@ -195,7 +160,8 @@ pub fn encode_pages(
         chunk = Some(digest_of_sums(&out[sums_at..]));
     }
     let (head, payload) = out.split_at_mut(body);
-    let tag = crypto.seal(seq.0, &head[start..], payload);
+    let (sealed, tag) = sealer.seal_next(&head[start..], payload);
+    debug_assert_eq!(sealed, seq);
     out.extend_from_slice(&tag);
     debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
     Encoded {
@@ -226,12 +192,12 @@ pub fn encode_control(
     flags: u8,
     hdr: StreamHeader,
     round: u32,
-    seq: Seq,
     payload: &[u8],
-    crypto: &mut StreamCrypto,
+    sealer: &mut Sealer,
     out: &mut Vec<u8>,
 ) -> usize {
     assert!(payload.len() <= wire::MAX_DEVICE_STATE, "control payload too large");
+    let seq = sealer.next_seq();
     let mut header = FrameHeader::control(kind, hdr.migration, hdr.stream, round, seq, payload.len());
     header.flags = flags;
     let start = out.len();
@@ -239,7 +205,8 @@ pub fn encode_control(
     let body = out.len();
     out.extend_from_slice(payload);
     let (head, p) = out.split_at_mut(body);
-    let tag = crypto.seal(seq.0, &head[start..], p);
+    let (sealed, tag) = sealer.seal_next(&head[start..], p);
+    debug_assert_eq!(sealed, seq);
     out.extend_from_slice(&tag);
     out.len() - start
 }
@@ -369,23 +336,12 @@ mod tests {
             migration: MigrationId(5),
             stream: StreamId(0),
         };
-        let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut out = Vec::new();
         let mut sent_chunks = Vec::new();
-        for (seq, first) in (0..128u64).step_by(64).enumerate() {
-            let e = encode_pages(
-                &src,
-                PageIndex(first),
-                64,
-                hdr,
-                1,
-                Seq(seq as u64),
-                integrity,
-                0,
-                &mut tx,
-                &mut out,
-            );
+        for first in (0..128u64).step_by(64) {
+            let e = encode_pages(&src, PageIndex(first), 64, hdr, 1, integrity, 0, &mut tx, &mut out);
             assert_eq!(
                 u64::from(e.zero_pages),
                 (first..first + 64).filter(|p| p % 3 == 0).count() as u64
@@ -432,7 +388,7 @@ mod tests {
     fn zero_pages_cost_only_header_and_tag() {
         let mem = GuestMemory::new(64 * PAGE_SIZE_U64).unwrap();
         let keys = SessionKeys::test_only_unauthenticated(MigrationId(1)).unwrap();
-        let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let hdr = StreamHeader {
             migration: MigrationId(1),
             stream: StreamId(0),
@@ -444,7 +400,6 @@ mod tests {
             64,
             hdr,
             1,
-            Seq(0),
             Integrity::AeadSha256,
             0,
             &mut tx,
@@ -464,17 +419,16 @@ mod tests {
             migration: MigrationId(5),
             stream: StreamId(0),
         };
-        let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut plain = Vec::new();
-        let mut scratch = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(9), AeadBackend::Ring);
+        let mut scratch = Sealer::new(&keys, Direction::ToDestination, StreamId(9), AeadBackend::Ring);
         encode_pages(
             &src,
             PageIndex(1),
             2,
             hdr,
             1,
-            Seq(0),
             Integrity::AeadSha256,
             0,
             &mut scratch,
@@ -498,7 +452,7 @@ mod tests {
             body.extend_from_slice(&d);
         }
         let head = h.encode();
-        let tag = tx.seal(0, &head, &mut body);
+        let (_, tag) = tx.seal_next(&head, &mut body);
         let mut frame = head.to_vec();
         frame.extend_from_slice(&body);
         frame.extend_from_slice(&tag);
@@ -522,21 +476,10 @@ mod tests {
             migration: MigrationId(5),
             stream: StreamId(0),
         };
-        let mut tx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut out = Vec::new();
-        encode_pages(
-            &src,
-            PageIndex(0),
-            4,
-            hdr,
-            1,
-            Seq(0),
-            Integrity::Aead,
-            0,
-            &mut tx,
-            &mut out,
-        );
+        encode_pages(&src, PageIndex(0), 4, hdr, 1, Integrity::Aead, 0, &mut tx, &mut out);
         let h = FrameHeader::decode(out[..HEADER_LEN].try_into().unwrap()).unwrap();
         let p = open_frame(&h, &mut out, &mut rx).unwrap();
         assert!(matches!(

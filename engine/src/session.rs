@@ -25,7 +25,7 @@ use crate::transport::{accept_streams, connect_streams};
 
 fn agree(session: &Admitted, cfg: &MigrationConfig) -> Result<(), MigrateError> {
     let offer = session.offer();
-    if offer.streams != cfg.streams || offer.integrity != cfg.integrity.as_str() {
+    if offer.streams != cfg.streams || offer.integrity != cfg.integrity {
         return Err(MigrateError::Config(format!(
             "the admitted offer has {} streams and {} integrity, this configuration {} and {}",
             offer.streams,

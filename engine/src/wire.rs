@@ -84,6 +84,9 @@ pub struct StreamId(pub u16);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Seq(pub u64);
 
+/// The integrity mode; its `#[repr(u8)]` value is what the Hello carries.
+pub use ferry_control::modes::Integrity;
+
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -145,6 +148,14 @@ pub enum WireError {
     /// A length beyond the limits, or inconsistent with the page count.
     #[error("frame length out of bounds: {0}")]
     BadLength(String),
+    /// A control payload that does not decode.
+    #[error("malformed {kind:?} payload: {what}")]
+    BadPayload {
+        /// The frame's kind.
+        kind: Kind,
+        /// What was wrong.
+        what: &'static str,
+    },
 }
 
 /// A decoded frame header.
@@ -292,11 +303,125 @@ pub fn pages_payload_len(page_count: u32, zero_mask: u64, digests: bool) -> usiz
     data * crate::memory::PAGE_SIZE + if digests { data * DIGEST_LEN } else { 0 } + TAG_LEN
 }
 
+/// Bytes of a [`Hello`] payload.
+pub const HELLO_LEN: usize = 4;
+
+/// Every stream's first frame: what the source will send, which the
+/// destination checks against its own configuration before any page.
+///
+/// ```text
+/// 0      2          3          4
+/// ┌──────┬──────────┬──────────┐
+/// │streams│integrity │ reserved │   streams: u16 LE; integrity: Integrity's repr(u8); reserved: 0
+/// └──────┴──────────┴──────────┘
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Data streams of the migration.
+    pub streams: u16,
+    /// Page integrity mode.
+    pub integrity: Integrity,
+}
+
+impl Hello {
+    /// The payload bytes.
+    pub fn encode(self) -> [u8; HELLO_LEN] {
+        let s = self.streams.to_le_bytes();
+        [s[0], s[1], self.integrity.to_wire(), 0]
+    }
+
+    /// Parses a payload from [`encode`](Self::encode).
+    pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
+        let bad = |what| WireError::BadPayload {
+            kind: Kind::Hello,
+            what,
+        };
+        let b: [u8; HELLO_LEN] = b.try_into().map_err(|_| bad("not 4 bytes"))?;
+        if b[3] != 0 {
+            return Err(bad("reserved byte set"));
+        }
+        let integrity = Integrity::from_wire(b[2]).ok_or(bad("unknown integrity mode"))?;
+        Ok(Hello {
+            streams: u16::from_le_bytes([b[0], b[1]]),
+            integrity,
+        })
+    }
+}
+
+/// Bytes of an [`Ack`] payload.
+pub const ACK_LEN: usize = 8;
+
+/// The destination's cumulative acknowledgement: every frame below
+/// `next_seq` on this stream arrived and was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The next sequence the destination expects.
+    pub next_seq: u64,
+}
+
+impl Ack {
+    /// The payload bytes (u64 LE).
+    pub fn encode(self) -> [u8; ACK_LEN] {
+        self.next_seq.to_le_bytes()
+    }
+
+    /// Parses a payload from [`encode`](Self::encode).
+    pub fn decode(b: &[u8]) -> Result<Ack, WireError> {
+        let b: [u8; ACK_LEN] = b.try_into().map_err(|_| WireError::BadPayload {
+            kind: Kind::Ack,
+            what: "not 8 bytes",
+        })?;
+        Ok(Ack {
+            next_seq: u64::from_le_bytes(b),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn hello_and_ack_round_trip_and_refuse_garbage() {
+        for h in [
+            Hello {
+                streams: 2,
+                integrity: Integrity::AeadSha256,
+            },
+            Hello {
+                streams: 64,
+                integrity: Integrity::Aead,
+            },
+        ] {
+            assert_eq!(Hello::decode(&h.encode()), Ok(h));
+        }
+        assert_eq!(
+            Hello {
+                streams: 2,
+                integrity: Integrity::AeadSha256
+            }
+            .encode(),
+            [2, 0, 1, 0]
+        );
+        for bad in [
+            &[2u8, 0, 1][..],
+            &[2, 0, 1, 0, 0],
+            &[2, 0, 3, 0],
+            &[2, 0, 0, 0],
+            &[2, 0, 1, 9],
+        ] {
+            assert!(
+                matches!(Hello::decode(bad), Err(WireError::BadPayload { kind: Kind::Hello, .. })),
+                "{bad:?}"
+            );
+        }
+        let a = Ack { next_seq: 77 };
+        assert_eq!(Ack::decode(&a.encode()), Ok(a));
+        assert!(Ack::decode(&[0; 7]).is_err());
+        assert!(Ack::decode(&[0; 9]).is_err());
+    }
 
     proptest! {
         /// Arbitrary bytes never panic the decoder, and whatever it accepts

@@ -36,11 +36,11 @@ pub use self::destination::migrate_destination;
 pub use self::error::MigrateError;
 pub use self::report::{DestReport, RoundStats, SourceReport};
 pub use self::source::migrate_source;
-use crate::crypto::StreamCrypto;
+use crate::crypto::Sealer;
 use crate::io::Conn;
 pub use crate::io::IoError;
-use crate::pipeline::{self, Integrity, StreamHeader};
-use crate::wire::{self, Kind, Seq, HEADER_LEN};
+use crate::pipeline::{self, StreamHeader};
+use crate::wire::{self, Kind, HEADER_LEN};
 
 fn clone_all(conns: &[TcpStream]) -> Result<Vec<TcpStream>, MigrateError> {
     conns
@@ -66,27 +66,25 @@ fn pin(cfg: &MigrationConfig, index: usize) {
     }
 }
 
-const HELLO_LEN: usize = 4;
 /// Frames the destination sends are small; anything larger is refused.
 pub(crate) const MAX_TO_SOURCE_FRAME: usize = HEADER_LEN + wire::MAX_REASON + wire::TAG_LEN;
 
-pub(crate) fn hello_payload(cfg: &MigrationConfig) -> [u8; HELLO_LEN] {
-    let s = cfg.streams.to_le_bytes();
-    let i = match cfg.integrity {
-        Integrity::AeadSha256 => 1,
-        Integrity::Aead => 2,
-    };
-    [s[0], s[1], i, 0]
+/// The Hello a side with `cfg` sends (source) or expects (destination).
+pub(crate) fn hello_of(cfg: &MigrationConfig) -> wire::Hello {
+    wire::Hello {
+        streams: cfg.streams,
+        integrity: cfg.integrity,
+    }
 }
 
 /// Sends `Abort(reason)` on a stream, best effort, within a short time.
-pub(crate) fn send_abort(conn: &mut Conn, crypto: &mut StreamCrypto, hdr: StreamHeader, seq: u64, reason: &str) {
+pub(crate) fn send_abort(conn: &mut Conn, sealer: &mut Sealer, hdr: StreamHeader, reason: &str) {
     let mut reason = reason.as_bytes();
     if reason.len() > wire::MAX_REASON {
         reason = &reason[..wire::MAX_REASON];
     }
     let mut out = Vec::with_capacity(HEADER_LEN + reason.len() + wire::TAG_LEN);
-    pipeline::encode_control(Kind::Abort, 0, hdr, 0, Seq(seq), reason, crypto, &mut out);
+    pipeline::encode_control(Kind::Abort, 0, hdr, 0, reason, sealer, &mut out);
     if conn.send_busy() || conn.start_send(out).is_err() {
         return;
     }

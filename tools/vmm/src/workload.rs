@@ -345,8 +345,8 @@ impl GuestControl for SyntheticGuest {
         Ok(())
     }
 
-    fn kind(&self) -> &'static str {
-        "synthetic"
+    fn kind(&self) -> ferry_engine::guest::GuestKind {
+        ferry_engine::guest::GuestKind::Synthetic
     }
 }
 

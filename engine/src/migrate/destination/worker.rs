@@ -8,14 +8,14 @@ use crossbeam_channel::{Receiver, Sender};
 use super::phase::{self, Action, Go, RecvPhase, Seen};
 use super::DstReply;
 use crate::bitmap::stream_of;
-use crate::crypto::{Direction, SessionKeys, StreamCrypto};
+use crate::crypto::{Direction, Sealer, SessionKeys, StreamCrypto};
 use crate::io::{Conn, Event, IoError};
 use crate::memory::GuestMemory;
 use crate::migrate::inbox::Inbox;
-use crate::migrate::{hello_payload, send_abort, MigrateError, MigrationConfig, MAX_TO_SOURCE_FRAME};
+use crate::migrate::{hello_of, send_abort, MigrateError, MigrationConfig, MAX_TO_SOURCE_FRAME};
 use crate::pipeline::{self, FrameError, StreamHeader};
 use crate::progress::Counters;
-use crate::wire::{Kind, Seq, StreamId, FLAG_FINAL, MAX_FRAME};
+use crate::wire::{Ack, Hello, Kind, StreamId, FLAG_FINAL, MAX_FRAME};
 
 pub(crate) struct RecvWorker<'a> {
     index: usize,
@@ -24,8 +24,7 @@ pub(crate) struct RecvWorker<'a> {
     cfg: &'a MigrationConfig,
     keys: &'a SessionKeys,
     conn: Conn,
-    tx: StreamCrypto,
-    tx_seq: u64,
+    tx: Sealer,
     out_spare: Option<Vec<u8>>,
     pub(super) inbox: Inbox,
     since_ack: u64,
@@ -78,8 +77,7 @@ impl<'a> RecvWorker<'a> {
             cfg,
             keys,
             conn,
-            tx: StreamCrypto::new(keys, Direction::ToSource, id, cfg.aead),
-            tx_seq: 0,
+            tx: Sealer::new(keys, Direction::ToSource, id, cfg.aead),
             out_spare: Some(Vec::with_capacity(MAX_TO_SOURCE_FRAME)),
             inbox: Inbox::new(2 * MAX_FRAME + (256 << 10), rx),
             since_ack: 0,
@@ -106,7 +104,7 @@ impl<'a> RecvWorker<'a> {
                     migration: self.keys.migration(),
                     stream: StreamId(self.stream),
                 };
-                send_abort(&mut self.conn, &mut self.tx, hdr, self.tx_seq, &e.to_string());
+                send_abort(&mut self.conn, &mut self.tx, hdr, &e.to_string());
             }
         }
         r
@@ -182,7 +180,7 @@ impl<'a> RecvWorker<'a> {
         let stream = self.sid();
         let streams = self.cfg.streams;
         let integrity = self.cfg.integrity;
-        let hello = hello_payload(self.cfg);
+        let hello = hello_of(self.cfg);
         let mem = self.mem;
         let index = self.index;
         let ack_every = self.cfg.ack_every;
@@ -217,13 +215,11 @@ impl<'a> RecvWorker<'a> {
                 *phase = next;
                 match action {
                     Action::Hello => {
-                        if plain != hello {
+                        let offered = Hello::decode(plain).map_err(|e| proto(e.to_string()))?;
+                        if offered != hello {
                             return Err(MigrateError::Config(format!(
-                                "source offers streams/integrity {:?}, this destination expects {:?} ({} streams, {})",
-                                plain,
-                                hello,
-                                streams,
-                                integrity.as_str()
+                                "the source sends {} streams with {} integrity, this destination expects {} streams with {}: start both sides with the same settings",
+                                offered.streams, offered.integrity, hello.streams, hello.integrity
                             )));
                         }
                         let _ = replies.send((index, DstReply::Hello(stream)));
@@ -294,20 +290,20 @@ impl<'a> RecvWorker<'a> {
             .take()
             .unwrap_or_else(|| Vec::with_capacity(MAX_TO_SOURCE_FRAME));
         if self.ack_due {
-            let cum = self.inbox.next_seq.to_le_bytes();
-            pipeline::encode_control(Kind::Ack, 0, hdr, 0, Seq(self.tx_seq), &cum, tx, &mut out);
-            self.tx_seq += 1;
+            let ack = Ack {
+                next_seq: self.inbox.next_seq,
+            }
+            .encode();
+            pipeline::encode_control(Kind::Ack, 0, hdr, 0, &ack, tx, &mut out);
             self.ack_due = false;
             self.since_ack = 0;
         }
         if self.ready_due {
-            pipeline::encode_control(Kind::Ready, 0, hdr, 0, Seq(self.tx_seq), &[], tx, &mut out);
-            self.tx_seq += 1;
+            pipeline::encode_control(Kind::Ready, 0, hdr, 0, &[], tx, &mut out);
             self.ready_due = false;
         }
         if self.resumed_due {
-            pipeline::encode_control(Kind::Resumed, 0, hdr, 0, Seq(self.tx_seq), &[], tx, &mut out);
-            self.tx_seq += 1;
+            pipeline::encode_control(Kind::Resumed, 0, hdr, 0, &[], tx, &mut out);
             self.resumed_due = false;
         }
         if out.is_empty() {

@@ -175,8 +175,8 @@ mod tests {
         fn load_state(&mut self, _: &[u8]) -> Result<(), GuestError> {
             Ok(())
         }
-        fn kind(&self) -> &'static str {
-            "test"
+        fn kind(&self) -> crate::guest::GuestKind {
+            crate::guest::GuestKind::Synthetic
         }
         fn stop_latency(&self) -> Duration {
             Duration::ZERO

@@ -7,15 +7,15 @@ use crossbeam_channel::{Receiver, Sender};
 use super::switchover::ReadyFrame;
 use super::{SrcCmd, SrcReply};
 use crate::bitmap::{for_each_chunk, DirtyBitmap};
-use crate::crypto::{Direction, SessionKeys, StreamCrypto};
+use crate::crypto::{Direction, Sealer, SessionKeys, StreamCrypto};
 use crate::io::{Conn, Event, IoError};
 use crate::memory::{GuestMemory, PageIndex};
 use crate::migrate::inbox::Inbox;
 use crate::migrate::transcript::Transcript;
-use crate::migrate::{hello_payload, send_abort, MigrateError, MigrationConfig, RoundStats, MAX_TO_SOURCE_FRAME};
+use crate::migrate::{hello_of, send_abort, MigrateError, MigrationConfig, RoundStats, MAX_TO_SOURCE_FRAME};
 use crate::pipeline::{self, StreamHeader};
 use crate::progress::{Counters, Hooks};
-use crate::wire::{self, Kind, Seq, StreamId, FLAG_FINAL, HEADER_LEN, MAX_FRAME};
+use crate::wire::{self, Ack, Kind, StreamId, FLAG_FINAL, HEADER_LEN, MAX_FRAME};
 
 pub(crate) struct SendWorker<'a> {
     stream: u16,
@@ -24,8 +24,7 @@ pub(crate) struct SendWorker<'a> {
     boundaries: &'a [u64],
     conn: Conn,
     hdr: StreamHeader,
-    tx: StreamCrypto,
-    next_seq: u64,
+    tx: Sealer,
     /// Frames the destination has acknowledged (its next expected sequence).
     acked: u64,
     cur: Vec<u8>,
@@ -40,6 +39,11 @@ pub(crate) struct SendWorker<'a> {
 }
 
 impl<'a> SendWorker<'a> {
+    /// Frames sealed so far on this stream (the next frame's sequence).
+    fn sent(&self) -> u64 {
+        self.tx.next_seq().0
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         stream: u16,
@@ -67,8 +71,7 @@ impl<'a> SendWorker<'a> {
                 migration: keys.migration(),
                 stream: id,
             },
-            tx: StreamCrypto::new(keys, Direction::ToDestination, id, cfg.aead),
-            next_seq: 0,
+            tx: Sealer::new(keys, Direction::ToDestination, id, cfg.aead),
             acked: 0,
             cur: Vec::with_capacity(cfg.batch_bytes + MAX_FRAME),
             spare: None,
@@ -94,8 +97,7 @@ impl<'a> SendWorker<'a> {
         let r = self.run_inner(cmds, replies, stream);
         if let Err(e) = &r {
             if !matches!(e, MigrateError::PeerAborted { .. } | MigrateError::Transport { .. }) {
-                let seq = self.next_seq;
-                send_abort(&mut self.conn, &mut self.tx, self.hdr, seq, &e.to_string());
+                send_abort(&mut self.conn, &mut self.tx, self.hdr, &e.to_string());
             }
         }
         r
@@ -107,7 +109,7 @@ impl<'a> SendWorker<'a> {
         replies: &Sender<(u16, SrcReply)>,
         stream: u16,
     ) -> Result<(), MigrateError> {
-        let hello = hello_payload(self.cfg);
+        let hello = hello_of(self.cfg).encode();
         self.push_control(Kind::Hello, 0, &hello)?;
         self.inbox.arm(&mut self.conn, stream, 0)?;
         // The controller drops the channel when the migration ends either way.
@@ -163,7 +165,7 @@ impl<'a> SendWorker<'a> {
             round: self.round,
             ..Default::default()
         };
-        let seq0 = self.next_seq;
+        let seq0 = self.sent();
         let max_frame = HEADER_LEN + wire::pages_payload_len(self.cfg.chunk_pages, 0, true);
         for_each_chunk(
             dirty,
@@ -174,24 +176,23 @@ impl<'a> SendWorker<'a> {
             |first, count| -> Result<(), MigrateError> {
                 self.reserve(max_frame)?;
                 let zero_hint = known_zero.map_or(0, |z| z.bits(first, count));
+                let seq = self.tx.next_seq();
                 let e = pipeline::encode_pages(
                     self.mem,
                     PageIndex(first),
                     u32::try_from(count).expect("chunk <= 64 pages"),
                     self.hdr,
                     self.round,
-                    Seq(self.next_seq),
                     self.cfg.integrity,
                     zero_hint,
                     &mut self.tx,
                     &mut self.cur,
                 );
                 let tag = &self.cur[self.cur.len() - wire::TAG_LEN..];
-                self.transcript.add(Kind::Pages, self.next_seq, tag);
+                self.transcript.add(Kind::Pages, seq.0, tag);
                 if let Some(d) = &e.chunk_digest {
                     self.transcript.add_chunk(d);
                 }
-                self.next_seq += 1;
                 stats.pages += u64::from(e.pages);
                 stats.zero_pages += u64::from(e.zero_pages);
                 stats.bytes_on_wire += e.wire_bytes as u64;
@@ -209,10 +210,10 @@ impl<'a> SendWorker<'a> {
         let count = stats.pages.to_le_bytes();
         stats.bytes_on_wire += self.push_control(Kind::RoundEnd, flags, &count)? as u64;
         self.flush()?;
-        while self.acked < self.next_seq {
+        while self.acked < self.sent() {
             self.wait_event("waiting for acknowledgements")?;
         }
-        stats.frames = self.next_seq - seq0;
+        stats.frames = self.sent() - seq0;
         if is_final {
             stats.transcript = Some(self.transcript.root());
         }
@@ -222,10 +223,10 @@ impl<'a> SendWorker<'a> {
     /// Makes room for a frame of up to `len` bytes: respects the window of
     /// unacknowledged frames and the batch buffer's capacity.
     fn reserve(&mut self, len: usize) -> Result<(), MigrateError> {
-        if self.next_seq - self.acked >= self.cfg.window_frames {
+        if self.sent() - self.acked >= self.cfg.window_frames {
             // The destination cannot ack what it has not received.
             self.flush()?;
-            while self.next_seq - self.acked >= self.cfg.window_frames {
+            while self.sent() - self.acked >= self.cfg.window_frames {
                 self.wait_event("waiting for acknowledgements (window full)")?;
             }
         }
@@ -237,21 +238,12 @@ impl<'a> SendWorker<'a> {
 
     fn push_control(&mut self, kind: Kind, flags: u8, payload: &[u8]) -> Result<usize, MigrateError> {
         self.reserve(HEADER_LEN + payload.len() + wire::TAG_LEN)?;
-        let n = pipeline::encode_control(
-            kind,
-            flags,
-            self.hdr,
-            self.round,
-            Seq(self.next_seq),
-            payload,
-            &mut self.tx,
-            &mut self.cur,
-        );
+        let seq = self.tx.next_seq();
+        let n = pipeline::encode_control(kind, flags, self.hdr, self.round, payload, &mut self.tx, &mut self.cur);
         if kind != Kind::Commit {
             let tag = &self.cur[self.cur.len() - wire::TAG_LEN..];
-            self.transcript.add(kind, self.next_seq, tag);
+            self.transcript.add(kind, seq.0, tag);
         }
-        self.next_seq += 1;
         Ok(n)
     }
 
@@ -289,7 +281,7 @@ impl<'a> SendWorker<'a> {
             }
             Event::Received { buf, start, n } => {
                 let stream = self.stream;
-                let sent = self.next_seq;
+                let sent = self.sent();
                 let (acked, ready, resumed) = (&mut self.acked, &mut self.ready, &mut self.resumed);
                 self.inbox.on_received(
                     &mut self.conn,
@@ -302,10 +294,12 @@ impl<'a> SendWorker<'a> {
                     |h, plain| {
                         match h.kind {
                             Kind::Ack => {
-                                let cum = u64::from_le_bytes(plain.try_into().map_err(|_| MigrateError::Protocol {
-                                    stream,
-                                    detail: "ack payload must be 8 bytes".into(),
-                                })?);
+                                let cum = Ack::decode(plain)
+                                    .map_err(|e| MigrateError::Protocol {
+                                        stream,
+                                        detail: e.to_string(),
+                                    })?
+                                    .next_seq;
                                 if cum > sent || cum < *acked {
                                     return Err(MigrateError::Protocol {
                                         stream,

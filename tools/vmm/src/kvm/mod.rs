@@ -1101,8 +1101,8 @@ impl GuestControl for KvmVm {
         Ok(())
     }
 
-    fn kind(&self) -> &'static str {
-        "kvm"
+    fn kind(&self) -> ferry_engine::guest::GuestKind {
+        ferry_engine::guest::GuestKind::Kvm
     }
 
     fn vcpus(&self) -> u32 {
