@@ -128,3 +128,73 @@ fn migrate_to_real_daemons_and_audit() {
     let journal = std::fs::read_to_string(state.join("replay")).unwrap();
     assert_eq!(journal.lines().count(), 1, "the used nonce is on disk");
 }
+
+/// CPU time (user + system) of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 here.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A ticket server that runs out of descriptors used to retry `accept` in
+/// a tight loop (the connection stays queued, so every retry fails at
+/// once): a full core burnt until the shortage ended. It backs off now, and
+/// serves again when descriptors are free.
+#[test]
+fn a_server_out_of_descriptors_backs_off_instead_of_spinning() {
+    let name = "a_server_out_of_descriptors_backs_off_instead_of_spinning";
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIPPED {name}: prlimit (util-linux) is not installed");
+        return;
+    }
+    let dir = ferry::lab::LabDir::new().unwrap();
+    let pki = dir.path().join("pki");
+    ferry_ok(&["pki", "init", "--out", s(&pki), "--hosts", "src,dst"]);
+    let mut p = Proc::start(
+        None,
+        &[
+            "serve",
+            "authn",
+            "--pki",
+            s(&pki),
+            "--name",
+            "src",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let addr = p.listening();
+    let pid = p.child.id();
+    // The limit: exactly the descriptors open now, so the next accept fails
+    // with EMFILE (fds are allocated lowest first; allow for a gap or two by
+    // queueing several connections).
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let set = |soft: usize| {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "prlimit failed");
+    };
+    set(open);
+    let clients: Vec<_> = (0..8).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop uses ~150 ticks (100 per second of a core).
+    assert!(
+        used < 40,
+        "the server used {used} ticks in 1.5 s while out of descriptors: it spins"
+    );
+    // Descriptors back: the server is alive and accepts again.
+    set(1024);
+    drop(clients);
+    let again = std::net::TcpStream::connect(addr);
+    assert!(again.is_ok(), "the server stopped listening: {again:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(p.child.try_wait().unwrap().is_none(), "the server exited");
+}

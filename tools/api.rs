@@ -100,11 +100,17 @@ pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
     std::thread::Builder::new()
         .name("ferry-api".into())
         .spawn(move || {
+            let mut backoff = ferry_control::accept::AcceptBackoff::new();
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else {
-                    // Out of descriptors, say: do not spin on it.
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
+                let mut conn = match conn {
+                    Ok(c) => {
+                        backoff.succeeded("VMM API");
+                        c
+                    }
+                    Err(e) => {
+                        std::thread::sleep(backoff.failed("VMM API", &e));
+                        continue;
+                    }
                 };
                 if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::SeqCst);

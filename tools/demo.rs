@@ -398,19 +398,12 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
         let dest = s.spawn(move || {
-            let conns =
-                accept_streams(&listener, dst_cfg.streams, dst_cfg.io_timeout).map_err(|e| MigrateError::Setup {
-                    stream: 0,
-                    source: ferry_engine_io_error(e),
-                })?;
+            let conns = accept_streams(&listener, dst_cfg.streams, dst_cfg.io_timeout)?;
             migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg, &Hooks::new())
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
         let src = connect_streams(target, cfg.streams, cfg.io_timeout)
-            .map_err(|e| MigrateError::Setup {
-                stream: 0,
-                source: ferry_engine_io_error(e),
-            })
+            .map_err(MigrateError::from)
             .and_then(|conns| {
                 migrate_source(
                     &src_mem,
@@ -598,10 +591,6 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         engine_heap_peak_bytes,
         round_detail: src.rounds,
     })
-}
-
-fn ferry_engine_io_error(e: std::io::Error) -> ferry_engine::migrate::IoError {
-    ferry_engine::migrate::IoError::Connect(e)
 }
 
 /// Resolves `Auto` to the KVM guest where /dev/kvm works.

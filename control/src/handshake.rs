@@ -791,14 +791,21 @@ pub fn serve_destination(
     let data_ip = listener.local_addr()?.ip();
     let pending: Arc<Pending> = Arc::new(Mutex::new((HashMap::new(), 0)));
     std::thread::Builder::new().name("ferry-receive".into()).spawn(move || {
+        let mut backoff = crate::accept::AcceptBackoff::new();
         while !stop.load(Ordering::Relaxed) {
             let (sock, peer) = match listener.accept() {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff.succeeded("receive");
+                    x
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    std::thread::sleep(backoff.failed("receive", &e));
+                    continue;
+                }
             };
             let ip = peer.ip();
             {

@@ -231,14 +231,21 @@ pub fn serve(
     listener.set_nonblocking(true)?;
     let live = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new().name("ferry-serve".into()).spawn(move || {
+        let mut backoff = crate::accept::AcceptBackoff::new();
         while !stop.load(Ordering::Relaxed) {
             let sock = match listener.accept() {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    backoff.succeeded("ticket server");
+                    s
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    std::thread::sleep(backoff.failed("ticket server", &e));
+                    continue;
+                }
             };
             if live.load(Ordering::Acquire) >= max_conns || sock.set_nonblocking(false).is_err() {
                 continue; // dropped: closed at once

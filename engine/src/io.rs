@@ -24,12 +24,18 @@ pub enum IoError {
         "io_uring setup failed: {0}; needs Linux >= 5.11 with io_uring enabled (sysctl kernel.io_uring_disabled=0)"
     )]
     Setup(#[source] std::io::Error),
-    /// A data stream could not be opened (connect or accept).
-    #[error("cannot open data stream: {0}")]
-    Connect(#[source] std::io::Error),
-    /// The data connection's session proof failed or could not be exchanged.
-    #[error("{0}")]
-    Preamble(String),
+    /// A data socket could not be duplicated or configured.
+    #[error("data socket {op} failed: {source}")]
+    Socket {
+        /// What was done ("clone").
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data connection's session proof could not be exchanged.
+    #[error(transparent)]
+    Preamble(#[from] crate::transport::PreambleError),
     /// A send or receive failed (reset, broken pipe...).
     #[error("{op} failed: {source}")]
     Op {

@@ -17,7 +17,6 @@ use ferry_control::handshake::Admitted;
 use crate::crypto::SessionKeys;
 use crate::dirty::DirtyTracker;
 use crate::guest::GuestControl;
-use crate::io::IoError;
 use crate::memory::GuestMemory;
 use crate::migrate::{migrate_destination, migrate_source, DestReport, MigrateError, MigrationConfig, SourceReport};
 use crate::progress::Hooks;
@@ -55,10 +54,7 @@ pub fn run_source(
         return Err(MigrateError::Cancelled);
     }
     let data = SocketAddr::new(dest_ip, session.data_port());
-    let conns = connect_streams(data, cfg.streams, cfg.io_timeout).map_err(|e| MigrateError::Setup {
-        stream: 0,
-        source: IoError::Setup(e),
-    })?;
+    let conns = connect_streams(data, cfg.streams, cfg.io_timeout)?;
     let keys = SessionKeys::from_grant(session.key_grant());
     migrate_source(mem, tracker, guest, conns, &keys, cfg, hooks)
 }
@@ -76,10 +72,7 @@ pub fn run_destination(
     hooks: &Hooks,
 ) -> Result<DestReport, MigrateError> {
     agree(session, cfg)?;
-    let conns = accept_streams(data, cfg.streams, cfg.io_timeout).map_err(|e| MigrateError::Setup {
-        stream: 0,
-        source: IoError::Setup(e),
-    })?;
+    let conns = accept_streams(data, cfg.streams, cfg.io_timeout)?;
     let keys = SessionKeys::from_grant(session.key_grant());
     migrate_destination(mem, guest, conns, &keys, cfg, hooks)
 }

@@ -77,43 +77,103 @@ pub fn verify_stream(sock: &mut TcpStream, keys: &SessionKeys, timeout: Duration
 }
 
 /// Connects `n` streams to `addr`, one after another, each within `timeout`.
-pub fn connect_streams(addr: SocketAddr, n: u16, timeout: Duration) -> io::Result<Vec<TcpStream>> {
+pub fn connect_streams(addr: SocketAddr, n: u16, timeout: Duration) -> Result<Vec<TcpStream>, OpenError> {
     (0..n)
-        .map(|_| {
-            let s = TcpStream::connect_timeout(&addr, timeout)?;
-            s.set_nodelay(true)?;
+        .map(|stream| {
+            let err = |source| OpenError::Connect {
+                stream,
+                streams: n,
+                addr,
+                source,
+            };
+            let s = TcpStream::connect_timeout(&addr, timeout).map_err(err)?;
+            s.set_nodelay(true).map_err(err)?;
             Ok(s)
         })
         .collect()
 }
 
-/// Accepts `n` streams on `listener` within `timeout` in all.
-pub fn accept_streams(listener: &TcpListener, n: u16, timeout: Duration) -> io::Result<Vec<TcpStream>> {
+/// Accepts `n` streams on `listener` within `timeout` in all. Accept errors
+/// (out of descriptors, say) are retried with a backoff until the deadline,
+/// never in a tight loop.
+pub fn accept_streams(listener: &TcpListener, n: u16, timeout: Duration) -> Result<Vec<TcpStream>, OpenError> {
     let deadline = Instant::now() + timeout;
-    listener.set_nonblocking(true)?;
+    listener.set_nonblocking(true).map_err(OpenError::Listener)?;
+    let r = accept_until(listener, n, deadline, timeout);
+    listener.set_nonblocking(false).map_err(OpenError::Listener)?;
+    r
+}
+
+fn accept_until(
+    listener: &TcpListener,
+    n: u16,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<TcpStream>, OpenError> {
     let mut out = Vec::with_capacity(usize::from(n));
+    let mut backoff = ferry_control::accept::AcceptBackoff::new();
+    let mut last_error = None;
     while out.len() < usize::from(n) {
-        match listener.accept() {
+        let wait = match listener.accept() {
             Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_nodelay(true)?;
+                backoff.succeeded("data streams");
+                s.set_nonblocking(false).map_err(OpenError::Listener)?;
+                s.set_nodelay(true).map_err(OpenError::Listener)?;
                 out.push(s);
+                continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    listener.set_nonblocking(false)?;
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("only {} of {n} data streams connected within {timeout:?}", out.len()),
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(1));
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Duration::from_millis(1),
+            Err(e) => {
+                let d = backoff.failed("data streams", &e);
+                last_error = Some(e);
+                d
             }
-            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(OpenError::AcceptTimeout {
+                got: u16::try_from(out.len()).unwrap_or(n),
+                want: n,
+                timeout,
+                last_error,
+            });
         }
+        std::thread::sleep(wait.min(deadline - now));
     }
-    listener.set_nonblocking(false)?;
     Ok(out)
+}
+
+/// Why the data streams could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The source could not connect a stream.
+    #[error("connecting data stream {stream} (of {streams}) to {addr}: {source}; check that the destination's data port is reachable (firewall, route) and that it still waits for this migration")]
+    Connect {
+        /// The stream (0-based).
+        stream: u16,
+        /// Streams wanted.
+        streams: u16,
+        /// Where.
+        addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The destination did not get every stream in time.
+    #[error("only {got} of {want} data streams connected within {timeout:?}{}: the source stopped, or the network drops its connections", last_error.as_ref().map(|e| format!(" (last accept error: {e})")).unwrap_or_default())]
+    AcceptTimeout {
+        /// Streams accepted.
+        got: u16,
+        /// Streams wanted.
+        want: u16,
+        /// The deadline.
+        timeout: Duration,
+        /// The last accept error, if accepting failed (not just nothing came).
+        last_error: Option<io::Error>,
+    },
+    /// The listener or an accepted socket could not be configured.
+    #[error("configuring a data socket: {0}")]
+    Listener(#[source] io::Error),
 }
 
 #[cfg(test)]
@@ -122,6 +182,68 @@ mod tests {
     use crate::wire::MigrationId;
 
     use crate::testutil::tcp_pair as pair;
+
+    /// A port on loopback with nothing listening.
+    fn closed_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        drop(l);
+        a
+    }
+
+    #[test]
+    fn a_refused_connect_names_the_stream_and_the_address_not_io_uring() {
+        let addr = closed_port();
+        let e = connect_streams(addr, 2, Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OpenError::Connect {
+                    stream: 0,
+                    streams: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let text = crate::migrate::MigrateError::from(e).to_string();
+        assert!(text.contains("connecting data stream 0 (of 2)"), "{text}");
+        assert!(text.contains(&addr.to_string()), "{text}");
+        assert!(
+            !text.contains("io_uring"),
+            "sends the operator to the wrong fix: {text}"
+        );
+    }
+
+    #[test]
+    fn accepting_too_few_streams_times_out_with_the_count() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _one = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let e = accept_streams(&l, 2, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, OpenError::AcceptTimeout { got: 1, want: 2, .. }), "{e:?}");
+        assert!(e.to_string().contains("only 1 of 2 data streams"), "{e}");
+        assert!(!e.to_string().contains("io_uring"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_preamble_keeps_its_cause() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let (mut src, dst) = pair();
+        drop(dst);
+        let e = prove_stream(&mut src, &keys, 0, Duration::from_secs(2)).unwrap_err();
+        let e = crate::migrate::MigrateError::Setup {
+            stream: 0,
+            source: crate::io::IoError::Preamble(e),
+        };
+        // The chain reaches the OS error (it used to end in a string).
+        let mut cause: &dyn std::error::Error = &e;
+        let mut found = false;
+        while let Some(next) = cause.source() {
+            found |= next.downcast_ref::<io::Error>().is_some();
+            cause = next;
+        }
+        assert!(found, "no io::Error in the cause chain of {e}");
+    }
 
     #[test]
     fn a_connection_proves_its_session_and_stream() {

@@ -119,6 +119,9 @@ pub enum MigrateError {
     /// No stream from the source made progress in time (destination).
     #[error("nothing arrived from the source for {0:?}: it is dead, stalled or cut off; the guest never ran here")]
     SourceSilent(Duration),
+    /// The data streams could not be opened (connect or accept).
+    #[error(transparent)]
+    Open(#[from] crate::transport::OpenError),
     /// A worker thread could not be started.
     #[error("starting the worker thread for stream {stream}: {source}; the host is out of threads or memory")]
     Spawn {
@@ -154,6 +157,7 @@ impl MigrateError {
             | MigrateError::Setup { .. }
             | MigrateError::WorkerLost(_)
             | MigrateError::WorkersGone
+            | MigrateError::Open(_)
             | MigrateError::SourceSilent(_) => 2,
             _ => 1,
         }

@@ -49,7 +49,7 @@ fn clone_all(conns: &[TcpStream]) -> Result<Vec<TcpStream>, MigrateError> {
         .map(|(i, c)| {
             c.try_clone().map_err(|e| MigrateError::Setup {
                 stream: u16::try_from(i).unwrap_or(u16::MAX),
-                source: IoError::Setup(e),
+                source: IoError::Socket { op: "clone", source: e },
             })
         })
         .collect()

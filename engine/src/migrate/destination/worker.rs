@@ -58,7 +58,7 @@ impl<'a> RecvWorker<'a> {
             },
             other => MigrateError::Setup {
                 stream: s,
-                source: IoError::Preamble(other.to_string()),
+                source: IoError::Preamble(other),
             },
         })?;
         if stream >= cfg.streams {

@@ -57,7 +57,7 @@ impl<'a> SendWorker<'a> {
     ) -> Result<Self, MigrateError> {
         crate::transport::prove_stream(&mut sock, keys, stream, cfg.io_timeout).map_err(|e| MigrateError::Setup {
             stream,
-            source: IoError::Preamble(e.to_string()),
+            source: IoError::Preamble(e),
         })?;
         let conn = Conn::new(sock, cfg.io_timeout).map_err(|source| MigrateError::Setup { stream, source })?;
         let id = StreamId(stream);
