@@ -586,7 +586,9 @@ fn a_manifest_signed_by_another_key_is_refused() {
 fn a_guest_kind_the_destination_cannot_run_is_refused_at_admission() {
     let (lab, _, t, c, src) = setup();
     let dest = lab
-        .destination_for(DEST, POLICY, 1 << 40, &[ferry_control::modes::GuestKind::Synthetic])
+        .destination_with(DEST, POLICY, 1 << 40, |c| {
+            c.guests = vec![ferry_control::modes::GuestKind::Synthetic];
+        })
         .unwrap();
     let mut o = offer(VM);
     o.guest = ferry_control::modes::GuestKind::Kvm;
@@ -630,4 +632,84 @@ fn the_engine_refuses_a_configuration_other_than_the_admitted_offer() {
         let e = ferry_engine::session::run_source(&mem, &mut tracker, &mut guest, &s, ip, cfg, &hooks).unwrap_err();
         assert!(e.to_string().contains("the admitted offer"), "{e}");
     }
+}
+
+/// A peer that sends one byte of a TLS record just before each read would
+/// time out used to hold its handshake — and its admission slot — without
+/// end (the channel had per-read timeouts only). Each exchange has a
+/// deadline now: the daemon closes the connection then, and the slot is
+/// free for the next handshake from that peer.
+#[test]
+fn a_slow_drip_handshake_is_cut_at_the_deadline_and_frees_its_slot() {
+    use std::sync::atomic::AtomicBool;
+    let (lab, _, _, _, _) = setup();
+    let per_op = Duration::from_millis(400);
+    let dest = lab
+        .destination_with(DEST, POLICY, 1 << 40, |c| c.io_timeout = per_op)
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let limits = handshake::ServeLimits {
+        pending_per_peer: 1,
+        ..handshake::ServeLimits::default()
+    };
+    let daemon =
+        handshake::serve_destination(listener, Arc::new(dest), limits, Arc::new(|_, _| {}), stop.clone()).unwrap();
+    // Whether the daemon took a new connection from this peer into a
+    // handshake (it then waits for a ClientHello) or closed it at once
+    // (every slot of this peer is taken).
+    let admitted_to_handshake = || {
+        let mut t = TcpStream::connect(addr).unwrap();
+        t.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
+        let mut b = [0u8; 1];
+        matches!(std::io::Read::read(&mut t, &mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+    };
+    let started = Instant::now();
+    let mut drip = TcpStream::connect(addr).unwrap();
+    // A TLS handshake record header announcing 512 bytes, then one byte per
+    // 250 ms (each read of the daemon gets a byte within its 400 ms).
+    drip.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !admitted_to_handshake(),
+        "the dripping peer does not hold its only slot"
+    );
+    let deadline = per_op * ferry_control::tls::EXCHANGE_TIMEOUTS;
+    let cut = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if drip.write_all(&[0x01]).is_err() || started.elapsed() > deadline * 4 {
+            break started.elapsed();
+        }
+        // A closed connection shows on the read side first.
+        drip.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 16];
+        let closed = matches!(std::io::Read::read(&mut drip, &mut b), Ok(0))
+            || matches!(std::io::Read::read(&mut drip, &mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        drip.set_nonblocking(false).unwrap();
+        if closed {
+            break started.elapsed();
+        }
+    };
+    eprintln!("slow drip cut after {cut:?} (deadline {deadline:?})");
+    assert!(cut >= deadline, "cut before the deadline: {cut:?}");
+    assert!(
+        cut < deadline + Duration::from_secs(1),
+        "the drip held its slot past the deadline: {cut:?}"
+    );
+    // The slot is free again.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(admitted_to_handshake(), "the slot was not freed after the deadline");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    daemon.join().unwrap();
+}
+
+#[test]
+fn a_destination_without_authorization_keys_says_so() {
+    let (lab, _, t, c, src) = setup();
+    let dest = lab
+        .destination_with(DEST, POLICY, 1 << 40, |c| c.authz_keys.clear())
+        .unwrap();
+    let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    refused_and_audited(&lab, &r, "no authorization server key configured");
 }

@@ -225,21 +225,22 @@ impl Lab {
     /// A destination daemon for host `name` of this lab (its policy: the
     /// `[[incoming]]` rules of `policy`), with a replay cache file in the lab.
     pub fn destination(&self, name: &str, policy: &str, max_memory_bytes: u64) -> Result<Destination, LabError> {
-        self.destination_for(name, policy, max_memory_bytes, &[GuestKind::Kvm, GuestKind::Synthetic])
+        self.destination_with(name, policy, max_memory_bytes, |_| {})
     }
 
-    /// [`destination`](Self::destination) that runs only `guests`.
-    pub fn destination_for(
+    /// [`destination`](Self::destination) with its configuration changed by
+    /// `edit` (tests: fewer guest kinds, shorter timeouts).
+    pub fn destination_with(
         &self,
         name: &str,
         policy: &str,
         max_memory_bytes: u64,
-        guests: &[GuestKind],
+        edit: impl FnOnce(&mut DestinationConfig),
     ) -> Result<Destination, LabError> {
         let d = self.dir.path();
         let id = Identity::load(d, Role::Host, name).map_err(setup)?;
         let tls_cfg = tls::server_config(&id, pki::roots(d).map_err(setup)?).map_err(setup)?;
-        let cfg = DestinationConfig {
+        let mut cfg = DestinationConfig {
             name: name.into(),
             authz_keys: vec![pki::verify_key(d, "authz").map_err(setup)?],
             policy: Policy::from_toml(policy).map_err(setup)?,
@@ -247,10 +248,11 @@ impl Lab {
             max_concurrent: 4,
             max_memory_bytes,
             max_streams: 64,
-            guests: guests.to_vec(),
+            guests: vec![GuestKind::Kvm, GuestKind::Synthetic],
             measurement: Measurement::of_self(policy.as_bytes()).map_err(setup)?,
             io_timeout: Duration::from_secs(5),
         };
+        edit(&mut cfg);
         let log = AuditLog::open(
             &d.join(format!("audit-{name}.jsonl")),
             &format!("destination {name}"),

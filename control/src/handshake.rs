@@ -411,16 +411,28 @@ impl Destination {
 
     fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), String> {
         let now = crate::now_unix_s();
+        // The last key's refusal says why; with no key configured, nothing
+        // can be checked at all.
+        let mut refusal = None;
         let claims: AuthzClaims = self
             .cfg
             .authz_keys
             .iter()
-            .find_map(|k| ticket::verify(&req.ticket, "authz", k).ok())
+            .find_map(|k| {
+                ticket::verify(&req.ticket, "authz", k)
+                    .map_err(|e| refusal = Some(e))
+                    .ok()
+            })
             .ok_or_else(|| {
-                ticket::verify::<AuthzClaims>(&req.ticket, "authz", &[0u8; 32])
-                    .err()
-                    .map_or("ticket rejected".into(), |e| e.to_string())
+                refusal.map_or_else(
+                    || {
+                        "this destination has no authorization server key configured, so it accepts no ticket"
+                            .to_string()
+                    },
+                    |e| e.to_string(),
+                )
             })?;
+
         ticket::check_time(claims.iat, claims.exp, now).map_err(|e| format!("authorization {e}"))?;
         if claims.exp > claims.iat + crate::servers::AUTHZ_TTL_MAX_S {
             return Err("authorization ticket lives longer than 5 minutes".into());
@@ -656,6 +668,7 @@ impl Admitted {
     /// verified receipt (an error if it does not confirm the transcript).
     pub fn exchange_manifest(&mut self, source: &Identity, manifest: &Manifest) -> Result<Receipt, HandshakeError> {
         let blob = sign_blob("manifest", manifest, source)?;
+        self.channel.begin_exchange();
         let manifest_sha256 = crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref());
         self.channel.send(&blob)?;
         let reply: SignedBlob = self.channel.recv()?;
@@ -683,6 +696,7 @@ impl Admitted {
         dest: &Identity,
         own_root: &[u8; 32],
     ) -> Result<(Manifest, Receipt), HandshakeError> {
+        self.channel.begin_exchange();
         let blob: SignedBlob = self.channel.recv()?;
         let peer = self
             .channel

@@ -1,11 +1,14 @@
 //! The control channel: TLS 1.3 only, mutual authentication only (rustls
 //! with the ring provider), carrying length-prefixed JSON messages with a
-//! size limit and timeouts on every read and write.
+//! size limit, a timeout on every read and write, and a deadline on every
+//! exchange: a peer that sends a byte just before each read would time out
+//! still cannot hold a connection (and the admission slot behind it) longer
+//! than [`EXCHANGE_TIMEOUTS`] timeouts.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
@@ -64,9 +67,57 @@ pub fn client_config(id: &Identity, roots: RootCertStore) -> Result<Arc<ClientCo
     Ok(Arc::new(cfg))
 }
 
+/// An exchange on the channel — the TLS handshake with the request and its
+/// reply, or the manifest and its receipt — may take at most this many
+/// per-operation timeouts in all.
+pub const EXCHANGE_TIMEOUTS: u32 = 3;
+
+/// A TCP socket whose every read and write waits at most `per_op`, and not
+/// past `deadline`.
+struct Sock {
+    tcp: TcpStream,
+    per_op: Duration,
+    deadline: Instant,
+}
+
+impl Sock {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the exchange did not finish within {:?} (the peer is too slow, or is holding the connection)",
+                    self.per_op * EXCHANGE_TIMEOUTS
+                ),
+            ));
+        }
+        let t = self.per_op.min(left);
+        self.tcp.set_read_timeout(Some(t))?;
+        self.tcp.set_write_timeout(Some(t))
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 enum Inner {
-    Client(Box<StreamOwned<ClientConnection, TcpStream>>),
-    Server(Box<StreamOwned<ServerConnection, TcpStream>>),
+    Client(Box<StreamOwned<ClientConnection, Sock>>),
+    Server(Box<StreamOwned<ServerConnection, Sock>>),
 }
 
 /// An established, mutually authenticated control channel.
@@ -91,10 +142,14 @@ impl Channel {
     ) -> Result<Channel, TlsError> {
         let name = ServerName::try_from(server_name.to_string()).map_err(|e| TlsError::Config(e.to_string()))?;
         let conn = ClientConnection::new(cfg, name).map_err(|e| TlsError::Config(e.to_string()))?;
-        let sock = TcpStream::connect_timeout(&addr, timeout)?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.set_write_timeout(Some(timeout))?;
-        sock.set_nodelay(true)?;
+        let deadline = Instant::now() + timeout * EXCHANGE_TIMEOUTS;
+        let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        tcp.set_nodelay(true)?;
+        let sock = Sock {
+            tcp,
+            per_op: timeout,
+            deadline,
+        };
         let mut s = StreamOwned::new(conn, sock);
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock)?;
@@ -105,11 +160,17 @@ impl Channel {
     }
 
     /// Completes the server side of the handshake on an accepted socket.
-    pub fn accept(sock: TcpStream, cfg: Arc<ServerConfig>, timeout: Duration) -> Result<Channel, TlsError> {
-        sock.set_read_timeout(Some(timeout))?;
-        sock.set_write_timeout(Some(timeout))?;
-        sock.set_nodelay(true)?;
+    /// The first exchange (handshake, request, reply) must end within
+    /// [`EXCHANGE_TIMEOUTS`] × `timeout` of this call.
+    pub fn accept(tcp: TcpStream, cfg: Arc<ServerConfig>, timeout: Duration) -> Result<Channel, TlsError> {
+        let deadline = Instant::now() + timeout * EXCHANGE_TIMEOUTS;
+        tcp.set_nodelay(true)?;
         let conn = ServerConnection::new(cfg).map_err(|e| TlsError::Config(e.to_string()))?;
+        let sock = Sock {
+            tcp,
+            per_op: timeout,
+            deadline,
+        };
         let mut s = StreamOwned::new(conn, sock);
         while s.conn.is_handshaking() {
             s.conn.complete_io(&mut s.sock)?;
@@ -117,6 +178,16 @@ impl Channel {
         Ok(Channel {
             inner: Inner::Server(Box::new(s)),
         })
+    }
+
+    /// Starts another exchange: it gets [`EXCHANGE_TIMEOUTS`] timeouts from
+    /// now (the connection may have been idle since the last one).
+    pub fn begin_exchange(&mut self) {
+        let sock = match &mut self.inner {
+            Inner::Client(s) => &mut s.sock,
+            Inner::Server(s) => &mut s.sock,
+        };
+        sock.deadline = Instant::now() + sock.per_op * EXCHANGE_TIMEOUTS;
     }
 
     /// The peer's end-entity certificate (always present: mutual TLS only).
