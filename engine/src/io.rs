@@ -107,8 +107,21 @@ impl Conn {
         self.send.is_some()
     }
 
+    /// Queues the rest of the send in flight. If the ring refuses it, the
+    /// send is dropped (the kernel never saw its buffer), so the connection
+    /// is not left "busy" with nothing in flight.
     fn push_send(&mut self) -> Result<(), IoError> {
-        let s = self.send.as_ref().expect("send in flight");
+        let r = self.try_push_send();
+        if r.is_err() {
+            self.send = None;
+        }
+        r
+    }
+
+    fn try_push_send(&mut self) -> Result<(), IoError> {
+        let Some(s) = self.send.as_ref() else {
+            return Ok(());
+        };
         let rest = &s.buf[s.done..];
         let len = u32::try_from(rest.len()).expect("send buffers are far below 4 GiB");
         let sqe = opcode::Send::new(types::Fd(self.sock.as_raw_fd()), rest.as_ptr(), len)
@@ -144,10 +157,22 @@ impl Conn {
         self.recv = Some(InRecv { buf, start });
         // SAFETY: the buffer now lives in `self.recv` until the completion is
         // reaped; `ptr..ptr+len` lies inside it.
-        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| IoError::Op {
-            op: "recv",
-            source: std::io::Error::other("submission queue full"),
-        })
+        let pushed = unsafe { self.ring.submission().push(&sqe) };
+        if pushed.is_err() {
+            // Never queued: the kernel has no reference to the buffer.
+            self.recv = None;
+            return Err(IoError::Op {
+                op: "recv",
+                source: std::io::Error::other("submission queue full"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a receive is in flight.
+    #[cfg(test)]
+    pub(crate) fn recv_busy(&self) -> bool {
+        self.recv.is_some()
     }
 
     /// Waits for the next completed operation, at most the timeout.
@@ -344,6 +369,36 @@ mod tests {
         assert!(matches!(c.wait(), Err(IoError::Timeout(_))));
         drop(b);
         assert!(matches!(c.wait(), Err(IoError::Closed)));
+    }
+
+    /// Fills the submission queue with no-ops (never submitted), so the next
+    /// push fails.
+    fn fill_queue(c: &mut Conn) {
+        let nop = opcode::Nop::new().build().user_data(UD_CANCEL);
+        // SAFETY: a no-op references no memory.
+        while unsafe { c.ring.submission().push(&nop) }.is_ok() {}
+    }
+
+    #[test]
+    fn a_refused_push_leaves_the_connection_idle_not_busy() {
+        if !io_uring_here("a_refused_push_leaves_the_connection_idle_not_busy") {
+            return;
+        }
+        let (a, mut b) = pair();
+        let mut c = Conn::new(a, Duration::from_secs(2)).unwrap();
+        fill_queue(&mut c);
+        assert!(c.start_send(vec![7u8; 100]).is_err());
+        assert!(!c.send_busy(), "a send that was never queued left the connection busy");
+        assert!(c.start_recv(vec![0u8; 100], 0).is_err());
+        assert!(!c.recv_busy(), "a receive that was never queued left the connection busy");
+        // Drain the no-ops; the connection works again.
+        c.ring.submitter().submit().unwrap();
+        while c.ring.completion().next().is_some() {}
+        c.start_send(vec![7u8; 100]).unwrap();
+        assert!(matches!(c.wait().unwrap(), Event::Sent(_)));
+        let mut got = [0u8; 100];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(got, [7u8; 100]);
     }
 
     #[test]
