@@ -390,7 +390,10 @@ mod tests {
         assert!(c.start_send(vec![7u8; 100]).is_err());
         assert!(!c.send_busy(), "a send that was never queued left the connection busy");
         assert!(c.start_recv(vec![0u8; 100], 0).is_err());
-        assert!(!c.recv_busy(), "a receive that was never queued left the connection busy");
+        assert!(
+            !c.recv_busy(),
+            "a receive that was never queued left the connection busy"
+        );
         // Drain the no-ops; the connection works again.
         c.ring.submitter().submit().unwrap();
         while c.ring.completion().next().is_some() {}

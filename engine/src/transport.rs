@@ -12,7 +12,6 @@ use crate::crypto::SessionKeys;
 /// Preamble: the destination's fresh nonce, then the source's stream id and
 /// HMAC-SHA256(connection key, "ferry v1 conn" || nonce || stream).
 pub const NONCE_LEN: usize = 32;
-const PROOF_LEN: usize = 2 + 32;
 
 fn proof_input(nonce: &[u8; NONCE_LEN], stream: u16) -> Vec<u8> {
     let mut m = Vec::with_capacity(13 + NONCE_LEN + 2);
@@ -32,45 +31,91 @@ pub enum PreambleError {
     /// control session (an older session, or no session at all).
     #[error("data connection for stream {0} failed its session proof: not from this control session")]
     BadProof(u16),
+    /// An answer of the wrong length.
+    #[error("data connection preamble: an answer of {0} bytes, not {PROOF_LEN}")]
+    Short(usize),
+}
+
+/// Bytes of the source's answer: the stream id and the HMAC.
+pub const PROOF_LEN: usize = 2 + 32;
+
+/// The answer the source sends for `stream` on a connection that got
+/// `nonce`.
+pub fn proof(keys: &SessionKeys, nonce: &[u8; NONCE_LEN], stream: u16) -> [u8; PROOF_LEN] {
+    let tag = ring::hmac::sign(&keys.connection_key(), &proof_input(nonce, stream));
+    let mut out = [0u8; PROOF_LEN];
+    out[..2].copy_from_slice(&stream.to_be_bytes());
+    out[2..].copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Checks an answer to `nonce`: the stream the connection carries, or
+/// [`PreambleError::BadProof`] (or [`PreambleError::Short`] for a wrong
+/// length). Fuzzed by `fuzz/fuzz_targets/preamble.rs`.
+pub fn check_proof(keys: &SessionKeys, nonce: &[u8; NONCE_LEN], answer: &[u8]) -> Result<u16, PreambleError> {
+    let answer: &[u8; PROOF_LEN] = answer.try_into().map_err(|_| PreambleError::Short(answer.len()))?;
+    let stream = u16::from_be_bytes([answer[0], answer[1]]);
+    ring::hmac::verify(&keys.connection_key(), &proof_input(nonce, stream), &answer[2..])
+        .map_err(|_| PreambleError::BadProof(stream))?;
+    Ok(stream)
+}
+
+/// Reads exactly `buf.len()` bytes, each read waiting at most what is left
+/// until `deadline` (a peer dripping bytes cannot stretch the preamble).
+fn read_exact_by(sock: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection preamble took too long",
+            ));
+        }
+        sock.set_read_timeout(Some(left))?;
+        match sock.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Source side: answers the destination's nonce with a proof that this
-/// connection belongs to the session of `keys`, for stream `stream`.
+/// connection belongs to the session of `keys`, for stream `stream`; the
+/// whole exchange within `timeout`.
 pub fn prove_stream(
     sock: &mut TcpStream,
     keys: &SessionKeys,
     stream: u16,
     timeout: Duration,
 ) -> Result<(), PreambleError> {
-    sock.set_read_timeout(Some(timeout))?;
+    let deadline = Instant::now() + timeout;
     sock.set_write_timeout(Some(timeout))?;
     let mut nonce = [0u8; NONCE_LEN];
-    sock.read_exact(&mut nonce)?;
-    let tag = ring::hmac::sign(&keys.connection_key(), &proof_input(&nonce, stream));
-    let mut out = [0u8; PROOF_LEN];
-    out[..2].copy_from_slice(&stream.to_be_bytes());
-    out[2..].copy_from_slice(tag.as_ref());
-    sock.write_all(&out)?;
+    read_exact_by(sock, &mut nonce, deadline)?;
+    sock.write_all(&proof(keys, &nonce, stream))?;
     sock.set_read_timeout(None)?;
     sock.set_write_timeout(None)?;
     Ok(())
 }
 
 /// Destination side: sends a fresh nonce, checks the proof, and returns the
-/// stream the connection carries. Nothing else is read before this passes.
+/// stream the connection carries; the whole exchange within `timeout`.
+/// Nothing else is read before this passes.
 pub fn verify_stream(sock: &mut TcpStream, keys: &SessionKeys, timeout: Duration) -> Result<u16, PreambleError> {
-    sock.set_read_timeout(Some(timeout))?;
+    let deadline = Instant::now() + timeout;
     sock.set_write_timeout(Some(timeout))?;
     let mut nonce = [0u8; NONCE_LEN];
     ring::rand::SystemRandom::new()
         .fill(&mut nonce)
         .map_err(|_| io::Error::other("system random generator failed"))?;
     sock.write_all(&nonce)?;
-    let mut proof = [0u8; PROOF_LEN];
-    sock.read_exact(&mut proof)?;
-    let stream = u16::from_be_bytes([proof[0], proof[1]]);
-    ring::hmac::verify(&keys.connection_key(), &proof_input(&nonce, stream), &proof[2..])
-        .map_err(|_| PreambleError::BadProof(stream))?;
+    let mut answer = [0u8; PROOF_LEN];
+    read_exact_by(sock, &mut answer, deadline)?;
+    let stream = check_proof(keys, &nonce, &answer)?;
     sock.set_read_timeout(None)?;
     sock.set_write_timeout(None)?;
     Ok(stream)
@@ -223,6 +268,57 @@ mod tests {
         assert!(matches!(e, OpenError::AcceptTimeout { got: 1, want: 2, .. }), "{e:?}");
         assert!(e.to_string().contains("only 1 of 2 data streams"), "{e}");
         assert!(!e.to_string().contains("io_uring"), "{e}");
+    }
+
+    #[test]
+    fn only_the_right_mac_for_the_nonce_passes() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let other = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let nonce = [5u8; NONCE_LEN];
+        let good = proof(&keys, &nonce, 3);
+        assert_eq!(check_proof(&keys, &nonce, &good).unwrap(), 3);
+        assert!(matches!(
+            check_proof(&other, &nonce, &good),
+            Err(PreambleError::BadProof(3))
+        ));
+        assert!(matches!(
+            check_proof(&keys, &[6u8; NONCE_LEN], &good),
+            Err(PreambleError::BadProof(3))
+        ));
+        let mut renamed = good;
+        renamed[1] = 4;
+        assert!(matches!(
+            check_proof(&keys, &nonce, &renamed),
+            Err(PreambleError::BadProof(4))
+        ));
+        assert!(matches!(
+            check_proof(&keys, &nonce, &good[..10]),
+            Err(PreambleError::Short(10))
+        ));
+    }
+
+    #[test]
+    fn a_dripped_preamble_is_cut_at_its_deadline() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let (mut src, mut dst) = pair();
+        let t = std::thread::spawn(move || {
+            let mut nonce = [0u8; NONCE_LEN];
+            src.read_exact(&mut nonce).unwrap();
+            // One byte every 100 ms: each read of the other side gets one in
+            // time, the whole answer would take 3.4 s.
+            for _ in 0..PROOF_LEN {
+                if src.write_all(&[0]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let started = Instant::now();
+        let e = verify_stream(&mut dst, &keys, Duration::from_millis(500)).unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "the preamble took {took:?}: {e}");
+        drop(dst);
+        t.join().unwrap();
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod config;
 pub mod convergence;
 mod destination;
 mod error;
-mod inbox;
+pub mod inbox;
 mod report;
 mod source;
 mod transcript;

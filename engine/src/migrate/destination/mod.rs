@@ -68,7 +68,7 @@ pub fn migrate_destination(
                     let r = RecvWorker::new(i, mem, keys, cfg, sock, counters).and_then(|mut w| {
                         let r = w.run(&rx, &reply);
                         if let Ok(mut s) = slot.lock() {
-                            *s = (w.frames, w.pages, w.inbox.bytes);
+                            *s = (w.frames, w.pages, w.inbox.bytes());
                         }
                         r
                     });

@@ -79,7 +79,7 @@ impl<'a> RecvWorker<'a> {
             conn,
             tx: Sealer::new(keys, Direction::ToSource, id, cfg.aead),
             out_spare: Some(Vec::with_capacity(MAX_TO_SOURCE_FRAME)),
-            inbox: Inbox::new(2 * MAX_FRAME + (256 << 10), rx),
+            inbox: Inbox::new(rx, stream, keys.migration(), MAX_FRAME, 2 * MAX_FRAME + (256 << 10)),
             since_ack: 0,
             ack_due: false,
             ready_due: false,
@@ -111,8 +111,7 @@ impl<'a> RecvWorker<'a> {
     }
 
     fn run_inner(&mut self, cmds: &Receiver<Go>, replies: &Sender<(usize, DstReply)>) -> Result<(), MigrateError> {
-        let sid = self.sid();
-        self.inbox.arm(&mut self.conn, sid, 0)?;
+        self.inbox.arm(&mut self.conn, 0)?;
         loop {
             self.pump_sends()?;
             let awaiting = match self.phase {
@@ -156,7 +155,7 @@ impl<'a> RecvWorker<'a> {
                     self.on_received(buf, start, n, replies)?;
                     if was_rounds && matches!(self.phase, RecvPhase::AwaitGo | RecvPhase::Finishing) {
                         // The final round ended: nothing before Commit follows.
-                        let _ = replies.send((self.index, DstReply::Final(self.inbox.transcript.root())));
+                        let _ = replies.send((self.index, DstReply::Final(self.inbox.transcript_root())));
                     }
                 }
             }
@@ -198,9 +197,6 @@ impl<'a> RecvWorker<'a> {
             buf,
             start,
             n,
-            stream,
-            self.keys.migration(),
-            MAX_FRAME,
             |h, plain| {
                 *frames += 1;
                 *since_ack += 1;
@@ -291,7 +287,7 @@ impl<'a> RecvWorker<'a> {
             .unwrap_or_else(|| Vec::with_capacity(MAX_TO_SOURCE_FRAME));
         if self.ack_due {
             let ack = Ack {
-                next_seq: self.inbox.next_seq,
+                next_seq: self.inbox.next_seq(),
             }
             .encode();
             pipeline::encode_control(Kind::Ack, 0, hdr, 0, &ack, tx, &mut out);

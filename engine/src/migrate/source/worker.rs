@@ -76,8 +76,11 @@ impl<'a> SendWorker<'a> {
             cur: Vec::with_capacity(cfg.batch_bytes + MAX_FRAME),
             spare: None,
             inbox: Inbox::new(
-                4 * MAX_TO_SOURCE_FRAME,
                 StreamCrypto::new(keys, Direction::ToSource, id, cfg.aead),
+                stream,
+                keys.migration(),
+                MAX_TO_SOURCE_FRAME,
+                4 * MAX_TO_SOURCE_FRAME,
             ),
             round: 0,
             ready: false,
@@ -111,7 +114,7 @@ impl<'a> SendWorker<'a> {
     ) -> Result<(), MigrateError> {
         let hello = hello_of(self.cfg).encode();
         self.push_control(Kind::Hello, 0, &hello)?;
-        self.inbox.arm(&mut self.conn, stream, 0)?;
+        self.inbox.arm(&mut self.conn, 0)?;
         // The controller drops the channel when the migration ends either way.
         while let Ok(cmd) = cmds.recv() {
             match cmd {
@@ -283,52 +286,43 @@ impl<'a> SendWorker<'a> {
                 let stream = self.stream;
                 let sent = self.sent();
                 let (acked, ready, resumed) = (&mut self.acked, &mut self.ready, &mut self.resumed);
-                self.inbox.on_received(
-                    &mut self.conn,
-                    buf,
-                    start,
-                    n,
-                    stream,
-                    self.hdr.migration,
-                    MAX_TO_SOURCE_FRAME,
-                    |h, plain| {
-                        match h.kind {
-                            Kind::Ack => {
-                                let cum = Ack::decode(plain)
-                                    .map_err(|e| MigrateError::Protocol {
-                                        stream,
-                                        detail: e.to_string(),
-                                    })?
-                                    .next_seq;
-                                if cum > sent || cum < *acked {
-                                    return Err(MigrateError::Protocol {
-                                        stream,
-                                        detail: format!("ack {cum} outside [{}, {sent}]", *acked),
-                                    });
-                                }
-                                *acked = cum;
-                            }
-                            Kind::Ready if stream == 0 => *ready = true,
-                            Kind::Resumed if stream == 0 && *ready => {
-                                *resumed = true;
-                                return Ok(false);
-                            }
-                            Kind::Abort => {
-                                return Err(MigrateError::PeerAborted {
+                self.inbox.on_received(&mut self.conn, buf, start, n, |h, plain| {
+                    match h.kind {
+                        Kind::Ack => {
+                            let cum = Ack::decode(plain)
+                                .map_err(|e| MigrateError::Protocol {
                                     stream,
-                                    reason: String::from_utf8_lossy(plain).into_owned(),
-                                })
-                            }
-                            k => {
+                                    detail: e.to_string(),
+                                })?
+                                .next_seq;
+                            if cum > sent || cum < *acked {
                                 return Err(MigrateError::Protocol {
                                     stream,
-                                    detail: format!("unexpected {k:?} frame from the destination"),
-                                })
+                                    detail: format!("ack {cum} outside [{}, {sent}]", *acked),
+                                });
                             }
+                            *acked = cum;
                         }
-                        Ok(true)
-                    },
-                )?;
+                        Kind::Ready if stream == 0 => *ready = true,
+                        Kind::Resumed if stream == 0 && *ready => {
+                            *resumed = true;
+                            return Ok(false);
+                        }
+                        Kind::Abort => {
+                            return Err(MigrateError::PeerAborted {
+                                stream,
+                                reason: String::from_utf8_lossy(plain).into_owned(),
+                            })
+                        }
+                        k => {
+                            return Err(MigrateError::Protocol {
+                                stream,
+                                detail: format!("unexpected {k:?} frame from the destination"),
+                            })
+                        }
+                    }
+                    Ok(true)
+                })?;
             }
         }
         Ok(())
