@@ -1,5 +1,7 @@
 //! The `ferry` binary, driven as a user would from a shell.
 
+mod common;
+
 use std::process::Command;
 
 use ferry_control::audit::AuditLog;
@@ -56,8 +58,7 @@ fn pki_init_then_audit_verify_finds_tampering() {
 
 #[test]
 fn demo_json_reports_the_whole_protocol() {
-    if let Err(why) = ferry_engine::probe::io_uring().and(ferry_engine::probe::uffd_wp()) {
-        eprintln!("SKIPPED demo_json_reports_the_whole_protocol: {why}");
+    if !common::host_ready("demo_json_reports_the_whole_protocol") {
         return;
     }
     let out = ferry(&["demo", "--json", "--memory", "32MiB", "--hot-set", "4MiB"]);

@@ -31,8 +31,7 @@ fn ferry_ok(args: &[&str]) -> String {
 
 #[test]
 fn migrate_to_real_daemons_and_audit() {
-    if let Err(why) = ferry_engine::probe::io_uring().and(ferry_engine::probe::uffd_wp()) {
-        eprintln!("SKIPPED migrate_to_real_daemons_and_audit: {why}");
+    if !common::host_ready("migrate_to_real_daemons_and_audit") {
         return;
     }
     // A lab PKI and policy, and the source domain's authn and authz servers.
@@ -146,8 +145,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn a_server_out_of_descriptors_backs_off_instead_of_spinning() {
     let name = "a_server_out_of_descriptors_backs_off_instead_of_spinning";
-    if Command::new("prlimit").arg("--version").output().is_err() {
-        eprintln!("SKIPPED {name}: prlimit (util-linux) is not installed");
+    if !common::skip_unless(name, &[("prlimit (util-linux)", common::program("prlimit"))]) {
         return;
     }
     let dir = ferry::lab::LabDir::new().unwrap();

@@ -42,8 +42,8 @@ fn an_operator_migrates_cancels_and_reports_with_the_cli() {
     if !ready(test) {
         return;
     }
-    if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED {test}: `script` (util-linux) missing: it gives `ferry migrate` a terminal");
+    // `script` gives `ferry migrate` a terminal.
+    if !common::skip_unless(test, &[("script (util-linux)", common::program("script"))]) {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");

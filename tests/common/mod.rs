@@ -25,6 +25,15 @@ pub fn skip_unless(test: &str, needs: &[(&str, Result<(), String>)]) -> bool {
     true
 }
 
+/// Whether the program `name` runs here (`name --version` starts).
+pub fn program(name: &str) -> Result<(), String> {
+    std::process::Command::new(name)
+        .arg("--version")
+        .output()
+        .map(|_| ())
+        .map_err(|e| format!("`{name}` cannot be run: {e}"))
+}
+
 /// The data plane's needs: io_uring and userfaultfd write-protect.
 pub fn host_ready(test: &str) -> bool {
     skip_unless(

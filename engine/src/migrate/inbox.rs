@@ -240,7 +240,9 @@ mod tests {
         let mut out = Vec::new();
         let mut payloads = Vec::new();
         for i in 0..count {
-            let p: Vec<u8> = (0..(i * 37) % 300).map(|j| u8::try_from((i + j) % 256).unwrap()).collect();
+            let p: Vec<u8> = (0..(i * 37) % 300)
+                .map(|j| u8::try_from((i + j) % 256).unwrap())
+                .collect();
             pipeline::encode_control(Kind::Abort, 0, hdr, 0, &p, &mut tx, &mut out);
             payloads.push(p);
         }
