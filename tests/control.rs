@@ -598,6 +598,25 @@ fn a_guest_kind_the_destination_cannot_run_is_refused_at_admission() {
         &r,
         "this destination runs synthetic guests, the request offers a kvm guest",
     );
+    // Typed on both sides: the destination's refusal, and its code and
+    // blame as the source receives them.
+    assert!(
+        matches!(
+            &r.1,
+            Err(HandshakeError::Refused(
+                ferry_control::refusal::Refusal::UnsupportedGuest { .. }
+            ))
+        ),
+        "{:?}",
+        r.1
+    );
+    match &r.0 {
+        Err(HandshakeError::Denied(w)) => {
+            assert_eq!(w.code, "unsupported_guest");
+            assert_eq!(w.blame, Some(ferry_control::refusal::Blame::Peer));
+        }
+        other => panic!("the source did not receive a typed refusal: {other:?}"),
+    }
 }
 
 #[test]

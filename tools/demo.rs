@@ -498,7 +498,9 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         (
             r,
             d.join()
-                .unwrap_or_else(|_| Err(HandshakeError::Refused("destination thread panicked".into()))),
+                .unwrap_or(Err(HandshakeError::Refused(ferry_control::refusal::Refusal::Internal(
+                    "the destination thread (it panicked)",
+                )))),
         )
     });
     let manifest_verified = sent.is_ok() && received.is_ok();

@@ -31,7 +31,7 @@ fn ask(
 ) -> Result<SignedTicket, String> {
     match servers::ask(addr, server_name, cfg, req, Duration::from_secs(5)).map_err(|e| format!("{what}: {e}"))? {
         ServerReply::Ticket { ticket } => Ok(ticket),
-        ServerReply::Deny { reason } => Err(format!("{what} server refused: {reason}")),
+        ServerReply::Deny(refusal) => Err(format!("{what} server refused: {refusal}")),
     }
 }
 

@@ -28,12 +28,13 @@ use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 pub use crate::modes::{GuestKind, Integrity};
+use crate::refusal::{Refusal, WireRefusal};
 use thiserror::Error;
 
 use crate::pki::Identity;
 use crate::policy::Policy;
 use crate::replay::ReplayCache;
-use crate::ticket::{self, AuthzClaims, SignedTicket};
+use crate::ticket::{self, AuthzClaims, SignedTicket, TicketError};
 use crate::tls::{Channel, TlsError};
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-data-v1";
@@ -105,11 +106,8 @@ pub enum RequestReply {
         /// base64url ECDSA signature by the destination host key over the above.
         sig: String,
     },
-    /// Refused, and why.
-    Deny {
-        /// Why.
-        reason: String,
-    },
+    /// Refused: the code, whose fault, and why.
+    Deny(WireRefusal),
 }
 
 /// Why a migration was not admitted (either side).
@@ -119,12 +117,13 @@ pub enum HandshakeError {
     /// verify (other CA, expired, wrong name) and a missing client certificate.
     #[error("{0}")]
     Tls(#[from] TlsError),
-    /// The destination refused, with its reason.
+    /// The destination refused, with its code and reason.
     #[error("the destination refused the migration: {0}")]
-    Denied(String),
-    /// This side refused the peer, with the reason (also sent to the peer).
+    Denied(WireRefusal),
+    /// This side refused the peer (or the caller's request), with the
+    /// reason (also sent to the peer where there is one to tell).
     #[error("refused: {0}")]
-    Refused(String),
+    Refused(#[from] Refusal),
 }
 
 fn request_message(ticket: &SignedTicket, offer: &Offer) -> Vec<u8> {
@@ -344,14 +343,18 @@ impl Destination {
         let detail = match &r {
             Ok(a) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
                 "migration_id": a.claims.migration_id, "nonce": a.claims.nonce}),
-            Err(e) => serde_json::json!({"peer": peer_addr, "reason": e.to_string()}),
+            Err(e) => serde_json::json!({"peer": peer_addr, "reason": e.to_string(), "code": match e {
+                HandshakeError::Refused(r) => r.code(),
+                HandshakeError::Tls(_) => "tls",
+                HandshakeError::Denied(_) => "denied",
+            }}),
         };
         let event = if r.is_ok() { "admit" } else { "refuse" };
         if let Err(e) = self.record(event, detail) {
             tracing::error!("destination audit log failed: {e}");
             if r.is_ok() {
                 // Unrecorded admissions are not allowed: fail closed.
-                return Err(HandshakeError::Refused(format!("cannot record the admission: {e}")));
+                return Err(HandshakeError::Refused(Refusal::Audit(e)));
             }
         }
         r
@@ -367,9 +370,9 @@ impl Destination {
         let req: MigrationRequest = match ch.recv() {
             Ok(r) => r,
             Err(e) => {
-                let reason = e.to_string();
-                let _ = ch.send(&RequestReply::Deny { reason: reason.clone() });
-                return Err(HandshakeError::Refused(reason));
+                let refusal = Refusal::Malformed(e.to_string());
+                let _ = ch.send(&RequestReply::Deny(refusal.to_wire()));
+                return Err(HandshakeError::Refused(refusal));
             }
         };
         match self.check(&peer, &req) {
@@ -383,7 +386,7 @@ impl Destination {
                         &self.cfg.measurement,
                         &req.sig,
                     ))
-                    .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+                    .map_err(|_| Refusal::Internal("signing the acceptance"))?;
                 ch.send(&RequestReply::Accept {
                     migration_id,
                     data_port,
@@ -401,87 +404,89 @@ impl Destination {
                     channel: ch,
                 })
             }
-            Err(reason) => {
-                tracing::warn!("destination: refused: {reason}");
-                let _ = ch.send(&RequestReply::Deny { reason: reason.clone() });
-                Err(HandshakeError::Refused(reason))
+            Err(refusal) => {
+                tracing::warn!(code = refusal.code(), "destination: refused: {refusal}");
+                let _ = ch.send(&RequestReply::Deny(refusal.to_wire()));
+                Err(HandshakeError::Refused(refusal))
             }
         }
     }
 
-    fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), String> {
+    fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), Refusal> {
         let now = crate::now_unix_s();
-        // The last key's refusal says why; with no key configured, nothing
-        // can be checked at all.
-        let mut refusal = None;
+        // A ticket is checked under each trusted key; the refusal that says
+        // most wins (a time or shape error under the right key over a bad
+        // signature under another). With no key configured, nothing can be
+        // checked at all.
+        let mut refusal: Option<TicketError> = None;
         let claims: AuthzClaims = self
             .cfg
             .authz_keys
             .iter()
-            .find_map(|k| {
-                ticket::verify(&req.ticket, "authz", k)
-                    .map_err(|e| refusal = Some(e))
-                    .ok()
-            })
+            .find_map(
+                |k| match ticket::verify_at::<AuthzClaims>(&req.ticket, "authz", k, now) {
+                    Ok(v) => Some(v.into_claims()),
+                    Err(e) => {
+                        if refusal
+                            .as_ref()
+                            .map_or(true, |r| matches!(r, TicketError::BadSignature(_)))
+                        {
+                            refusal = Some(e);
+                        }
+                        None
+                    }
+                },
+            )
             .ok_or_else(|| {
-                refusal.map_or_else(
-                    || {
-                        "this destination has no authorization server key configured, so it accepts no ticket"
-                            .to_string()
-                    },
-                    |e| e.to_string(),
-                )
+                refusal.map_or(Refusal::NoAuthzKey, |source| Refusal::Ticket {
+                    what: "authorization",
+                    source,
+                })
             })?;
-
-        ticket::check_time(claims.iat, claims.exp, now).map_err(|e| format!("authorization {e}"))?;
         if claims.exp > claims.iat + crate::servers::AUTHZ_TTL_MAX_S {
-            return Err("authorization ticket lives longer than 5 minutes".into());
+            return Err(Refusal::TicketTooLong {
+                max_s: crate::servers::AUTHZ_TTL_MAX_S,
+            });
         }
         if claims.dest_host != self.cfg.name {
-            return Err(format!(
-                "ticket is for destination {:?}, this is {:?}",
-                claims.dest_host, self.cfg.name
-            ));
+            return Err(Refusal::WrongDestination {
+                ticket: claims.dest_host,
+                this: self.cfg.name.clone(),
+            });
         }
         if crate::fingerprint(peer) != claims.source_fp {
-            return Err("the source's certificate is not the one named in the ticket".into());
+            return Err(Refusal::NotTicketSource);
         }
         if req.offer.vm != claims.vm {
-            return Err(format!(
-                "ticket is for VM {:?}, the request offers {:?}",
-                claims.vm, req.offer.vm
-            ));
+            return Err(Refusal::WrongVm {
+                ticket: claims.vm,
+                offered: req.offer.vm.clone(),
+            });
         }
-        let sig = B64
-            .decode(&req.sig)
-            .map_err(|_| "request signature is not base64url".to_string())?;
+        let sig = B64.decode(&req.sig).map_err(|_| Refusal::BadSignature)?;
         if !crate::pki::verify_by_cert(peer, &request_message(&req.ticket, &req.offer), &sig) {
-            return Err("request signature does not verify under the source's certificate".into());
+            return Err(Refusal::BadSignature);
         }
         self.cfg.policy.admits(&claims.source_host, &claims.vm)?;
         if req.offer.streams == 0 || req.offer.streams > self.cfg.max_streams {
-            return Err(format!(
-                "{} streams offered, at most {} accepted",
-                req.offer.streams, self.cfg.max_streams
-            ));
+            return Err(Refusal::TooManyStreams {
+                offered: req.offer.streams,
+                max: self.cfg.max_streams,
+            });
         }
         if !self.cfg.guests.contains(&req.offer.guest) {
-            return Err(format!(
-                "this destination runs {} guests, the request offers a {} guest",
-                self.cfg
-                    .guests
-                    .iter()
-                    .map(|g| g.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" and "),
-                req.offer.guest
-            ));
+            return Err(Refusal::UnsupportedGuest {
+                offered: req.offer.guest,
+                runs: self.cfg.guests.clone(),
+            });
         }
         // Admission: count and memory, reserved atomically.
         let c = &self.counters;
         if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_concurrent {
             c.active.fetch_sub(1, Ordering::AcqRel);
-            return Err(format!("busy: {} migrations already incoming", self.cfg.max_concurrent));
+            return Err(Refusal::Busy {
+                max: self.cfg.max_concurrent,
+            });
         }
         let mem = req.offer.memory_bytes;
         let before = c.memory.fetch_add(mem, Ordering::AcqRel);
@@ -491,16 +496,17 @@ impl Destination {
             active: true,
         };
         if before.saturating_add(mem) > self.cfg.max_memory_bytes {
-            return Err(format!(
-                "not enough memory: {mem} bytes offered, {} of {} committed",
-                before, self.cfg.max_memory_bytes
-            ));
+            return Err(Refusal::NoMemory {
+                offered: mem,
+                committed: before,
+                max: self.cfg.max_memory_bytes,
+            });
         }
         // Last: spend the nonce only for a request that passed everything else.
         self.cfg
             .replay
             .check_and_insert(&claims.nonce, claims.exp, now)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Refusal::Replay(e.to_string()))?;
         Ok((claims, slot))
     }
 }
@@ -521,15 +527,15 @@ pub fn request(
     timeout: Duration,
 ) -> Result<Admitted, HandshakeError> {
     if claims.dest_host != dest_host {
-        return Err(HandshakeError::Refused(format!(
-            "the ticket is for destination {:?}, not {dest_host:?}",
-            claims.dest_host
-        )));
+        return Err(HandshakeError::Refused(Refusal::TicketNotForDestination {
+            ticket: claims.dest_host.clone(),
+            asked: dest_host.into(),
+        }));
     }
     let mut ch = Channel::connect(addr, dest_host, cfg, timeout)?;
     let sig = source
         .sign(&request_message(ticket, &offer))
-        .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+        .map_err(|_| Refusal::Internal("signing the request"))?;
     let req = MigrationRequest {
         ticket: ticket.clone(),
         offer: offer.clone(),
@@ -537,7 +543,7 @@ pub fn request(
     };
     ch.send(&req)?;
     match ch.recv::<RequestReply>()? {
-        RequestReply::Deny { reason } => Err(HandshakeError::Denied(reason)),
+        RequestReply::Deny(refusal) => Err(HandshakeError::Denied(refusal)),
         RequestReply::Accept {
             migration_id,
             data_port,
@@ -545,28 +551,25 @@ pub fn request(
             sig: accept_sig,
         } => {
             if migration_id != claims.migration_id {
-                return Err(HandshakeError::Refused("acceptance names another migration".into()));
+                return Err(Refusal::Mismatch("the acceptance names another migration").into());
             }
-            let peer = ch
-                .peer_cert()
-                .ok_or_else(|| TlsError::Config("no server certificate".into()))?;
+            let peer = ch.peer_cert().ok_or(Refusal::NoPeerCertificate)?;
             let s = B64
                 .decode(&accept_sig)
-                .map_err(|_| HandshakeError::Refused("bad acceptance signature".into()))?;
+                .map_err(|_| Refusal::BadPeerSignature { what: "acceptance" })?;
             if !crate::pki::verify_by_cert(
                 peer,
                 &accept_message(migration_id, data_port, &measurement, &req.sig),
                 &s,
             ) {
-                return Err(HandshakeError::Refused(
-                    "the acceptance is not signed by the destination's certificate".into(),
-                ));
+                return Err(Refusal::BadPeerSignature { what: "acceptance" }.into());
             }
             if !pinned.is_empty() && !pinned.contains(&measurement) {
-                return Err(HandshakeError::Refused(format!(
-                    "destination measurement {} / {} is not among the pinned ones",
-                    measurement.binary_sha256, measurement.config_sha256
-                )));
+                return Err(Refusal::Unpinned {
+                    binary_sha256: measurement.binary_sha256,
+                    config_sha256: measurement.config_sha256,
+                }
+                .into());
             }
             Ok(Admitted {
                 keys: keys(&ch, migration_id)?,
@@ -603,7 +606,7 @@ fn sign_blob<T: Serialize>(kind: &str, value: &T, id: &Identity) -> Result<Signe
     let body = B64.encode(serde_json::to_vec(value).expect("serialises"));
     let sig = id
         .sign(&blob_message(kind, &body))
-        .map_err(|e| HandshakeError::Refused(e.to_string()))?;
+        .map_err(|_| Refusal::Internal("signing"))?;
     Ok(SignedBlob {
         kind: kind.into(),
         body,
@@ -611,16 +614,19 @@ fn sign_blob<T: Serialize>(kind: &str, value: &T, id: &Identity) -> Result<Signe
     })
 }
 
-fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &str, cert: &[u8]) -> Result<T, String> {
+fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &'static str, cert: &[u8]) -> Result<T, Refusal> {
     if b.kind != kind || b.body.len() > crate::tls::MAX_MESSAGE {
-        return Err(format!("expected a {kind}"));
+        return Err(Refusal::Malformed(format!("expected a {kind}")));
     }
-    let sig = B64.decode(&b.sig).map_err(|_| "signature is not base64url")?;
+    let bad_sig = || Refusal::BadPeerSignature { what: kind };
+    let sig = B64.decode(&b.sig).map_err(|_| bad_sig())?;
     if !crate::pki::verify_by_cert(cert, &blob_message(kind, &b.body), &sig) {
-        return Err(format!("the {kind} is not signed by the peer's certificate"));
+        return Err(bad_sig());
     }
-    let json = B64.decode(&b.body).map_err(|_| "body is not base64url")?;
-    serde_json::from_slice(&json).map_err(|e| format!("malformed {kind}: {e}"))
+    let json = B64
+        .decode(&b.body)
+        .map_err(|_| Refusal::Malformed(format!("the {kind}'s body is not base64url")))?;
+    serde_json::from_slice(&json).map_err(|e| Refusal::Malformed(format!("malformed {kind}: {e}")))
 }
 
 /// What the source says it sent, signed with its host key (non-repudiation).
@@ -672,18 +678,16 @@ impl Admitted {
         let manifest_sha256 = crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref());
         self.channel.send(&blob)?;
         let reply: SignedBlob = self.channel.recv()?;
-        let peer = self
-            .channel
-            .peer_cert()
-            .ok_or_else(|| HandshakeError::Refused("no peer certificate".into()))?;
-        let receipt: Receipt = open_blob(&reply, "receipt", peer).map_err(HandshakeError::Refused)?;
+        let peer = self.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?;
+        let receipt: Receipt = open_blob(&reply, "receipt", peer)?;
         if receipt.migration_id != manifest.migration_id || receipt.manifest_sha256 != manifest_sha256 {
-            return Err(HandshakeError::Refused("the receipt is for another manifest".into()));
+            return Err(Refusal::Mismatch("the receipt is for another manifest").into());
         }
         if !receipt.transcript_matches {
-            return Err(HandshakeError::Denied(
-                "the destination's transcript of the transfer differs from the manifest".into(),
-            ));
+            return Err(Refusal::TranscriptMismatch(
+                "the destination's transcript of the transfer differs from the manifest",
+            )
+            .into());
         }
         Ok(receipt)
     }
@@ -698,14 +702,10 @@ impl Admitted {
     ) -> Result<(Manifest, Receipt), HandshakeError> {
         self.channel.begin_exchange();
         let blob: SignedBlob = self.channel.recv()?;
-        let peer = self
-            .channel
-            .peer_cert()
-            .ok_or_else(|| HandshakeError::Refused("no peer certificate".into()))?
-            .to_vec();
-        let manifest: Manifest = open_blob(&blob, "manifest", &peer).map_err(HandshakeError::Refused)?;
+        let peer = self.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?.to_vec();
+        let manifest: Manifest = open_blob(&blob, "manifest", &peer)?;
         if manifest.migration_id != self.claims.migration_id || manifest.vm != self.claims.vm {
-            return Err(HandshakeError::Refused("the manifest is for another migration".into()));
+            return Err(Refusal::Mismatch("the manifest is for another migration").into());
         }
         let receipt = Receipt {
             migration_id: manifest.migration_id,
@@ -715,9 +715,10 @@ impl Admitted {
         };
         self.channel.send(&sign_blob("receipt", &receipt, dest)?)?;
         if !receipt.transcript_matches {
-            return Err(HandshakeError::Refused(
-                "the manifest's transcript root differs from what this destination received".into(),
-            ));
+            return Err(Refusal::TranscriptMismatch(
+                "the manifest's transcript root differs from what this destination received",
+            )
+            .into());
         }
         Ok((manifest, receipt))
     }

@@ -25,6 +25,7 @@ pub mod handshake;
 pub mod modes;
 pub mod pki;
 pub mod policy;
+pub mod refusal;
 pub mod replay;
 pub mod servers;
 pub mod ticket;

@@ -59,6 +59,31 @@ pub struct IncomingRule {
     pub vms: Vec<String>,
 }
 
+/// Why the policy refuses a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PolicyDenial {
+    /// No `[[allow]]` rule of the source domain allows it now.
+    #[error("no rule allows {principal:?} to migrate VM {vm:?} from {from:?} to {to:?} now")]
+    NotAllowed {
+        /// Who asked.
+        principal: String,
+        /// The VM.
+        vm: String,
+        /// Source host.
+        from: String,
+        /// Destination host.
+        to: String,
+    },
+    /// No `[[incoming]]` rule of this destination admits it.
+    #[error("incoming policy does not admit VM {vm:?} from host {from:?}")]
+    NotAdmitted {
+        /// The VM.
+        vm: String,
+        /// Source host.
+        from: String,
+    },
+}
+
 /// Policy errors.
 #[derive(Debug, Error)]
 pub enum PolicyError {
@@ -122,7 +147,7 @@ impl Policy {
 
     /// Whether `principal` may migrate `vm` from `from` to `to` at `now`
     /// (Unix seconds); the error says why not.
-    pub fn allows(&self, principal: &str, vm: &str, from: &str, to: &str, now: u64) -> Result<(), String> {
+    pub fn allows(&self, principal: &str, vm: &str, from: &str, to: &str, now: u64) -> Result<(), PolicyDenial> {
         let minute = (now % 86_400) / 60;
         for r in &self.allow {
             if !(Pattern::new(&r.principal).is_ok_and(|p| p.matches(principal))
@@ -140,13 +165,16 @@ impl Policy {
                 Some(_) => {}
             }
         }
-        Err(format!(
-            "no rule allows {principal:?} to migrate VM {vm:?} from {from:?} to {to:?} now"
-        ))
+        Err(PolicyDenial::NotAllowed {
+            principal: principal.into(),
+            vm: vm.into(),
+            from: from.into(),
+            to: to.into(),
+        })
     }
 
     /// Whether this destination admits `vm` from source host `from`.
-    pub fn admits(&self, from: &str, vm: &str) -> Result<(), String> {
+    pub fn admits(&self, from: &str, vm: &str) -> Result<(), PolicyDenial> {
         if self
             .incoming
             .iter()
@@ -154,7 +182,10 @@ impl Policy {
         {
             Ok(())
         } else {
-            Err(format!("incoming policy does not admit VM {vm:?} from host {from:?}"))
+            Err(PolicyDenial::NotAdmitted {
+                vm: vm.into(),
+                from: from.into(),
+            })
         }
     }
 }

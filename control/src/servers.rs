@@ -16,6 +16,7 @@ use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Policy;
+use crate::refusal::{Refusal, WireRefusal};
 use crate::ticket::{self, AuthnClaims, AuthzClaims, SignedTicket};
 use crate::tls::{Channel, TlsError};
 
@@ -50,11 +51,8 @@ pub enum ServerReply {
         /// The ticket.
         ticket: SignedTicket,
     },
-    /// Refused, and why.
-    Deny {
-        /// Why.
-        reason: String,
-    },
+    /// Refused: the code, whose fault, and why.
+    Deny(WireRefusal),
 }
 
 /// The authentication server.
@@ -79,15 +77,15 @@ impl AuthnServer {
 
     /// Issues an authentication ticket for the client whose certificate
     /// (already verified by the TLS handshake) is `client_cert`.
-    pub fn issue(&self, client_cert: &[u8], now: u64) -> Result<SignedTicket, String> {
+    pub fn issue(&self, client_cert: &[u8], now: u64) -> Result<SignedTicket, Refusal> {
         let client = crate::pki::cert_names(client_cert)
             .into_iter()
             .next()
-            .ok_or("client certificate names nobody")?;
+            .ok_or(Refusal::Malformed("the client certificate names nobody".into()))?;
         let claims = AuthnClaims {
             client,
             client_fp: crate::fingerprint(client_cert),
-            nonce: crate::random_hex(16).map_err(|_| "random generator failed")?,
+            nonce: crate::random_hex(16).map_err(|_| Refusal::Internal("the random generator"))?,
             iat: now,
             exp: now + self.ttl_s,
             aud: AUTHZ_AUDIENCE.into(),
@@ -156,7 +154,7 @@ impl AuthzServer {
         vm: &str,
         dest_host: &str,
         now: u64,
-    ) -> Result<(SignedTicket, AuthzClaims), String> {
+    ) -> Result<(SignedTicket, AuthzClaims), Refusal> {
         let r = self.decide(presenter_cert, authn, vm, dest_host, now);
         let presenter = crate::fingerprint(presenter_cert);
         let (event, detail) = match &r {
@@ -172,13 +170,14 @@ impl AuthzServer {
                 tracing::warn!(vm, dest_host, "authz: deny: {why}");
                 (
                     "deny",
-                    serde_json::json!({"vm": vm, "dest_host": dest_host, "reason": why, "presenter": presenter}),
+                    serde_json::json!({"vm": vm, "dest_host": dest_host, "reason": why.to_string(),
+                        "code": why.code(), "presenter": presenter}),
                 )
             }
         };
         if let Some(log) = &self.audit {
             if let Err(e) = log.append(event, detail) {
-                return Err(format!("cannot record the decision, so it is a deny: {e}"));
+                return Err(Refusal::Audit(e.to_string()));
             }
         }
         r
@@ -191,14 +190,18 @@ impl AuthzServer {
         vm: &str,
         dest_host: &str,
         now: u64,
-    ) -> Result<(SignedTicket, AuthzClaims), String> {
-        let a: AuthnClaims = ticket::verify(authn, "authn", &self.authn_key).map_err(|e| e.to_string())?;
-        ticket::check_time(a.iat, a.exp, now).map_err(|e| format!("authentication {e}"))?;
+    ) -> Result<(SignedTicket, AuthzClaims), Refusal> {
+        let a = ticket::verify_at::<AuthnClaims>(authn, "authn", &self.authn_key, now)
+            .map_err(|source| Refusal::Ticket {
+                what: "authentication",
+                source,
+            })?
+            .into_claims();
         if a.aud != AUTHZ_AUDIENCE {
-            return Err(format!("authentication ticket is for {:?}, not this server", a.aud));
+            return Err(Refusal::WrongAudience { audience: a.aud });
         }
         if a.client_fp != crate::fingerprint(presenter_cert) {
-            return Err("authentication ticket presented by a client other than the one it names".into());
+            return Err(Refusal::WrongPresenter { what: "authentication" });
         }
         self.policy.allows(&a.client, vm, &self.source_host, dest_host, now)?;
         let claims = AuthzClaims {
@@ -207,8 +210,8 @@ impl AuthzServer {
             source_host: self.source_host.clone(),
             source_fp: self.source_fp.clone(),
             dest_host: dest_host.into(),
-            migration_id: crate::random_u64().map_err(|_| "random generator failed")?,
-            nonce: crate::random_hex(16).map_err(|_| "random generator failed")?,
+            migration_id: crate::random_u64().map_err(|_| Refusal::Internal("the random generator"))?,
+            nonce: crate::random_hex(16).map_err(|_| Refusal::Internal("the random generator"))?,
             iat: now,
             exp: now + self.ttl_s,
         };
@@ -276,11 +279,9 @@ pub fn authn_handler(server: Arc<AuthnServer>) -> Handler {
     Arc::new(move |peer, req| match req {
         ServerRequest::Authn => match server.issue(peer, crate::now_unix_s()) {
             Ok(ticket) => ServerReply::Ticket { ticket },
-            Err(reason) => ServerReply::Deny { reason },
+            Err(r) => ServerReply::Deny(r.to_wire()),
         },
-        ServerRequest::Authz { .. } => ServerReply::Deny {
-            reason: "this is an authentication server".into(),
-        },
+        ServerRequest::Authz { .. } => ServerReply::Deny(Refusal::WrongServer("an authentication server").to_wire()),
     })
 }
 
@@ -290,12 +291,10 @@ pub fn authz_handler(server: Arc<AuthzServer>) -> Handler {
         ServerRequest::Authz { authn, vm, dest_host } => {
             match server.authorize(peer, &authn, &vm, &dest_host, crate::now_unix_s()) {
                 Ok((ticket, _)) => ServerReply::Ticket { ticket },
-                Err(reason) => ServerReply::Deny { reason },
+                Err(r) => ServerReply::Deny(r.to_wire()),
             }
         }
-        ServerRequest::Authn => ServerReply::Deny {
-            reason: "this is an authorization server".into(),
-        },
+        ServerRequest::Authn => ServerReply::Deny(Refusal::WrongServer("an authorization server").to_wire()),
     })
 }
 

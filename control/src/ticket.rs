@@ -146,6 +146,64 @@ pub fn verify<T: DeserializeOwned>(t: &SignedTicket, kind: &str, public_key: &[u
     serde_json::from_slice(&json).map_err(|e| TicketError::Malformed(e.to_string()))
 }
 
+/// Claims with a validity window.
+pub trait Validity {
+    /// Issued at (Unix seconds).
+    fn iat(&self) -> u64;
+    /// Expires at (Unix seconds).
+    fn exp(&self) -> u64;
+}
+
+impl Validity for AuthnClaims {
+    fn iat(&self) -> u64 {
+        self.iat
+    }
+    fn exp(&self) -> u64 {
+        self.exp
+    }
+}
+
+impl Validity for AuthzClaims {
+    fn iat(&self) -> u64 {
+        self.iat
+    }
+    fn exp(&self) -> u64 {
+        self.exp
+    }
+}
+
+/// A ticket's claims whose signature and validity window were both
+/// checked: only [`verify_at`] makes one.
+#[derive(Debug, Clone)]
+pub struct Verified<T>(T);
+
+impl<T> Verified<T> {
+    /// The claims.
+    pub fn into_claims(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for Verified<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// [`verify`] and [`check_time`] in one call: the signature under
+/// `public_key`, the kind, and the validity window at `now`.
+pub fn verify_at<T: DeserializeOwned + Validity>(
+    t: &SignedTicket,
+    kind: &str,
+    public_key: &[u8],
+    now: u64,
+) -> Result<Verified<T>, TicketError> {
+    let claims: T = verify(t, kind, public_key)?;
+    check_time(claims.iat(), claims.exp(), now)?;
+    Ok(Verified(claims))
+}
+
 /// Checks a validity window against `now`, with [`SKEW_S`] of tolerance.
 pub fn check_time(iat: u64, exp: u64, now: u64) -> Result<(), TicketError> {
     if iat > now + SKEW_S {
