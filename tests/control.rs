@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry::lab::{self, Lab, DEST, POLICY, SOURCE, VM};
-use ferry_control::handshake::{self, Admitted, Destination, HandshakeError, Offer};
+use ferry_control::handshake::{self, Destination, DestinationSession, HandshakeError, Offer, SourceSession};
 use ferry_control::pki::{self, Identity, Role, Validity};
 use ferry_control::ticket::{self, AuthzClaims, SignedTicket};
 use ferry_control::tls;
@@ -36,7 +36,10 @@ fn attempt(
     ticket: &SignedTicket,
     claims: &AuthzClaims,
     offer: Offer,
-) -> (Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>) {
+) -> (
+    Result<SourceSession, HandshakeError>,
+    Result<DestinationSession, HandshakeError>,
+) {
     let _ = lab;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -77,7 +80,10 @@ fn last_audit(lab: &Lab) -> serde_json::Value {
 
 fn refused_and_audited(
     lab: &Lab,
-    r: &(Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>),
+    r: &(
+        Result<SourceSession, HandshakeError>,
+        Result<DestinationSession, HandshakeError>,
+    ),
     want: &str,
 ) {
     refused(r, want);
@@ -88,7 +94,13 @@ fn refused_and_audited(
     ferry_control::audit::verify_file(&lab.dir.path().join(format!("audit-{DEST}.jsonl")), dst.cert()).unwrap();
 }
 
-fn refused(r: &(Result<Admitted, HandshakeError>, Result<Admitted, HandshakeError>), want: &str) {
+fn refused(
+    r: &(
+        Result<SourceSession, HandshakeError>,
+        Result<DestinationSession, HandshakeError>,
+    ),
+    want: &str,
+) {
     let (c, d) = r;
     assert!(c.is_err() && d.is_err(), "admitted despite the attack");
     let text = format!(
@@ -344,10 +356,7 @@ fn admission_limits_refuse_what_does_not_fit() {
     let tight = lab.destination(DEST, POLICY, (1 << 30) + (512 << 20)).unwrap();
     let (t1, c1) = lab.tickets("operator", VM, DEST).unwrap();
     let (_, d1) = attempt(&lab, &tight, &src, lab.dir.path(), &t1, &c1, offer(VM));
-    let resident = d1
-        .unwrap()
-        .into_memory_reservation()
-        .expect("a destination-side admission");
+    let resident = d1.unwrap().into_memory_reservation();
     let (t2, c2) = lab.tickets("operator", VM, DEST).unwrap();
     let r = attempt(&lab, &tight, &src, lab.dir.path(), &t2, &c2, offer(VM));
     refused(&r, "not enough memory");

@@ -187,7 +187,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.
-    type Resident = (String, Received, Option<handshake::MemoryReservation>);
+    type Resident = (String, Received, handshake::MemoryReservation);
     let running: Arc<Mutex<Vec<Resident>>> = Arc::new(Mutex::new(Vec::new()));
     if let Some(every) = o.heartbeat_events {
         let running = running.clone();

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_control::audit::{self, AuditLog};
-use ferry_control::handshake::{self, Admitted, Destination, DestinationConfig, HandshakeError, Measurement, Offer};
+use ferry_control::handshake::{
+    self, Destination, DestinationConfig, DestinationSession, HandshakeError, Measurement, Offer, SourceSession,
+};
 use ferry_control::modes::GuestKind;
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
@@ -283,7 +285,7 @@ impl Lab {
         claims: &AuthzClaims,
         offer: Offer,
         data_port: u16,
-    ) -> Result<(Admitted, Admitted), LabError> {
+    ) -> Result<(SourceSession, DestinationSession), LabError> {
         let d = self.dir.path().to_path_buf();
         let listener = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let addr = listener.local_addr().map_err(setup)?;

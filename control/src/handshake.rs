@@ -190,7 +190,9 @@ impl std::fmt::Debug for KeyGrant {
 
 /// Proof that a migration passed authentication, authorization, the ticket
 /// and replay checks, both sides' policies and admission control. The only
-/// way to the data plane's keys.
+/// way to the data plane's keys. Each side holds it inside its own session
+/// type: [`SourceSession`] (from [`request`]) or [`DestinationSession`]
+/// (from [`Destination::admit`]), which adds the admission slot.
 #[derive(Debug)]
 pub struct Admitted {
     keys: KeyGrant,
@@ -198,8 +200,46 @@ pub struct Admitted {
     claims: AuthzClaims,
     data_port: u16,
     measurement: Measurement,
-    _slot: Option<Slot>,
     channel: Channel,
+}
+
+/// The source's side of an admitted migration.
+#[derive(Debug)]
+pub struct SourceSession(Admitted);
+
+impl std::ops::Deref for SourceSession {
+    type Target = Admitted;
+    fn deref(&self) -> &Admitted {
+        &self.0
+    }
+}
+
+/// The destination's side of an admitted migration: it holds one of the
+/// destination's concurrency slots and the guest's memory reservation
+/// until dropped or turned into a [`MemoryReservation`].
+#[derive(Debug)]
+pub struct DestinationSession {
+    admitted: Admitted,
+    slot: Slot,
+}
+
+impl std::ops::Deref for DestinationSession {
+    type Target = Admitted;
+    fn deref(&self) -> &Admitted {
+        &self.admitted
+    }
+}
+
+impl DestinationSession {
+    /// After a completed migration: gives up the migration's concurrency
+    /// slot and its control channel, and keeps its memory reserved for as
+    /// long as the returned value lives (the received guest runs here).
+    pub fn into_memory_reservation(self) -> MemoryReservation {
+        let mut slot = self.slot;
+        slot.counters.active.fetch_sub(1, Ordering::AcqRel);
+        slot.active = false;
+        MemoryReservation { _slot: slot }
+    }
 }
 
 impl Admitted {
@@ -223,21 +263,6 @@ impl Admitted {
     /// The destination's platform measurement.
     pub fn measurement(&self) -> &Measurement {
         &self.measurement
-    }
-    /// The control channel, for what follows the data transfer.
-    pub fn channel(&mut self) -> &mut Channel {
-        &mut self.channel
-    }
-
-    /// Destination, after a completed migration: gives up the migration's
-    /// concurrency slot and its control channel, and keeps its memory
-    /// reserved for as long as the returned value lives (the received guest
-    /// runs here). `None` on the source side.
-    pub fn into_memory_reservation(mut self) -> Option<MemoryReservation> {
-        let mut slot = self._slot.take()?;
-        slot.counters.active.fetch_sub(1, Ordering::AcqRel);
-        slot.active = false;
-        Some(MemoryReservation { _slot: slot })
     }
 }
 
@@ -337,7 +362,7 @@ impl Destination {
     /// Takes one control connection through TLS and every check; on success
     /// answers Accept (data streams to `data_port`) and returns the proof.
     /// Every outcome is audited.
-    pub fn admit(&self, sock: TcpStream, data_port: u16) -> Result<Admitted, HandshakeError> {
+    pub fn admit(&self, sock: TcpStream, data_port: u16) -> Result<DestinationSession, HandshakeError> {
         let peer_addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = self.admit_inner(sock, data_port);
         let detail = match &r {
@@ -361,7 +386,7 @@ impl Destination {
     }
 
     /// [`Destination::admit`] without the audit record.
-    fn admit_inner(&self, sock: TcpStream, data_port: u16) -> Result<Admitted, HandshakeError> {
+    fn admit_inner(&self, sock: TcpStream, data_port: u16) -> Result<DestinationSession, HandshakeError> {
         let mut ch = Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout)?;
         let peer = ch
             .peer_cert()
@@ -394,14 +419,16 @@ impl Destination {
                     sig: B64.encode(sig),
                 })?;
                 tracing::info!(vm = %claims.vm, from = %claims.source_host, migration = migration_id, "destination: admitted");
-                Ok(Admitted {
-                    keys: keys(&ch, migration_id)?,
-                    offer: req.offer,
-                    claims,
-                    data_port,
-                    measurement: self.cfg.measurement.clone(),
-                    _slot: Some(slot),
-                    channel: ch,
+                Ok(DestinationSession {
+                    admitted: Admitted {
+                        keys: keys(&ch, migration_id)?,
+                        offer: req.offer,
+                        claims,
+                        data_port,
+                        measurement: self.cfg.measurement.clone(),
+                        channel: ch,
+                    },
+                    slot,
                 })
             }
             Err(refusal) => {
@@ -525,7 +552,7 @@ pub fn request(
     offer: Offer,
     pinned: &[Measurement],
     timeout: Duration,
-) -> Result<Admitted, HandshakeError> {
+) -> Result<SourceSession, HandshakeError> {
     if claims.dest_host != dest_host {
         return Err(HandshakeError::Refused(Refusal::TicketNotForDestination {
             ticket: claims.dest_host.clone(),
@@ -571,15 +598,14 @@ pub fn request(
                 }
                 .into());
             }
-            Ok(Admitted {
+            Ok(SourceSession(Admitted {
                 keys: keys(&ch, migration_id)?,
                 offer,
                 claims: claims.clone(),
                 data_port,
                 measurement,
-                _slot: None,
                 channel: ch,
-            })
+            }))
         }
     }
 }
@@ -669,16 +695,16 @@ pub struct Receipt {
     pub time: u64,
 }
 
-impl Admitted {
-    /// Source: signs and sends `manifest`; returns the destination's
+impl SourceSession {
+    /// Signs and sends `manifest`; returns the destination's
     /// verified receipt (an error if it does not confirm the transcript).
     pub fn exchange_manifest(&mut self, source: &Identity, manifest: &Manifest) -> Result<Receipt, HandshakeError> {
         let blob = sign_blob("manifest", manifest, source)?;
-        self.channel.begin_exchange();
+        self.0.channel.begin_exchange();
         let manifest_sha256 = crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref());
-        self.channel.send(&blob)?;
-        let reply: SignedBlob = self.channel.recv()?;
-        let peer = self.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?;
+        self.0.channel.send(&blob)?;
+        let reply: SignedBlob = self.0.channel.recv()?;
+        let peer = self.0.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?;
         let receipt: Receipt = open_blob(&reply, "receipt", peer)?;
         if receipt.migration_id != manifest.migration_id || receipt.manifest_sha256 != manifest_sha256 {
             return Err(Refusal::Mismatch("the receipt is for another manifest").into());
@@ -691,8 +717,10 @@ impl Admitted {
         }
         Ok(receipt)
     }
+}
 
-    /// Destination: receives the source's manifest, checks its signature
+impl DestinationSession {
+    /// Receives the source's manifest, checks its signature
     /// (the source's certificate), its migration id and its transcript root
     /// against `own_root`, and answers with a signed receipt.
     pub fn receive_manifest(
@@ -700,9 +728,14 @@ impl Admitted {
         dest: &Identity,
         own_root: &[u8; 32],
     ) -> Result<(Manifest, Receipt), HandshakeError> {
-        self.channel.begin_exchange();
-        let blob: SignedBlob = self.channel.recv()?;
-        let peer = self.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?.to_vec();
+        self.admitted.channel.begin_exchange();
+        let blob: SignedBlob = self.admitted.channel.recv()?;
+        let peer = self
+            .admitted
+            .channel
+            .peer_cert()
+            .ok_or(Refusal::NoPeerCertificate)?
+            .to_vec();
         let manifest: Manifest = open_blob(&blob, "manifest", &peer)?;
         if manifest.migration_id != self.claims.migration_id || manifest.vm != self.claims.vm {
             return Err(Refusal::Mismatch("the manifest is for another migration").into());
@@ -713,7 +746,7 @@ impl Admitted {
             transcript_matches: manifest.transcript_root == crate::hex(own_root),
             time: crate::now_unix_s(),
         };
-        self.channel.send(&sign_blob("receipt", &receipt, dest)?)?;
+        self.admitted.channel.send(&sign_blob("receipt", &receipt, dest)?)?;
         if !receipt.transcript_matches {
             return Err(Refusal::TranscriptMismatch(
                 "the manifest's transcript root differs from what this destination received",
@@ -788,7 +821,7 @@ impl Default for ServeLimits {
 
 /// Called with each admitted migration and the listener its data streams
 /// will connect to (already announced in the acceptance).
-pub type OnAdmitted = Arc<dyn Fn(Admitted, std::net::TcpListener) + Send + Sync>;
+pub type OnAdmitted = Arc<dyn Fn(DestinationSession, std::net::TcpListener) + Send + Sync>;
 
 /// A destination daemon's accept loop: each control connection gets a
 /// thread and a data listener of its own; handshakes in progress are capped
@@ -872,7 +905,7 @@ pub fn serve_destination(
 pub fn audit_request(
     log: &crate::audit::AuditLog,
     claims: &AuthzClaims,
-    result: &Result<Admitted, HandshakeError>,
+    result: &Result<SourceSession, HandshakeError>,
 ) -> Result<(), crate::audit::AuditError> {
     match result {
         Ok(a) => log.append(

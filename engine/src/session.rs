@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 
-use ferry_control::handshake::Admitted;
+use ferry_control::handshake::{Admitted, DestinationSession, SourceSession};
 
 use crate::crypto::SessionKeys;
 use crate::dirty::DirtyTracker;
@@ -44,7 +44,7 @@ pub fn run_source(
     mem: &GuestMemory,
     tracker: &mut dyn DirtyTracker,
     guest: &mut dyn GuestControl,
-    session: &Admitted,
+    session: &SourceSession,
     dest_ip: IpAddr,
     cfg: &MigrationConfig,
     hooks: &Hooks,
@@ -66,7 +66,7 @@ pub fn run_source(
 pub fn run_destination(
     mem: &GuestMemory,
     guest: &mut dyn GuestControl,
-    session: &Admitted,
+    session: &DestinationSession,
     data: &TcpListener,
     cfg: &MigrationConfig,
     hooks: &Hooks,
