@@ -6,12 +6,19 @@
 # Usage: scripts/perf-demo.sh [RUNS] [FILTER]
 #   RUNS   runs per configuration (default 5)
 #   FILTER only configurations whose name matches this extended regex
+# FERRY_BINS="old/ferry new/ferry" compares builds: each run of each
+# configuration runs every binary in turn (an A/B within one session), and
+# each figure is printed per binary (name@1, name@2, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 filter=${2:-.}
-cargo build --release --quiet
-bin=target/release/ferry
+if [[ -n ${FERRY_BINS:-} ]]; then
+  read -r -a bins <<<"$FERRY_BINS"
+else
+  cargo build --release --quiet
+  bins=(target/release/ferry)
+fi
 all=(
   "syn-idle-1GiB-aead+sha256|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead+sha256"
   "syn-idle-1GiB-aead|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead"
@@ -34,13 +41,20 @@ trap 'rm -rf "$dir"' EXIT
 for _ in $(seq "$runs"); do
   for c in "${configs[@]}"; do
     name=${c%%|*}; args=${c#*|}
-    # shellcheck disable=SC2086
-    "$bin" demo --json $args >>"$dir/$name"
-    echo >>"$dir/$name"
+    for b in "${!bins[@]}"; do
+      out="$dir/$name@$((b + 1))"
+      # shellcheck disable=SC2086
+      "${bins[$b]}" demo --json $args >>"$out"
+      echo >>"$out"
+    done
   done
 done
+for b in "${!bins[@]}"; do
+  echo "binary @$((b + 1)): ${bins[$b]}"
+done
 for c in "${configs[@]}"; do
-  name=${c%%|*}
+  for b in "${!bins[@]}"; do
+  name="${c%%|*}@$((b + 1))"
   python3 - "$name" "$dir/$name" <<'PY'
 import json, sys, statistics
 name, path = sys.argv[1], sys.argv[2]
@@ -63,4 +77,5 @@ print(f"{name}: n={len(runs)} guest={runs[0]['guest']} throughput_gbps={fig('thr
       f"rounds={fig('rounds')} dirty_scan_ms(live rounds)={show(live)} dirty_scan_ms(final)={show(final)} "
       f"engine_heap_MiB={fig('engine_heap_peak_bytes', 1/2**20)} wire_GiB={fig('bytes_on_wire', 1/2**30)}")
 PY
+  done
 done
