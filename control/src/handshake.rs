@@ -15,11 +15,9 @@
 //! The data-plane keys exist only inside an [`Admitted`], which only these
 //! functions construct, after every check has passed.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -27,8 +25,10 @@ use base64::Engine;
 use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
+pub use crate::manifest::{Manifest, Receipt, SignedBlob};
 pub use crate::modes::{GuestKind, Integrity};
 use crate::refusal::{Refusal, WireRefusal};
+pub use crate::serve::{serve_destination, OnAdmitted, ServeLimits};
 use thiserror::Error;
 
 use crate::pki::Identity;
@@ -207,6 +207,12 @@ pub struct Admitted {
 #[derive(Debug)]
 pub struct SourceSession(Admitted);
 
+impl SourceSession {
+    pub(crate) fn channel_mut(&mut self) -> &mut Channel {
+        &mut self.0.channel
+    }
+}
+
 impl std::ops::Deref for SourceSession {
     type Target = Admitted;
     fn deref(&self) -> &Admitted {
@@ -231,6 +237,10 @@ impl std::ops::Deref for DestinationSession {
 }
 
 impl DestinationSession {
+    pub(crate) fn channel_mut(&mut self) -> &mut Channel {
+        &mut self.admitted.channel
+    }
+
     /// After a completed migration: gives up the migration's concurrency
     /// slot and its control channel, and keeps its memory reserved for as
     /// long as the returned value lives (the received guest runs here).
@@ -610,296 +620,6 @@ pub fn request(
     }
 }
 
-/// JSON bytes signed by a host key, carried as they were signed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SignedBlob {
-    /// "manifest" or "receipt".
-    pub kind: String,
-    /// base64url of the JSON that was signed.
-    pub body: String,
-    /// base64url ECDSA P-256 signature over `kind || 0 || body`.
-    pub sig: String,
-}
-
-fn blob_message(kind: &str, body: &str) -> Vec<u8> {
-    let mut m = kind.as_bytes().to_vec();
-    m.push(0);
-    m.extend_from_slice(body.as_bytes());
-    m
-}
-
-fn sign_blob<T: Serialize>(kind: &str, value: &T, id: &Identity) -> Result<SignedBlob, HandshakeError> {
-    let body = B64.encode(serde_json::to_vec(value).expect("serialises"));
-    let sig = id
-        .sign(&blob_message(kind, &body))
-        .map_err(|_| Refusal::Internal("signing"))?;
-    Ok(SignedBlob {
-        kind: kind.into(),
-        body,
-        sig: B64.encode(sig),
-    })
-}
-
-fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &'static str, cert: &[u8]) -> Result<T, Refusal> {
-    if b.kind != kind || b.body.len() > crate::tls::MAX_MESSAGE {
-        return Err(Refusal::Malformed(format!("expected a {kind}")));
-    }
-    let bad_sig = || Refusal::BadPeerSignature { what: kind };
-    let sig = B64.decode(&b.sig).map_err(|_| bad_sig())?;
-    if !crate::pki::verify_by_cert(cert, &blob_message(kind, &b.body), &sig) {
-        return Err(bad_sig());
-    }
-    let json = B64
-        .decode(&b.body)
-        .map_err(|_| Refusal::Malformed(format!("the {kind}'s body is not base64url")))?;
-    serde_json::from_slice(&json).map_err(|e| Refusal::Malformed(format!("malformed {kind}: {e}")))
-}
-
-/// What the source says it sent, signed with its host key (non-repudiation).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Migration id.
-    pub migration_id: u64,
-    /// VM id.
-    pub vm: String,
-    /// Guest memory size.
-    pub memory_bytes: u64,
-    /// Pages sent over all rounds.
-    pub pages_sent: u64,
-    /// Bytes written to the data streams.
-    pub bytes_on_wire: u64,
-    /// Rounds, the final one included.
-    pub rounds: u64,
-    /// Start and end of the transfer (Unix milliseconds).
-    pub started_unix_ms: u64,
-    /// End of the transfer.
-    pub finished_unix_ms: u64,
-    /// Guest downtime in microseconds.
-    pub downtime_us: u64,
-    /// SHA-256 root (hex) over every stream's transcript: each frame's
-    /// sequence, kind and AES-GCM tag and, in `aead+sha256` mode, each chunk's
-    /// digest (SHA-256 over the chunk's per-page SHA-256 digests).
-    pub transcript_root: String,
-}
-
-/// The destination's signed acknowledgement of a manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Receipt {
-    /// Migration id.
-    pub migration_id: u64,
-    /// SHA-256 (hex) of the manifest body as signed by the source.
-    pub manifest_sha256: String,
-    /// Whether the destination's own transcript root equals the manifest's.
-    pub transcript_matches: bool,
-    /// When (Unix seconds).
-    pub time: u64,
-}
-
-impl SourceSession {
-    /// Signs and sends `manifest`; returns the destination's
-    /// verified receipt (an error if it does not confirm the transcript).
-    pub fn exchange_manifest(&mut self, source: &Identity, manifest: &Manifest) -> Result<Receipt, HandshakeError> {
-        let blob = sign_blob("manifest", manifest, source)?;
-        self.0.channel.begin_exchange();
-        let manifest_sha256 = crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref());
-        self.0.channel.send(&blob)?;
-        let reply: SignedBlob = self.0.channel.recv()?;
-        let peer = self.0.channel.peer_cert().ok_or(Refusal::NoPeerCertificate)?;
-        let receipt: Receipt = open_blob(&reply, "receipt", peer)?;
-        if receipt.migration_id != manifest.migration_id || receipt.manifest_sha256 != manifest_sha256 {
-            return Err(Refusal::Mismatch("the receipt is for another manifest").into());
-        }
-        if !receipt.transcript_matches {
-            return Err(Refusal::TranscriptMismatch(
-                "the destination's transcript of the transfer differs from the manifest",
-            )
-            .into());
-        }
-        Ok(receipt)
-    }
-}
-
-impl DestinationSession {
-    /// Receives the source's manifest, checks its signature
-    /// (the source's certificate), its migration id and its transcript root
-    /// against `own_root`, and answers with a signed receipt.
-    pub fn receive_manifest(
-        &mut self,
-        dest: &Identity,
-        own_root: &[u8; 32],
-    ) -> Result<(Manifest, Receipt), HandshakeError> {
-        self.admitted.channel.begin_exchange();
-        let blob: SignedBlob = self.admitted.channel.recv()?;
-        let peer = self
-            .admitted
-            .channel
-            .peer_cert()
-            .ok_or(Refusal::NoPeerCertificate)?
-            .to_vec();
-        let manifest: Manifest = open_blob(&blob, "manifest", &peer)?;
-        if manifest.migration_id != self.claims.migration_id || manifest.vm != self.claims.vm {
-            return Err(Refusal::Mismatch("the manifest is for another migration").into());
-        }
-        let receipt = Receipt {
-            migration_id: manifest.migration_id,
-            manifest_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref()),
-            transcript_matches: manifest.transcript_root == crate::hex(own_root),
-            time: crate::now_unix_s(),
-        };
-        self.admitted.channel.send(&sign_blob("receipt", &receipt, dest)?)?;
-        if !receipt.transcript_matches {
-            return Err(Refusal::TranscriptMismatch(
-                "the manifest's transcript root differs from what this destination received",
-            )
-            .into());
-        }
-        Ok((manifest, receipt))
-    }
-}
-
-/// A data listener on `ip`: on the first free port of `range`, or an
-/// ephemeral one.
-fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Option<std::net::TcpListener> {
-    let Some((first, last)) = range else {
-        return std::net::TcpListener::bind((ip, 0)).ok();
-    };
-    let found = (first..=last).find_map(|port| std::net::TcpListener::bind((ip, port)).ok());
-    if found.is_none() {
-        tracing::warn!(
-            "receive: every data port {first}-{last} is in use: widen --data-ports or lower --max-concurrent"
-        );
-    }
-    found
-}
-
-/// Handshakes in progress: per peer address, and in all.
-type Pending = Mutex<(HashMap<IpAddr, usize>, usize)>;
-
-/// One handshake's claim on the pending counts, released on drop.
-struct PendingSlot {
-    pending: Arc<Pending>,
-    ip: IpAddr,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut g = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (per, total) = &mut *g;
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-        *total -= 1;
-    }
-}
-
-/// Limits of a destination's accept loop.
-#[derive(Debug, Clone, Copy)]
-pub struct ServeLimits {
-    /// Handshakes in progress from one peer address at most; more are
-    /// closed at once.
-    pub pending_per_peer: usize,
-    /// Handshakes in progress in all.
-    pub pending_total: usize,
-    /// The ports data listeners may use (first, last), for firewalls; `None`
-    /// takes an ephemeral port. A handshake that finds every port of the
-    /// range taken is closed (and logged).
-    pub data_ports: Option<(u16, u16)>,
-}
-
-impl Default for ServeLimits {
-    fn default() -> Self {
-        ServeLimits {
-            pending_per_peer: 8,
-            pending_total: 256,
-            data_ports: None,
-        }
-    }
-}
-
-/// Called with each admitted migration and the listener its data streams
-/// will connect to (already announced in the acceptance).
-pub type OnAdmitted = Arc<dyn Fn(DestinationSession, std::net::TcpListener) + Send + Sync>;
-
-/// A destination daemon's accept loop: each control connection gets a
-/// thread and a data listener of its own; handshakes in progress are capped
-/// per peer address and in total (a flood is refused at once, and a peer
-/// that connects and stays silent holds only its own slots until the
-/// handshake times out). Runs until `stop` is set.
-pub fn serve_destination(
-    listener: std::net::TcpListener,
-    dest: Arc<Destination>,
-    limits: ServeLimits,
-    on_admitted: OnAdmitted,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    let data_ip = listener.local_addr()?.ip();
-    let pending: Arc<Pending> = Arc::new(Mutex::new((HashMap::new(), 0)));
-    std::thread::Builder::new().name("ferry-receive".into()).spawn(move || {
-        let mut backoff = crate::accept::AcceptBackoff::new();
-        while !stop.load(Ordering::Relaxed) {
-            let (sock, peer) = match listener.accept() {
-                Ok(x) => {
-                    backoff.succeeded("receive");
-                    x
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                Err(e) => {
-                    std::thread::sleep(backoff.failed("receive", &e));
-                    continue;
-                }
-            };
-            let ip = peer.ip();
-            {
-                let mut g = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (per, total) = &mut *g;
-                let mine = per.entry(ip).or_insert(0);
-                if *mine >= limits.pending_per_peer || *total >= limits.pending_total {
-                    drop(g);
-                    tracing::warn!(%peer, "receive: too many handshakes in progress; connection refused");
-                    continue; // `sock` dropped: closed at once
-                }
-                *mine += 1;
-                *total += 1;
-            }
-            // Released on drop: after the handshake, or if the thread never starts.
-            let slot = PendingSlot {
-                pending: pending.clone(),
-                ip,
-            };
-            let (dest, on_admitted) = (dest.clone(), on_admitted.clone());
-            let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {
-                let admitted = sock
-                    .set_nonblocking(false)
-                    .ok()
-                    .and_then(|()| bind_data(data_ip, limits.data_ports))
-                    .and_then(|data| {
-                        let port = data.local_addr().ok()?.port();
-                        let a = dest.admit(sock, port);
-                        if let Err(e) = &a {
-                            tracing::info!(%peer, "receive: not admitted: {e}");
-                        }
-                        a.ok().map(|a| (a, data))
-                    });
-                // The handshake is over: free the slot before the transfer.
-                drop(slot);
-                if let Some((a, data)) = admitted {
-                    on_admitted(a, data);
-                }
-            });
-            if spawned.is_err() {
-                tracing::error!("receive: cannot spawn a handshake thread");
-            }
-        }
-    })
-}
-
 /// Records the outcome of a [`request`] in the source's audit log: admitted
 /// (with the destination's measurement) or refused, and why.
 pub fn audit_request(
@@ -918,31 +638,5 @@ pub fn audit_request(
             serde_json::json!({"migration_id": claims.migration_id, "vm": claims.vm, "dest_host": claims.dest_host,
                 "reason": e.to_string()}),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn data_listeners_stay_inside_the_configured_port_range() {
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        // Find two free consecutive ports, hold the first: the second is taken.
-        let (held, port) = (20_000u16..60_000)
-            .find_map(|p| {
-                let a = std::net::TcpListener::bind((ip, p)).ok()?;
-                std::net::TcpListener::bind((ip, p + 1)).ok().map(|b| {
-                    drop(b);
-                    (a, p)
-                })
-            })
-            .unwrap();
-        let l = bind_data(ip, Some((port, port + 1))).unwrap();
-        assert_eq!(l.local_addr().unwrap().port(), port + 1);
-        // Both taken now: no listener, the handshake is refused.
-        assert!(bind_data(ip, Some((port, port + 1))).is_none());
-        drop((held, l));
-        assert!(bind_data(ip, None).is_some());
     }
 }

@@ -22,11 +22,13 @@
 pub mod accept;
 pub mod audit;
 pub mod handshake;
+pub mod manifest;
 pub mod modes;
 pub mod pki;
 pub mod policy;
 pub mod refusal;
 pub mod replay;
+pub mod serve;
 pub mod servers;
 pub mod ticket;
 pub mod tls;

@@ -1,0 +1,180 @@
+//! A destination daemon's accept loop: handshakes in progress capped per
+//! peer and in total, each on a thread of its own with a data listener.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::handshake::{Destination, DestinationSession};
+
+/// A data listener on `ip`: on the first free port of `range`, or an
+/// ephemeral one.
+fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Option<std::net::TcpListener> {
+    let Some((first, last)) = range else {
+        return std::net::TcpListener::bind((ip, 0)).ok();
+    };
+    let found = (first..=last).find_map(|port| std::net::TcpListener::bind((ip, port)).ok());
+    if found.is_none() {
+        tracing::warn!(
+            "receive: every data port {first}-{last} is in use: widen --data-ports or lower --max-concurrent"
+        );
+    }
+    found
+}
+
+/// Handshakes in progress: per peer address, and in all.
+type Pending = Mutex<(HashMap<IpAddr, usize>, usize)>;
+
+/// One handshake's claim on the pending counts, released on drop.
+struct PendingSlot {
+    pending: Arc<Pending>,
+    ip: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut g = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (per, total) = &mut *g;
+        if let Some(n) = per.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.ip);
+            }
+        }
+        *total -= 1;
+    }
+}
+
+/// Limits of a destination's accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Handshakes in progress from one peer address at most; more are
+    /// closed at once.
+    pub pending_per_peer: usize,
+    /// Handshakes in progress in all.
+    pub pending_total: usize,
+    /// The ports data listeners may use (first, last), for firewalls; `None`
+    /// takes an ephemeral port. A handshake that finds every port of the
+    /// range taken is closed (and logged).
+    pub data_ports: Option<(u16, u16)>,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            pending_per_peer: 8,
+            pending_total: 256,
+            data_ports: None,
+        }
+    }
+}
+
+/// Called with each admitted migration and the listener its data streams
+/// will connect to (already announced in the acceptance).
+pub type OnAdmitted = Arc<dyn Fn(DestinationSession, std::net::TcpListener) + Send + Sync>;
+
+/// A destination daemon's accept loop: each control connection gets a
+/// thread and a data listener of its own; handshakes in progress are capped
+/// per peer address and in total (a flood is refused at once, and a peer
+/// that connects and stays silent holds only its own slots until the
+/// handshake times out). Runs until `stop` is set.
+pub fn serve_destination(
+    listener: std::net::TcpListener,
+    dest: Arc<Destination>,
+    limits: ServeLimits,
+    on_admitted: OnAdmitted,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let data_ip = listener.local_addr()?.ip();
+    let pending: Arc<Pending> = Arc::new(Mutex::new((HashMap::new(), 0)));
+    std::thread::Builder::new().name("ferry-receive".into()).spawn(move || {
+        let mut backoff = crate::accept::AcceptBackoff::new();
+        while !stop.load(Ordering::Relaxed) {
+            let (sock, peer) = match listener.accept() {
+                Ok(x) => {
+                    backoff.succeeded("receive");
+                    x
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => {
+                    std::thread::sleep(backoff.failed("receive", &e));
+                    continue;
+                }
+            };
+            let ip = peer.ip();
+            {
+                let mut g = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (per, total) = &mut *g;
+                let mine = per.entry(ip).or_insert(0);
+                if *mine >= limits.pending_per_peer || *total >= limits.pending_total {
+                    drop(g);
+                    tracing::warn!(%peer, "receive: too many handshakes in progress; connection refused");
+                    continue; // `sock` dropped: closed at once
+                }
+                *mine += 1;
+                *total += 1;
+            }
+            // Released on drop: after the handshake, or if the thread never starts.
+            let slot = PendingSlot {
+                pending: pending.clone(),
+                ip,
+            };
+            let (dest, on_admitted) = (dest.clone(), on_admitted.clone());
+            let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {
+                let admitted = sock
+                    .set_nonblocking(false)
+                    .ok()
+                    .and_then(|()| bind_data(data_ip, limits.data_ports))
+                    .and_then(|data| {
+                        let port = data.local_addr().ok()?.port();
+                        let a = dest.admit(sock, port);
+                        if let Err(e) = &a {
+                            tracing::info!(%peer, "receive: not admitted: {e}");
+                        }
+                        a.ok().map(|a| (a, data))
+                    });
+                // The handshake is over: free the slot before the transfer.
+                drop(slot);
+                if let Some((a, data)) = admitted {
+                    on_admitted(a, data);
+                }
+            });
+            if spawned.is_err() {
+                tracing::error!("receive: cannot spawn a handshake thread");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn data_listeners_stay_inside_the_configured_port_range() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        // Find two free consecutive ports, hold the first: the second is taken.
+        let (held, port) = (20_000u16..60_000)
+            .find_map(|p| {
+                let a = std::net::TcpListener::bind((ip, p)).ok()?;
+                std::net::TcpListener::bind((ip, p + 1)).ok().map(|b| {
+                    drop(b);
+                    (a, p)
+                })
+            })
+            .unwrap();
+        let l = bind_data(ip, Some((port, port + 1))).unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), port + 1);
+        // Both taken now: no listener, the handshake is refused.
+        assert!(bind_data(ip, Some((port, port + 1))).is_none());
+        drop((held, l));
+        assert!(bind_data(ip, None).is_some());
+    }
+}
