@@ -449,15 +449,57 @@ impl Destination {
         }
     }
 
+    /// Every check, in order; each stage is a value only the one before it
+    /// makes, so no check can be skipped or reordered by accident.
     fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), Refusal> {
         let now = crate::now_unix_s();
+        let fresh = TicketChecked::verify(&self.cfg, req, now)?
+            .bind(&self.cfg, peer, req)?
+            .admit(&self.cfg, req)?
+            .reserve(&self.cfg, &self.counters, req)?
+            .spend_nonce(&self.cfg, now)?;
+        Ok((fresh.claims, fresh.slot))
+    }
+}
+
+/// Stage 1: the authorization ticket verified under a trusted key, within
+/// its validity window, and no longer-lived than servers issue.
+struct TicketChecked {
+    claims: AuthzClaims,
+}
+
+/// Stage 2: ... for this destination, presented by the source it names,
+/// for the VM offered, and the request signed by that source.
+struct RequestBound {
+    claims: AuthzClaims,
+}
+
+/// Stage 3: ... admitted by this destination's policy and capabilities.
+struct Admissible {
+    claims: AuthzClaims,
+}
+
+/// Stage 4: ... holding a concurrency slot and the guest's memory.
+struct Reserved {
+    claims: AuthzClaims,
+    slot: Slot,
+}
+
+/// Stage 5: ... and its nonce spent (last, so only a request that passed
+/// everything else uses it up): the admitted session is built from this.
+struct Fresh {
+    claims: AuthzClaims,
+    slot: Slot,
+}
+
+impl TicketChecked {
+    fn verify(cfg: &DestinationConfig, req: &MigrationRequest, now: u64) -> Result<TicketChecked, Refusal> {
         // A ticket is checked under each trusted key; the refusal that says
         // most wins (a time or shape error under the right key over a bad
         // signature under another). With no key configured, nothing can be
         // checked at all.
         let mut refusal: Option<TicketError> = None;
-        let claims: AuthzClaims = self
-            .cfg
+        let claims: AuthzClaims = cfg
             .authz_keys
             .iter()
             .find_map(
@@ -485,10 +527,15 @@ impl Destination {
                 max_s: crate::servers::AUTHZ_TTL_MAX_S,
             });
         }
-        if claims.dest_host != self.cfg.name {
+        Ok(TicketChecked { claims })
+    }
+
+    fn bind(self, cfg: &DestinationConfig, peer: &[u8], req: &MigrationRequest) -> Result<RequestBound, Refusal> {
+        let claims = self.claims;
+        if claims.dest_host != cfg.name {
             return Err(Refusal::WrongDestination {
                 ticket: claims.dest_host,
-                this: self.cfg.name.clone(),
+                this: cfg.name.clone(),
             });
         }
         if crate::fingerprint(peer) != claims.source_fp {
@@ -504,25 +551,37 @@ impl Destination {
         if !crate::pki::verify_by_cert(peer, &request_message(&req.ticket, &req.offer), &sig) {
             return Err(Refusal::BadSignature);
         }
-        self.cfg.policy.admits(&claims.source_host, &claims.vm)?;
-        if req.offer.streams == 0 || req.offer.streams > self.cfg.max_streams {
+        Ok(RequestBound { claims })
+    }
+}
+
+impl RequestBound {
+    fn admit(self, cfg: &DestinationConfig, req: &MigrationRequest) -> Result<Admissible, Refusal> {
+        cfg.policy.admits(&self.claims.source_host, &self.claims.vm)?;
+        if req.offer.streams == 0 || req.offer.streams > cfg.max_streams {
             return Err(Refusal::TooManyStreams {
                 offered: req.offer.streams,
-                max: self.cfg.max_streams,
+                max: cfg.max_streams,
             });
         }
-        if !self.cfg.guests.contains(&req.offer.guest) {
+        if !cfg.guests.contains(&req.offer.guest) {
             return Err(Refusal::UnsupportedGuest {
                 offered: req.offer.guest,
-                runs: self.cfg.guests.clone(),
+                runs: cfg.guests.clone(),
             });
         }
-        // Admission: count and memory, reserved atomically.
-        let c = &self.counters;
-        if c.active.fetch_add(1, Ordering::AcqRel) >= self.cfg.max_concurrent {
+        Ok(Admissible { claims: self.claims })
+    }
+}
+
+impl Admissible {
+    /// Count and memory, reserved atomically; released if a later stage
+    /// refuses (the slot's drop).
+    fn reserve(self, cfg: &DestinationConfig, c: &Arc<Counters>, req: &MigrationRequest) -> Result<Reserved, Refusal> {
+        if c.active.fetch_add(1, Ordering::AcqRel) >= cfg.max_concurrent {
             c.active.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::Busy {
-                max: self.cfg.max_concurrent,
+                max: cfg.max_concurrent,
             });
         }
         let mem = req.offer.memory_bytes;
@@ -532,19 +591,29 @@ impl Destination {
             memory: mem,
             active: true,
         };
-        if before.saturating_add(mem) > self.cfg.max_memory_bytes {
+        if before.saturating_add(mem) > cfg.max_memory_bytes {
             return Err(Refusal::NoMemory {
                 offered: mem,
                 committed: before,
-                max: self.cfg.max_memory_bytes,
+                max: cfg.max_memory_bytes,
             });
         }
-        // Last: spend the nonce only for a request that passed everything else.
-        self.cfg
-            .replay
-            .check_and_insert(&claims.nonce, claims.exp, now)
+        Ok(Reserved {
+            claims: self.claims,
+            slot,
+        })
+    }
+}
+
+impl Reserved {
+    fn spend_nonce(self, cfg: &DestinationConfig, now: u64) -> Result<Fresh, Refusal> {
+        cfg.replay
+            .check_and_insert(&self.claims.nonce, self.claims.exp, now)
             .map_err(|e| Refusal::Replay(e.to_string()))?;
-        Ok((claims, slot))
+        Ok(Fresh {
+            claims: self.claims,
+            slot: self.slot,
+        })
     }
 }
 
