@@ -54,6 +54,19 @@ impl Default for MigrationConfig {
 }
 
 impl MigrationConfig {
+    /// [`validate`](Self::validate), and that there is one connection per
+    /// stream.
+    pub(super) fn validate_for(&self, conns: usize) -> Result<(), MigrateError> {
+        self.validate()?;
+        if conns != usize::from(self.streams) {
+            return Err(MigrateError::Config(format!(
+                "{conns} connections for {} streams",
+                self.streams
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn validate(&self) -> Result<(), MigrateError> {
         let bad = |m: &str| Err(MigrateError::Config(m.into()));
         if self.streams == 0 || self.streams > 64 {

@@ -40,14 +40,7 @@ pub fn migrate_destination(
     cfg: &MigrationConfig,
     hooks: &Hooks,
 ) -> Result<DestReport, MigrateError> {
-    cfg.validate()?;
-    if conns.len() != usize::from(cfg.streams) {
-        return Err(MigrateError::Config(format!(
-            "{} connections for {} streams",
-            conns.len(),
-            cfg.streams
-        )));
-    }
+    cfg.validate_for(conns.len())?;
     let socks = clone_all(&conns)?;
     let (reply_tx, reply_rx) = bounded::<(usize, DstReply)>(usize::from(cfg.streams) * 4);
     let counters = Counters::default();

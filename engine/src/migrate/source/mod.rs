@@ -78,14 +78,7 @@ pub fn migrate_source(
     cfg: &MigrationConfig,
     hooks: &Hooks,
 ) -> Result<SourceReport, MigrateError> {
-    cfg.validate()?;
-    if conns.len() != usize::from(cfg.streams) {
-        return Err(MigrateError::Config(format!(
-            "{} connections for {} streams",
-            conns.len(),
-            cfg.streams
-        )));
-    }
+    cfg.validate_for(conns.len())?;
     let started_at = Instant::now();
     let socks = clone_all(&conns)?;
     let counters = Counters::default();
