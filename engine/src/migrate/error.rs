@@ -109,9 +109,10 @@ pub enum MigrateError {
     /// Every worker thread stopped without a report (a bug).
     #[error("every stream worker stopped without a report (internal error)")]
     WorkersGone,
-    /// A worker thread panicked (a bug; the panic message is in the log).
-    /// Before the commit point the source guest was resumed.
-    #[error("the worker for stream {0} panicked (a bug in ferry: its message is in the log above); before the commit point the source guest keeps running, after it see the other errors")]
+    /// A worker thread panicked before the commit point (a bug; the panic
+    /// message is in the log): the source guest was resumed. (After the
+    /// commit point a panic shows as [`MigrateError::InDoubt`].)
+    #[error("the worker for stream {0} panicked (a bug in ferry: its message is in the log above); the migration stopped before its commit point and the guest runs at the source again")]
     WorkerPanicked(u16),
     /// A stream's final transcript is missing (a bug).
     #[error("a stream reported its final round without its transcript (internal error)")]
