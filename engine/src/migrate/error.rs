@@ -93,7 +93,7 @@ pub enum MigrateError {
         #[source]
         source: IoError,
     },
-    /// The embedder called [`Hooks::cancel`] before the commit point: the
+    /// The embedder called [`Hooks::cancel`](crate::progress::Hooks::cancel) before the commit point: the
     /// source's guest keeps running there.
     #[error("cancelled before the commit point: the migration stopped and the guest keeps running at the source")]
     Cancelled,

@@ -6,7 +6,7 @@
 //!
 //! The parsing does not touch the connection, so it is tested and fuzzed
 //! (`fuzz/fuzz_targets/frame_reassembly.rs`) with bytes alone; the workers
-//! receive straight into its buffer ([`Inbox::on_received`]).
+//! receive straight into its buffer (`Inbox::on_received`).
 
 use super::transcript::Transcript;
 use super::MigrateError;
