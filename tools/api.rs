@@ -13,7 +13,9 @@
 //!                                                    (or "migration-failed" / "migration-in-doubt")
 //! ```
 //!
-//! Any error is one line `{"event":"error","error":"..."}`. `ferry vm`
+//! Any error is one line `{"event":"error","error":"..."}`. Every line is a
+//! [`Reply`], the one type the server writes and its clients read (no field
+//! read with a default). `ferry vm`
 //! serves it (`--api PATH`); `ferry migrate`, `ferry status` and `ferry
 //! cancel` are its clients. The socket is created mode 0600: whoever can
 //! open it can move the VM (within what the authorization server allows the
@@ -28,6 +30,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_engine::migrate::RoundStats;
+use ferry_engine::progress::Progress;
 use serde::{Deserialize, Serialize};
 
 /// Longest request line.
@@ -57,14 +61,168 @@ pub enum Request {
     Cancel,
 }
 
+/// One reply line: a migration's progress, or one of the API's own. The
+/// server writes only these and its clients read only these, so a field
+/// one side renames is a parse error, not a silent 0 or "".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// A progress event of the migration under way (`sending`, `round`,
+    /// `paused`, `committed`, `resumed`).
+    Progress(Progress),
+    /// Everything else.
+    Api(ApiReply),
+}
+
+/// The API's own replies (the `event` field names the kind).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ApiReply {
+    /// The VM and its latest migration progress.
+    Status(Box<Status>),
+    /// A cancel was passed to the running migration.
+    Cancel {
+        /// Always true (a refused cancel is an `error`).
+        cancelled: bool,
+        /// What happens next.
+        note: String,
+    },
+    /// The migration request was taken; tickets and admission come next.
+    Accepted {
+        /// The VM.
+        vm: String,
+        /// The destination daemon's address.
+        to: String,
+        /// The destination's host name.
+        dest_host: String,
+        /// The dirty tracker.
+        tracker: String,
+    },
+    /// The guest runs at the destination.
+    Migrated(Box<Migrated>),
+    /// The migration failed before its commit point: the guest runs here.
+    MigrationFailed(Box<Ended>),
+    /// The migration was cancelled before its commit point: the guest runs here.
+    MigrationCancelled(Box<Ended>),
+    /// Past the commit point with no word from the destination.
+    MigrationInDoubt(Box<Ended>),
+    /// The request was refused, or failed.
+    Error {
+        /// Why.
+        error: String,
+    },
+}
+
+/// `status`'s reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// The VM.
+    pub vm: String,
+    /// running, migrating, committed, migrated or in-doubt.
+    pub state: String,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The guest's heartbeat counter.
+    pub heartbeat: u64,
+    /// Pages the guest has written.
+    pub guest_writes: u64,
+    /// Whether the vCPUs are paused.
+    pub paused: bool,
+    /// The migration's latest progress event, if one runs or ran.
+    pub progress: Option<Progress>,
+    /// The last migration's error, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// `migrated`'s reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Migrated {
+    /// The VM.
+    pub vm: String,
+    /// Rounds, the final one included.
+    pub rounds: usize,
+    /// Pages sent over all rounds.
+    pub pages_sent: u64,
+    /// Bytes written to the data streams.
+    pub bytes_on_wire: u64,
+    /// From the pause to the destination's resume.
+    pub downtime_ms: f64,
+    /// From the start to the destination's resume.
+    pub total_ms: f64,
+    /// Size of the vCPU state sent.
+    pub vcpu_state_bytes: usize,
+    /// The guest's heartbeat when paused.
+    pub heartbeat_before: Option<u64>,
+    /// The guest's checksum of its memory when paused (with `--verify`).
+    pub guest_checksum: Option<String>,
+    /// The destination's receipt confirms the transcript.
+    pub transcript_matches: bool,
+    /// The control-plane steps and their times.
+    pub steps: Vec<crate::lab::Step>,
+    /// Every round.
+    pub round_detail: Vec<RoundStats>,
+    /// vCPU entries at the source after the commit (should be 0).
+    #[serde(default)]
+    pub runs_after_commit: Option<u64>,
+    /// Where the VMM wrote the record, if asked to.
+    #[serde(default)]
+    pub record_file: Option<String>,
+    /// The migration's record.
+    #[serde(default)]
+    pub record: Option<crate::record::Record>,
+}
+
+/// The last reply of a migration that did not complete.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ended {
+    /// Why.
+    pub reason: String,
+    /// Where the guest is now.
+    pub guest: String,
+    /// The guest's heartbeat.
+    pub heartbeat: u64,
+    /// Where the VMM wrote the record, if asked to.
+    #[serde(default)]
+    pub record_file: Option<String>,
+    /// The migration's record.
+    #[serde(default)]
+    pub record: Option<crate::record::Record>,
+}
+
+impl Reply {
+    /// An `error` reply.
+    pub fn error(e: impl Into<String>) -> Reply {
+        Reply::Api(ApiReply::Error { error: e.into() })
+    }
+
+    /// Whether this is a migration's last line.
+    pub fn ends_migration(&self) -> bool {
+        matches!(
+            self,
+            Reply::Api(
+                ApiReply::Migrated(_)
+                    | ApiReply::MigrationFailed(_)
+                    | ApiReply::MigrationCancelled(_)
+                    | ApiReply::MigrationInDoubt(_)
+                    | ApiReply::Error { .. }
+            )
+        )
+    }
+}
+
 /// An error line.
-pub fn error_line(e: &str) -> serde_json::Value {
-    serde_json::json!({"event": "error", "error": e})
+pub fn error_line(e: &str) -> Reply {
+    Reply::error(e)
 }
 
 /// What serves the requests: `handle` gets each parsed request and a sink
 /// for its reply lines (the connection closes when `handle` returns).
-pub type Handler = dyn Fn(Request, &mut dyn FnMut(&serde_json::Value) -> bool) + Send + Sync;
+pub type Handler = dyn Fn(Request, &mut dyn FnMut(&Reply) -> bool) + Send + Sync;
 
 /// A bound API socket; the file is removed when this is dropped.
 #[derive(Debug)]
@@ -114,7 +272,8 @@ pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
                 };
                 if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::SeqCst);
-                    let _ = writeln!(conn, "{}", error_line("too many API clients at once; try again"));
+                    let busy = serde_json::to_string(&Reply::error("too many API clients at once; try again"));
+                    let _ = writeln!(conn, "{}", busy.unwrap_or_default());
                     continue;
                 }
                 let (handler, clients) = (handler.clone(), clients.clone());
@@ -141,7 +300,12 @@ fn serve_one(conn: UnixStream, handler: &Handler) {
     let Ok(mut out) = conn.try_clone() else { return };
     let mut line = String::new();
     let read = BufReader::new(conn.take(MAX_REQUEST_BYTES)).read_line(&mut line);
-    let mut send = |v: &serde_json::Value| writeln!(out, "{v}").and_then(|()| out.flush()).is_ok();
+    let mut send = |v: &Reply| {
+        let Ok(line) = serde_json::to_string(v) else {
+            return false;
+        };
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+    };
     match read {
         Ok(0) => {}
         Ok(_) if !line.ends_with('\n') => {
@@ -164,12 +328,7 @@ fn serve_one(conn: UnixStream, handler: &Handler) {
 /// Sends `req` to the VMM at `path` and calls `each` with every reply line
 /// until the VMM closes the connection or `each` returns false. `idle` bounds
 /// the wait for each line.
-pub fn call(
-    path: &Path,
-    req: &Request,
-    idle: Duration,
-    mut each: impl FnMut(serde_json::Value) -> bool,
-) -> Result<(), String> {
+pub fn call(path: &Path, req: &Request, idle: Duration, mut each: impl FnMut(Reply) -> bool) -> Result<(), String> {
     let mut conn = UnixStream::connect(path).map_err(|e| {
         format!(
             "cannot reach the VMM's API at {}: {e} (is `ferry vm --api {}` running, and may you open it?)",
@@ -182,8 +341,9 @@ pub fn call(
     writeln!(conn, "{line}").map_err(|e| format!("sending the request: {e}"))?;
     for line in BufReader::new(conn).lines() {
         let line = line.map_err(|e| format!("the VMM went silent for {idle:?} or closed: {e}"))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("the VMM sent a line that is not JSON ({e}): {line}"))?;
+        let v: Reply = serde_json::from_str(&line).map_err(|e| {
+            format!("the VMM sent a line this ferry does not understand ({e}): {line}; are `ferry` and the VMM the same version?")
+        })?;
         if !each(v) {
             break;
         }
@@ -213,13 +373,44 @@ mod tests {
     }
 
     #[test]
+    fn replies_round_trip_and_a_renamed_field_is_an_error_not_a_default() {
+        let p = Reply::Progress(Progress::Paused { round: 4, pages: 9 });
+        let s = serde_json::to_string(&p).unwrap();
+        assert_eq!(s, r#"{"event":"paused","round":4,"pages":9}"#);
+        assert!(matches!(
+            serde_json::from_str::<Reply>(&s).unwrap(),
+            Reply::Progress(Progress::Paused { round: 4, pages: 9 })
+        ));
+        let e = Reply::Api(ApiReply::MigrationFailed(Box::new(Ended {
+            reason: "cut".into(),
+            guest: "running here".into(),
+            heartbeat: 7,
+            record_file: None,
+            record: None,
+        })));
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.starts_with(r#"{"event":"migration-failed","reason":"cut""#), "{s}");
+        assert!(matches!(
+            serde_json::from_str::<Reply>(&s).unwrap(),
+            Reply::Api(ApiReply::MigrationFailed(_))
+        ));
+        assert!(e.ends_migration() && !p.ends_migration());
+        // A status whose field was renamed does not read as a VM with 0 bytes.
+        let bad = r#"{"event":"status","vm":"v","state":"running","memory":1,"vcpus":1,"heartbeat":0,"guest_writes":0,"paused":false,"progress":null,"last_error":null}"#;
+        assert!(serde_json::from_str::<Reply>(bad).is_err());
+    }
+
+    #[test]
     fn a_server_answers_refuses_garbage_and_replaces_a_stale_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("api.sock");
         // A stale socket file, as a killed VMM leaves it.
         drop(UnixListener::bind(&path).unwrap());
         let handler: Arc<Handler> = Arc::new(|req, send| {
-            send(&serde_json::json!({"event": "echo", "req": format!("{req:?}")}));
+            send(&Reply::Api(ApiReply::Cancel {
+                cancelled: true,
+                note: format!("{req:?}"),
+            }));
         });
         let sock = serve(&path, handler.clone()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -231,12 +422,19 @@ mod tests {
             true
         })
         .unwrap();
-        assert_eq!(got, vec![serde_json::json!({"event": "echo", "req": "Status"})]);
+        assert!(
+            matches!(&got[..], [Reply::Api(ApiReply::Cancel { note, .. })] if note == "Status"),
+            "{got:?}"
+        );
         let mut raw = UnixStream::connect(&path).unwrap();
         writeln!(raw, "not json").unwrap();
         let mut reply = String::new();
         BufReader::new(raw).read_line(&mut reply).unwrap();
         assert!(reply.contains("bad request"), "{reply}");
+        assert!(matches!(
+            serde_json::from_str::<Reply>(&reply),
+            Ok(Reply::Api(ApiReply::Error { .. }))
+        ));
         drop(sock);
         assert!(!path.exists());
     }

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
 
-use crate::api::{self, Request};
+use crate::api::{self, ApiReply, Ended, Reply, Request};
 use crate::record::{self, Record};
 use crate::size::human;
+use ferry_engine::progress::Progress;
 
 /// `ferry migrate`.
 #[derive(Debug, Clone)]
@@ -33,14 +33,9 @@ pub struct MigrateOptions {
     pub idle_timeout: Duration,
 }
 
-fn f(v: &Value, k: &str) -> f64 {
-    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
-}
-fn u(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("")
+/// A reply as its JSON line (for `--json`).
+fn json_line(v: &Reply) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 const PAGE: u64 = ferry_engine::memory::PAGE_SIZE_U64;
@@ -87,34 +82,41 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
         dest_host: o.dest_host.clone(),
         downtime_ms_max: o.downtime_ms_max,
     };
-    let mut last: Option<Value> = None;
+    let mut last: Option<ApiReply> = None;
     // Bandwidth and dirty rate of the last finished round, for the ETA.
     let (mut bw_bytes_per_s, mut dirty_rate, mut expected_ms) = (0.0f64, 0.0f64, 0.0f64);
     // The previous `sending` event's bytes and time, for the live rate.
     let mut prev: Option<(u64, f64)> = None;
     api::call(&o.api, &req, o.idle_timeout, |v| {
         if o.json {
-            println!("{v}");
+            println!("{}", json_line(&v));
         }
-        let ev = s(&v, "event").to_string();
-        match ev.as_str() {
-            "accepted" => show.line(&format!(
-                "migrating {} to {} ({}): tickets, admission, then pre-copy",
-                s(&v, "vm"),
-                s(&v, "dest_host"),
-                s(&v, "to")
+        if v.ends_migration() {
+            if let Reply::Api(a) = v {
+                last = Some(a);
+            }
+            return false;
+        }
+        match v {
+            Reply::Api(ApiReply::Accepted { vm, to, dest_host, .. }) => show.line(&format!(
+                "migrating {vm} to {dest_host} ({to}): tickets, admission, then pre-copy"
             )),
-            "sending" => {
-                let (bytes, at_ms) = (u(&v, "bytes_on_wire"), f(&v, "elapsed_ms"));
+            Reply::Progress(Progress::Sending {
+                round,
+                pages_sent,
+                pages_in_round,
+                bytes_on_wire,
+                elapsed_ms,
+            }) => {
                 if let Some((b0, t0)) = prev {
-                    if at_ms > t0 && bytes >= b0 {
-                        bw_bytes_per_s = (bytes - b0) as f64 / ((at_ms - t0) / 1e3);
+                    if elapsed_ms > t0 && bytes_on_wire >= b0 {
+                        bw_bytes_per_s = (bytes_on_wire - b0) as f64 / ((elapsed_ms - t0) / 1e3);
                     }
                 }
-                prev = Some((bytes, at_ms));
+                prev = Some((bytes_on_wire, elapsed_ms));
                 if let Show::Bar(b) = &show {
-                    let (sent, total) = (u(&v, "pages_sent"), u(&v, "pages_in_round").max(1));
-                    b.set_prefix(format!("round {}", u(&v, "round")));
+                    let (sent, total) = (pages_sent, pages_in_round.max(1));
+                    b.set_prefix(format!("round {round}"));
                     b.set_length(total * PAGE);
                     b.set_position(sent.min(total) * PAGE);
                     let left = (total - sent.min(total)) * PAGE;
@@ -127,26 +129,25 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                     b.set_message(format!(
                         "ETA {eta} | {:.2} GB/s | {} sent | {} left | dirty {:.0} pages/s | downtime ~{:.1} ms",
                         bw_bytes_per_s / 1e9,
-                        human(bytes),
+                        human(bytes_on_wire),
                         human(left),
                         dirty_rate,
                         expected_ms
                     ));
                 }
             }
-            "round" => {
-                bw_bytes_per_s = f(&v, "throughput_gbps") * 1e9;
-                if !v.get("is_final").and_then(Value::as_bool).unwrap_or(false) {
-                    dirty_rate = f(&v, "dirty_rate_pages_per_s");
-                    expected_ms = f(&v, "expected_downtime_ms");
+            Reply::Progress(Progress::Round { stats: r, .. }) => {
+                bw_bytes_per_s = r.throughput_gbps * 1e9;
+                if !r.is_final {
+                    dirty_rate = r.dirty_rate_pages_per_s;
+                    expected_ms = r.expected_downtime_ms;
                 }
-                let final_round = v.get("is_final").and_then(Value::as_bool).unwrap_or(false);
                 if let Show::Bar(b) = &show {
                     // The round is done: a full bar, then what is left.
                     b.set_position(b.length().unwrap_or(0));
                     b.set_message(format!(
                         "{} dirty left | {:.2} GB/s | dirty {:.0} pages/s | downtime ~{:.1} ms",
-                        human(u(&v, "dirty_pages_after") * PAGE),
+                        human(r.dirty_pages_after * PAGE),
                         bw_bytes_per_s / 1e9,
                         dirty_rate,
                         expected_ms
@@ -154,38 +155,30 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                 }
                 show.line(&format!(
                     "round {}{}: {} in {:.0} ms ({:.2} GB/s), {} dirty after ({:.0} pages/s), expected downtime {:.1} ms",
-                    u(&v, "round"),
-                    if final_round { " (final, guest paused)" } else { "" },
-                    human(u(&v, "bytes_on_wire")),
-                    f(&v, "duration_ms"),
-                    f(&v, "throughput_gbps"),
-                    human(u(&v, "dirty_pages_after") * PAGE),
-                    f(&v, "dirty_rate_pages_per_s"),
-                    f(&v, "expected_downtime_ms")
+                    r.round,
+                    if r.is_final { " (final, guest paused)" } else { "" },
+                    human(r.bytes_on_wire),
+                    r.duration_ms,
+                    r.throughput_gbps,
+                    human(r.dirty_pages_after * PAGE),
+                    r.dirty_rate_pages_per_s,
+                    r.expected_downtime_ms
                 ));
             }
-            "paused" => {
+            Reply::Progress(Progress::Paused { pages, .. }) => {
                 if let Show::Bar(b) = &show {
                     b.set_prefix("final");
                     b.set_message("guest paused: the last dirty pages and the vCPU state");
                 }
-                show.line(&format!(
-                    "switchover: guest paused, final round of {} pages",
-                    u(&v, "pages")
-                ));
+                show.line(&format!("switchover: guest paused, final round of {pages} pages"));
             }
-            "committed" => show.line("commit point passed: the guest now belongs to the destination"),
-            "resumed" => show.line("the destination runs the guest"),
+            Reply::Progress(Progress::Committed { .. }) => {
+                show.line("commit point passed: the guest now belongs to the destination")
+            }
+            Reply::Progress(Progress::Resumed { .. }) => show.line("the destination runs the guest"),
             _ => {}
         }
-        let end = matches!(
-            ev.as_str(),
-            "migrated" | "migration-failed" | "migration-cancelled" | "migration-in-doubt" | "error"
-        );
-        if end {
-            last = Some(v);
-        }
-        !end
+        true
     })?;
     if let Show::Bar(b) = &show {
         b.finish_and_clear();
@@ -193,49 +186,48 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
     let Some(last) = last else {
         return Err("the VMM closed the connection before the migration ended: check `ferry status`".into());
     };
-    if s(&last, "event") == "error" {
-        return Err(format!("the VMM refused: {}", s(&last, "error")));
-    }
+    let (record, vm) = match &last {
+        ApiReply::Error { error } => return Err(format!("the VMM refused: {error}")),
+        ApiReply::Migrated(m) => (m.record.clone(), m.vm.clone()),
+        ApiReply::MigrationFailed(e) | ApiReply::MigrationCancelled(e) | ApiReply::MigrationInDoubt(e) => (
+            e.record.clone(),
+            e.record.as_ref().map(|r| r.vm.clone()).unwrap_or_default(),
+        ),
+        other => {
+            return Err(format!(
+                "the VMM ended the migration with an unexpected reply: {other:?}"
+            ))
+        }
+    };
     let mut recorded = None;
-    if let Some(rec) = last.get("record") {
-        let path = o.record.clone().unwrap_or_else(|| record::default_path(s(rec, "vm")));
-        let r: Record =
-            serde_json::from_value(rec.clone()).map_err(|e| format!("the VMM's record is malformed: {e}"))?;
+    if let Some(r) = record {
+        let path = o.record.clone().unwrap_or_else(|| record::default_path(&r.vm));
         match r.write(&path) {
             Ok(()) => recorded = Some(path),
             Err(why) => eprintln!("ferry: warning: {why}"),
         }
     }
     let rec_note = recorded.map_or(String::new(), |p| format!("; record: {}", p.display()));
-    let (text, code) = match s(&last, "event") {
-        "migrated" => (
+    let ended = |what: &str, e: &Ended| format!("{what}: {}; the guest runs at the source{rec_note}", e.reason);
+    let (text, code) = match &last {
+        ApiReply::Migrated(m) => (
             format!(
-                "migrated {} to {}: {} rounds, {} on the wire, downtime {:.2} ms, total {:.0} ms{rec_note}",
-                s(&last, "vm"),
+                "migrated {vm} to {}: {} rounds, {} on the wire, downtime {:.2} ms, total {:.0} ms{rec_note}",
                 o.dest_host,
-                u(&last, "rounds"),
-                human(u(&last, "bytes_on_wire")),
-                f(&last, "downtime_ms"),
-                f(&last, "total_ms")
+                m.rounds,
+                human(m.bytes_on_wire),
+                m.downtime_ms,
+                m.total_ms
             ),
             ExitCode::SUCCESS,
         ),
-        "migration-in-doubt" => (
-            format!("IN DOUBT: {} ({}){rec_note}", s(&last, "reason"), s(&last, "guest")),
+        ApiReply::MigrationInDoubt(e) => (
+            format!("IN DOUBT: {} ({}){rec_note}", e.reason, e.guest),
             ExitCode::from(3),
         ),
-        other => (
-            format!(
-                "{}: {}; the guest runs at the source{rec_note}",
-                if other == "migration-cancelled" {
-                    "cancelled"
-                } else {
-                    "failed"
-                },
-                s(&last, "reason")
-            ),
-            ExitCode::FAILURE,
-        ),
+        ApiReply::MigrationCancelled(e) => (ended("cancelled", e), ExitCode::FAILURE),
+        ApiReply::MigrationFailed(e) => (ended("failed", e), ExitCode::FAILURE),
+        _ => unreachable!("the other replies returned above"),
     };
     if o.json {
         eprintln!("{text}");
@@ -245,7 +237,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
     Ok(code)
 }
 
-fn one(path: &Path, req: &Request) -> Result<Value, String> {
+fn one(path: &Path, req: &Request) -> Result<Reply, String> {
     let mut got = None;
     api::call(path, req, Duration::from_secs(10), |v| {
         got = Some(v);
@@ -258,46 +250,43 @@ fn one(path: &Path, req: &Request) -> Result<Value, String> {
 pub fn status(path: &Path, json: bool) -> Result<ExitCode, String> {
     let v = one(path, &Request::Status)?;
     if json {
-        println!("{v}");
+        println!("{}", json_line(&v));
         return Ok(ExitCode::SUCCESS);
     }
-    if s(&v, "event") == "error" {
-        return Err(s(&v, "error").to_string());
-    }
+    let st = match v {
+        Reply::Api(ApiReply::Status(st)) => st,
+        Reply::Api(ApiReply::Error { error }) => return Err(error),
+        other => return Err(format!("the VMM answered status with {other:?}")),
+    };
     let mut line = format!(
         "{}: {}, {} guest memory, {} vCPU(s), heartbeat {}{}",
-        s(&v, "vm"),
-        s(&v, "state"),
-        human(u(&v, "memory_bytes")),
-        u(&v, "vcpus"),
-        u(&v, "heartbeat"),
-        if v.get("paused").and_then(Value::as_bool).unwrap_or(false) {
-            " (paused)"
-        } else {
-            ""
-        }
+        st.vm,
+        st.state,
+        human(st.memory_bytes),
+        st.vcpus,
+        st.heartbeat,
+        if st.paused { " (paused)" } else { "" }
     );
-    if let Some(p) = v.get("progress").filter(|p| !p.is_null()) {
-        match s(p, "event") {
-            "sending" => {
-                line += &format!(
-                    "; round {}: {} of {} pages sent",
-                    u(p, "round"),
-                    u(p, "pages_sent"),
-                    u(p, "pages_in_round")
-                );
-            }
-            "round" => {
-                line += &format!(
-                    "; round {} done, {} pages dirty after",
-                    u(p, "round"),
-                    u(p, "dirty_pages_after")
-                )
-            }
-            other => line += &format!("; last: {other}"),
+    match &st.progress {
+        Some(Progress::Sending {
+            round,
+            pages_sent,
+            pages_in_round,
+            ..
+        }) => line += &format!("; round {round}: {pages_sent} of {pages_in_round} pages sent"),
+        Some(Progress::Round { stats, .. }) => {
+            line += &format!(
+                "; round {} done, {} pages dirty after",
+                stats.round, stats.dirty_pages_after
+            )
         }
+        Some(Progress::Paused { .. }) => line += "; last: paused",
+        Some(Progress::Committed { .. }) => line += "; last: committed",
+        Some(Progress::Resumed { .. }) => line += "; last: resumed",
+        Some(Progress::Receiving { .. }) => line += "; last: receiving",
+        None => {}
     }
-    if let Some(e) = v.get("last_error").and_then(Value::as_str) {
+    if let Some(e) = &st.last_error {
         line += &format!("; last migration failed: {e}");
     }
     println!("{line}");
@@ -308,15 +297,18 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode, String> {
 pub fn cancel(path: &Path, json: bool) -> Result<ExitCode, String> {
     let v = one(path, &Request::Cancel)?;
     if json {
-        println!("{v}");
+        println!("{}", json_line(&v));
     }
-    if s(&v, "event") == "error" {
-        return Err(s(&v, "error").to_string());
+    match v {
+        Reply::Api(ApiReply::Cancel { note, .. }) => {
+            if !json {
+                println!("cancel requested: {note}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Api(ApiReply::Error { error }) => Err(error),
+        other => Err(format!("the VMM answered cancel with {other:?}")),
     }
-    if !json {
-        println!("cancel requested: {}", s(&v, "note"));
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `ferry report`.

@@ -32,7 +32,7 @@ use ferry_engine::progress::{Hooks, Progress};
 use ferry_engine::GuestMemory;
 use ferry_vmm::kvm::{self, GuestProgram, KvmVm, Monitor};
 
-use crate::api::{self, Request};
+use crate::api::{self, ApiReply, Reply, Request};
 use crate::daemon::event;
 use crate::record::Record;
 use crate::source::{self, Endpoints};
@@ -108,7 +108,7 @@ struct Shared {
     /// The running migration's cancel switch.
     hooks: Option<Hooks>,
     /// Its latest progress event.
-    progress: Option<serde_json::Value>,
+    progress: Option<Progress>,
     /// Why the last migration failed.
     last_error: Option<String>,
     /// Rounds of the running migration (for a failed one's record).
@@ -119,7 +119,7 @@ struct Shared {
 struct Job {
     to: MigrateTo,
     /// Reply lines for an API client.
-    events: Option<Sender<serde_json::Value>>,
+    events: Option<Sender<Reply>>,
     /// Told when the client has its last line.
     delivered: Option<Receiver<()>>,
 }
@@ -210,10 +210,17 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
         Request::Status => {
             let line = {
                 let s = lock(&shared);
-                serde_json::json!({"event": "status", "vm": vm_id, "state": s.state,
-                    "memory_bytes": memory_bytes, "vcpus": vcpus, "heartbeat": mon.heartbeat(),
-                    "guest_writes": mon.guest_writes(), "paused": mon.paused(),
-                    "progress": s.progress, "last_error": s.last_error})
+                Reply::Api(ApiReply::Status(Box::new(api::Status {
+                    vm: vm_id.clone(),
+                    state: s.state.into(),
+                    memory_bytes,
+                    vcpus,
+                    heartbeat: mon.heartbeat(),
+                    guest_writes: mon.guest_writes(),
+                    paused: mon.paused(),
+                    progress: s.progress.clone(),
+                    last_error: s.last_error.clone(),
+                })))
             };
             send(&line);
         }
@@ -225,8 +232,10 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
             match (hooks, state) {
                 (Some(h), "migrating") => {
                     h.cancel();
-                    send(&serde_json::json!({"event": "cancel", "cancelled": true,
-                        "note": "the migration stops before its commit point; the guest keeps running here"}));
+                    send(&Reply::Api(ApiReply::Cancel {
+                        cancelled: true,
+                        note: "the migration stops before its commit point; the guest keeps running here".into(),
+                    }));
                 }
                 (None, "migrating") => {
                     send(&api::error_line("the migration is starting: cancel again in a moment"));
@@ -254,7 +263,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 ));
                 return;
             }
-            let (tx, rx) = bounded::<serde_json::Value>(1024);
+            let (tx, rx) = bounded::<Reply>(1024);
             let (done_tx, done_rx) = bounded::<()>(1);
             let job = Job {
                 to: MigrateTo {
@@ -308,7 +317,7 @@ fn run_job(
     shared: &Arc<Mutex<Shared>>,
     job: Job,
 ) -> bool {
-    let say = |v: &serde_json::Value| {
+    let say = |v: &Reply| {
         if let Some(tx) = &job.events {
             let _ = tx.try_send(v.clone());
         }
@@ -321,7 +330,6 @@ fn run_job(
     let hooks = {
         let (shared, events) = (shared.clone(), job.events.clone());
         Hooks::new().on_progress(move |p| {
-            let v = serde_json::to_value(p).unwrap_or_default();
             {
                 let mut s = lock(&shared);
                 match p {
@@ -329,13 +337,13 @@ fn run_job(
                     Progress::Committed { .. } => s.state = "committed",
                     _ => {}
                 }
-                s.progress = Some(v.clone());
+                s.progress = Some(p.clone());
             }
             if matches!(p, Progress::Round { .. } | Progress::Committed { .. }) {
-                event(&v);
+                event(&serde_json::to_value(p).unwrap_or_default());
             }
             if let Some(tx) = &events {
-                let _ = tx.try_send(v);
+                let _ = tx.try_send(Reply::Progress(p.clone()));
             }
         })
     };
@@ -350,14 +358,17 @@ fn run_job(
     let begin = serde_json::json!({"event": "migrating", "vm": o.vm_id, "to": job.to.dest.to_string(),
         "dest_host": job.to.dest_host, "tracker": "kvm-dirty-log"});
     event(&begin);
-    let mut accepted = begin.clone();
-    accepted["event"] = "accepted".into();
-    say(&accepted);
+    say(&Reply::Api(ApiReply::Accepted {
+        vm: o.vm_id.clone(),
+        to: job.to.dest.to_string(),
+        dest_host: job.to.dest_host.clone(),
+        tracker: "kvm-dirty-log".into(),
+    }));
     vm.checksum_at_pause = o.verify;
     let result = migrate(vm, mem, host, &o.vm_id, &job.to, &hooks);
     let left = result.is_ok();
     let mut last = match result {
-        Ok((line, done)) => {
+        Ok((mut line, done)) => {
             record.outcome = "migrated".into();
             record.migration_id = done.migration_id;
             record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
@@ -369,10 +380,9 @@ fn run_job(
             record.rounds = r.rounds.clone();
             let runs = vm.runs();
             let runs_after = vm.shut_down();
-            let mut line = line;
-            line["runs_after_commit"] = serde_json::json!(runs_after - runs);
+            line.runs_after_commit = Some(runs_after - runs);
             lock(shared).state = "migrated";
-            line
+            ApiReply::Migrated(line)
         }
         Err(why) if mon.paused() => {
             // Past the commit point with no word from the destination: the
@@ -380,9 +390,13 @@ fn run_job(
             record.outcome = "in-doubt".into();
             record.error = Some(why.clone());
             lock(shared).state = "in-doubt";
-            serde_json::json!({"event": "migration-in-doubt", "reason": why,
-                "guest": "paused here; the destination may be running it: check it before resuming anything",
-                "heartbeat": mon.heartbeat()})
+            ApiReply::MigrationInDoubt(Box::new(api::Ended {
+                reason: why,
+                guest: "paused here; the destination may be running it: check it before resuming anything".into(),
+                heartbeat: mon.heartbeat(),
+                record_file: None,
+                record: None,
+            }))
         }
         Err(why) => {
             let cancelled = hooks.is_cancelled();
@@ -391,8 +405,18 @@ fn run_job(
             let mut s = lock(shared);
             s.state = "running";
             s.last_error = Some(why.clone());
-            serde_json::json!({"event": if cancelled { "migration-cancelled" } else { "migration-failed" },
-                "reason": why, "guest": "running here", "heartbeat": mon.heartbeat()})
+            let ended = Box::new(api::Ended {
+                reason: why,
+                guest: "running here".into(),
+                heartbeat: mon.heartbeat(),
+                record_file: None,
+                record: None,
+            });
+            if cancelled {
+                ApiReply::MigrationCancelled(ended)
+            } else {
+                ApiReply::MigrationFailed(ended)
+            }
         }
     };
     if record.rounds.is_empty() {
@@ -401,20 +425,37 @@ fn run_job(
     lock(shared).hooks = None;
     if let Some(path) = &job.to.record {
         match record.write(path) {
-            Ok(()) => last["record_file"] = path.display().to_string().into(),
+            Ok(()) => set_record(&mut last, Some(path.display().to_string()), None),
             Err(why) => tracing::warn!("{why}"),
         }
     }
-    event(&last);
+    event(&serde_json::to_value(Reply::Api(last.clone())).unwrap_or_default());
     if let Some(tx) = job.events {
-        last["record"] = serde_json::to_value(&record).unwrap_or_default();
-        let _ = tx.send_timeout(last, Duration::from_secs(2));
+        set_record(&mut last, None, Some(record));
+        let _ = tx.send_timeout(Reply::Api(last), Duration::from_secs(2));
         drop(tx);
         if let Some(done) = job.delivered {
             let _ = done.recv_timeout(Duration::from_secs(5));
         }
     }
     left
+}
+
+/// Puts the record file and/or the record into a migration's last reply.
+fn set_record(last: &mut ApiReply, file: Option<String>, record: Option<Record>) {
+    let (f, r) = match last {
+        ApiReply::Migrated(m) => (&mut m.record_file, &mut m.record),
+        ApiReply::MigrationFailed(e) | ApiReply::MigrationCancelled(e) | ApiReply::MigrationInDoubt(e) => {
+            (&mut e.record_file, &mut e.record)
+        }
+        _ => return,
+    };
+    if file.is_some() {
+        *f = file;
+    }
+    if record.is_some() {
+        *r = record;
+    }
 }
 
 fn migrate(
@@ -424,7 +465,7 @@ fn migrate(
     vm_id: &str,
     to: &MigrateTo,
     hooks: &Hooks,
-) -> Result<(serde_json::Value, source::Migrated), String> {
+) -> Result<(Box<api::Migrated>, source::Migrated), String> {
     let audit = match &h.audit {
         Some(path) => {
             let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(e)?;
@@ -450,15 +491,22 @@ fn migrate(
     let mut tracker = vm.dirty_tracker();
     let done = source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks)?;
     let report = &done.report;
-    let line = serde_json::json!({"event": "migrated", "vm": vm_id, "rounds": report.rounds.len(),
-        "pages_sent": report.pages_sent, "bytes_on_wire": report.bytes_on_wire,
-        "downtime_ms": report.downtime().as_secs_f64() * 1e3,
-        "total_ms": report.total().as_secs_f64() * 1e3,
-        "vcpu_state_bytes": report.device_state_bytes,
-        "heartbeat_before": vm.heartbeat_at_pause(),
-        "guest_checksum": vm.checksum_at_pause_value().map(|c| format!("{c:016x}")),
-        "transcript_matches": done.receipt.transcript_matches,
-        "steps": done.steps,
-        "round_detail": report.rounds});
+    let line = Box::new(api::Migrated {
+        vm: vm_id.into(),
+        rounds: report.rounds.len(),
+        pages_sent: report.pages_sent,
+        bytes_on_wire: report.bytes_on_wire,
+        downtime_ms: report.downtime().as_secs_f64() * 1e3,
+        total_ms: report.total().as_secs_f64() * 1e3,
+        vcpu_state_bytes: report.device_state_bytes,
+        heartbeat_before: vm.heartbeat_at_pause(),
+        guest_checksum: vm.checksum_at_pause_value().map(|c| format!("{c:016x}")),
+        transcript_matches: done.receipt.transcript_matches,
+        steps: done.steps.clone(),
+        round_detail: report.rounds.clone(),
+        runs_after_commit: None,
+        record_file: None,
+        record: None,
+    });
     Ok((line, done))
 }

@@ -25,7 +25,7 @@ use crate::migrate::RoundStats;
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// One progress event.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Progress {
     /// A round is under way (every [`PROGRESS_EVERY`]).
