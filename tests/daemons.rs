@@ -97,7 +97,16 @@ fn migrate_to_real_daemons_and_audit() {
     let mut g2 = SyntheticGuest::start(mem2.clone(), WorkloadConfig::default(), None);
     let mut t2 = UffdWpTracker::new(&mem2).unwrap();
     let e = source::migrate(&at, "prod-db", &mem2, &mut t2, &mut g2, &cfg, &Hooks::new()).unwrap_err();
-    assert!(e.contains("authorization server refused"), "{e}");
+    // Typed: which server refused, with its code and whose fault it is.
+    match &e {
+        source::SourceError::Refused { what, refusal } => {
+            assert_eq!(*what, "authorization");
+            assert_eq!(refusal.code, "policy", "{e}");
+            assert_eq!(refusal.blame, Some(ferry_control::refusal::Blame::Peer));
+        }
+        other => panic!("expected the authorization server's refusal, got {other}"),
+    }
+    assert!(e.to_string().contains("the authorization server refused"), "{e}");
     assert!(g2.is_running());
     drop((g2, t2));
 

@@ -161,6 +161,10 @@ pub struct Migrated {
     pub guest_checksum: Option<String>,
     /// The destination's receipt confirms the transcript.
     pub transcript_matches: bool,
+    /// The guest moved but the signed manifest and receipt exchange failed:
+    /// why (no receipt, so no non-repudiation for this migration).
+    #[serde(default)]
+    pub receipt_error: Option<String>,
     /// The control-plane steps and their times.
     pub steps: Vec<crate::lab::Step>,
     /// Every round.

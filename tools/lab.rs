@@ -202,7 +202,7 @@ impl Lab {
             || {
                 crate::source::authn_ticket(cfg.clone(), authn_addr, SOURCE).map_err(|reason| LabError::Denied {
                     server: "authentication",
-                    reason,
+                    reason: reason.to_string(),
                 })
             },
         )?;
@@ -213,7 +213,7 @@ impl Lab {
                 crate::source::authz_ticket(cfg, authz_addr, SOURCE, authn, vm, dest).map_err(|reason| {
                     LabError::Denied {
                         server: "authorization",
-                        reason,
+                        reason: reason.to_string(),
                     }
                 })
             },

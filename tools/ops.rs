@@ -59,7 +59,8 @@ impl Show {
 
 /// Runs `ferry migrate`: asks the VMM to migrate, shows the progress,
 /// writes the record, and exits 0 (migrated), 1 (failed or cancelled: the
-/// guest runs at the source) or 3 (in doubt).
+/// guest runs at the source), 3 (in doubt) or 4 (migrated, but without the
+/// destination's signed receipt).
 pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
     let show = if o.json {
         Show::Json
@@ -210,6 +211,14 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
     let rec_note = recorded.map_or(String::new(), |p| format!("; record: {}", p.display()));
     let ended = |what: &str, e: &Ended| format!("{what}: {}; the guest runs at the source{rec_note}", e.reason);
     let (text, code) = match &last {
+        ApiReply::Migrated(m) if m.receipt_error.is_some() => (
+            format!(
+                "MIGRATED WITHOUT A RECEIPT: {vm} runs at {}, but the signed manifest and receipt exchange failed ({}): this migration has no non-repudiation record{rec_note}",
+                o.dest_host,
+                m.receipt_error.as_deref().unwrap_or_default()
+            ),
+            ExitCode::from(4),
+        ),
         ApiReply::Migrated(m) => (
             format!(
                 "migrated {vm} to {}: {} rounds, {} on the wire, downtime {:.2} ms, total {:.0} ms{rec_note}",

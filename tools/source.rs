@@ -22,21 +22,87 @@ use rustls::ClientConfig;
 
 use crate::lab::Step;
 
+/// Why the source side did not migrate, or migrated without a receipt.
+/// Until [`SourceError::Migrate`] the guest never left; see each variant.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// This host's or the client's credentials could not be loaded.
+    #[error("loading credentials from {}: {source}", pki.display())]
+    Credentials {
+        /// The PKI folder.
+        pki: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: ferry_control::pki::PkiError,
+    },
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] tls::TlsError),
+    /// A ticket server could not be reached.
+    #[error("{what} server at {addr}: {source}")]
+    Server {
+        /// "authentication" or "authorization".
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// What failed.
+        #[source]
+        source: tls::TlsError,
+    },
+    /// A ticket server refused.
+    #[error("the {what} server refused: {refusal}")]
+    Refused {
+        /// "authentication" or "authorization".
+        what: &'static str,
+        /// Its refusal, with code and blame.
+        refusal: ferry_control::refusal::WireRefusal,
+    },
+    /// The authorization ticket does not verify here.
+    #[error("the authorization ticket does not verify: {0}")]
+    Ticket(#[source] ferry_control::ticket::TicketError),
+    /// The destination did not admit the migration (or this side refused
+    /// the destination).
+    #[error("admission: {0}")]
+    Admission(#[source] handshake::HandshakeError),
+    /// The audit log could not record the request's outcome.
+    #[error("audit log: {0}")]
+    Audit(#[source] ferry_control::audit::AuditError),
+    /// The migration failed; [`MigrateError`](ferry_engine::migrate::MigrateError)
+    /// says where the guest is (before the commit point: running here).
+    #[error(transparent)]
+    Migrate(ferry_engine::migrate::MigrateError),
+    /// The guest moved (the destination runs it), but the signed manifest
+    /// and receipt exchange failed: non-repudiation is missing for this
+    /// migration. The guest does **not** run here.
+    #[error("the guest runs at the destination, but the manifest exchange failed: {source}")]
+    Receipt {
+        /// The engine's report of the completed migration.
+        report: Box<SourceReport>,
+        /// What failed.
+        #[source]
+        source: handshake::HandshakeError,
+    },
+}
+
 fn ask(
     cfg: Arc<ClientConfig>,
     addr: SocketAddr,
     server_name: &str,
     req: &ServerRequest,
-    what: &str,
-) -> Result<SignedTicket, String> {
-    match servers::ask(addr, server_name, cfg, req, Duration::from_secs(5)).map_err(|e| format!("{what}: {e}"))? {
+    what: &'static str,
+) -> Result<SignedTicket, SourceError> {
+    match servers::ask(addr, server_name, cfg, req, Duration::from_secs(5)).map_err(|source| SourceError::Server {
+        what,
+        addr,
+        source,
+    })? {
         ServerReply::Ticket { ticket } => Ok(ticket),
-        ServerReply::Deny(refusal) => Err(format!("{what} server refused: {refusal}")),
+        ServerReply::Deny(refusal) => Err(SourceError::Refused { what, refusal }),
     }
 }
 
 /// Step 3: an authentication ticket for the client of `cfg`.
-pub fn authn_ticket(cfg: Arc<ClientConfig>, addr: SocketAddr, server_name: &str) -> Result<SignedTicket, String> {
+pub fn authn_ticket(cfg: Arc<ClientConfig>, addr: SocketAddr, server_name: &str) -> Result<SignedTicket, SourceError> {
     ask(cfg, addr, server_name, &ServerRequest::Authn, "authentication")
 }
 
@@ -48,7 +114,7 @@ pub fn authz_ticket(
     authn: SignedTicket,
     vm: &str,
     dest_host: &str,
-) -> Result<SignedTicket, String> {
+) -> Result<SignedTicket, SourceError> {
     let req = ServerRequest::Authz {
         authn,
         vm: vm.into(),
@@ -105,8 +171,11 @@ pub fn migrate(
     guest: &mut dyn GuestControl,
     cfg: &MigrationConfig,
     hooks: &Hooks,
-) -> Result<Migrated, String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<Migrated, SourceError> {
+    let creds = |source| SourceError::Credentials {
+        pki: at.pki.to_path_buf(),
+        source,
+    };
     let mut steps = Vec::new();
     let mut t = Instant::now();
     let mut step = |name: &str| {
@@ -116,17 +185,17 @@ pub fn migrate(
         });
         t = Instant::now();
     };
-    let roots = || pki::roots(at.pki).map_err(|x| e(&x));
-    let client = Identity::load(at.pki, Role::Client, at.client).map_err(|x| e(&x))?;
-    let ccfg = tls::client_config(&client, roots()?).map_err(|x| e(&x))?;
+    let roots = || pki::roots(at.pki).map_err(creds);
+    let client = Identity::load(at.pki, Role::Client, at.client).map_err(creds)?;
+    let ccfg = tls::client_config(&client, roots()?).map_err(SourceError::Tls)?;
     let authn = authn_ticket(ccfg.clone(), at.authn, at.servers_name)?;
     step("authentication ticket");
     let ticket = authz_ticket(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host)?;
     step("authorization ticket");
-    let claims: AuthzClaims =
-        ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(|x| e(&x))?).map_err(|x| e(&x))?;
-    let host = Identity::load(at.pki, Role::Host, at.host).map_err(|x| e(&x))?;
-    let hcfg = tls::client_config(&host, roots()?).map_err(|x| e(&x))?;
+    let claims: AuthzClaims = ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(creds)?)
+        .map_err(SourceError::Ticket)?;
+    let host = Identity::load(at.pki, Role::Host, at.host).map_err(creds)?;
+    let hcfg = tls::client_config(&host, roots()?).map_err(SourceError::Tls)?;
     let offer = Offer {
         vm: vm.into(),
         memory_bytes: mem.size_bytes(),
@@ -147,13 +216,13 @@ pub fn migrate(
         cfg.io_timeout,
     );
     if let Some(log) = at.audit {
-        handshake::audit_request(log, &claims, &requested).map_err(|x| e(&x))?;
+        handshake::audit_request(log, &claims, &requested).map_err(SourceError::Audit)?;
     }
-    let mut admitted = requested.map_err(|x| e(&x))?;
+    let mut admitted = requested.map_err(SourceError::Admission)?;
     step("request: mutual TLS 1.3, ticket and policies checked, admitted, keys exported");
     let started = std::time::SystemTime::now();
     let report = ferry_engine::session::run_source(mem, tracker, guest, &admitted, at.dest.ip(), cfg, hooks)
-        .map_err(|x| e(&x))?;
+        .map_err(SourceError::Migrate)?;
     t = Instant::now();
     let manifest = Manifest {
         migration_id: claims.migration_id,
@@ -167,7 +236,15 @@ pub fn migrate(
         downtime_us: u64::try_from(report.downtime().as_micros()).unwrap_or(u64::MAX),
         transcript_root: ferry_control::hex(&report.transcript_root),
     };
-    let receipt = admitted.exchange_manifest(&host, &manifest).map_err(|x| e(&x))?;
+    let receipt = match admitted.exchange_manifest(&host, &manifest) {
+        Ok(r) => r,
+        Err(source) => {
+            return Err(SourceError::Receipt {
+                report: Box::new(report),
+                source,
+            })
+        }
+    };
     steps.push(Step {
         name: "manifest signed, verified and receipted".into(),
         ms: t.elapsed().as_secs_f64() * 1e3,

@@ -370,14 +370,19 @@ fn run_job(
     let mut last = match result {
         Ok((mut line, done)) => {
             record.outcome = "migrated".into();
-            record.migration_id = done.migration_id;
-            record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
-            record.steps = done.steps;
-            let r = &done.report;
-            record.total_ms = r.total().as_secs_f64() * 1e3;
-            record.downtime_ms = Some(r.downtime().as_secs_f64() * 1e3);
-            record.downtime_from_ms = Some(r.paused_after().as_secs_f64() * 1e3);
-            record.rounds = r.rounds.clone();
+            record.total_ms = line.total_ms;
+            record.downtime_ms = Some(line.downtime_ms);
+            record.rounds = line.round_detail.clone();
+            if let Some(why) = &line.receipt_error {
+                record.outcome = "migrated-without-receipt".into();
+                record.error = Some(why.clone());
+            }
+            if let Some(done) = done {
+                record.migration_id = done.migration_id;
+                record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
+                record.steps = done.steps;
+                record.downtime_from_ms = Some(done.report.paused_after().as_secs_f64() * 1e3);
+            }
             let runs = vm.runs();
             let runs_after = vm.shut_down();
             line.runs_after_commit = Some(runs_after - runs);
@@ -465,7 +470,7 @@ fn migrate(
     vm_id: &str,
     to: &MigrateTo,
     hooks: &Hooks,
-) -> Result<(Box<api::Migrated>, source::Migrated), String> {
+) -> Result<(Box<api::Migrated>, Option<source::Migrated>), String> {
     let audit = match &h.audit {
         Some(path) => {
             let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(e)?;
@@ -489,9 +494,38 @@ fn migrate(
         cfg.downtime_ms_max = d;
     }
     let mut tracker = vm.dirty_tracker();
-    let done = source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks)?;
-    let report = &done.report;
-    let line = Box::new(api::Migrated {
+    let (done, receipt_error) = match source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks) {
+        Ok(done) => (done, None),
+        // The guest moved; only the manifest and receipt did not: report it
+        // as migrated, loudly without its receipt.
+        Err(source::SourceError::Receipt { report, source }) => {
+            return Ok((
+                migrated_line(vm, vm_id, &report, false, Vec::new(), Some(source.to_string())),
+                None,
+            ));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let line = migrated_line(
+        vm,
+        vm_id,
+        &done.report,
+        done.receipt.transcript_matches,
+        done.steps.clone(),
+        receipt_error,
+    );
+    Ok((line, Some(done)))
+}
+
+fn migrated_line(
+    vm: &KvmVm,
+    vm_id: &str,
+    report: &ferry_engine::migrate::SourceReport,
+    transcript_matches: bool,
+    steps: Vec<crate::lab::Step>,
+    receipt_error: Option<String>,
+) -> Box<api::Migrated> {
+    Box::new(api::Migrated {
         vm: vm_id.into(),
         rounds: report.rounds.len(),
         pages_sent: report.pages_sent,
@@ -501,12 +535,12 @@ fn migrate(
         vcpu_state_bytes: report.device_state_bytes,
         heartbeat_before: vm.heartbeat_at_pause(),
         guest_checksum: vm.checksum_at_pause_value().map(|c| format!("{c:016x}")),
-        transcript_matches: done.receipt.transcript_matches,
-        steps: done.steps.clone(),
+        transcript_matches,
+        receipt_error,
+        steps,
         round_detail: report.rounds.clone(),
         runs_after_commit: None,
         record_file: None,
         record: None,
-    });
-    Ok((line, done))
+    })
 }
