@@ -1,0 +1,43 @@
+//! What several commands share: a daemon's identity and listener, and
+//! value parsers.
+
+use super::*;
+
+/// Who a daemon is and where it listens.
+#[derive(Args)]
+pub(crate) struct HostArgs {
+    /// PKI folder (see `ferry pki init`).
+    #[arg(long)]
+    pub(crate) pki: std::path::PathBuf,
+    /// This host's name: its certificate `hosts/NAME` serves TLS.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// Address to listen on.
+    #[arg(long)]
+    pub(crate) listen: std::net::SocketAddr,
+}
+
+pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (a, b) = (port(a)?, port(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first port must not be above the last"));
+    }
+    Ok((a, b))
+}
+
+pub(crate) fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
+}

@@ -1,0 +1,162 @@
+//! `ferry demo`: a whole secure live migration on loopback, verified.
+
+use super::*;
+
+#[derive(Args)]
+pub(crate) struct DemoArgs {
+    /// Print one JSON object instead of progress lines.
+    #[arg(long)]
+    json: bool,
+    /// Write the migration's record here (default: STATE_DIR/runs/demo-vm-TIME.json;
+    /// see `ferry report`).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
+    /// Guest to migrate: kvm (a real KVM guest run by ferry's minimal VMM),
+    /// synthetic (a thread writing guest memory), or auto: kvm where
+    /// /dev/kvm works, unless --tracker or --zero-fraction ask for the
+    /// synthetic guest.
+    #[arg(long, default_value = "auto")]
+    guest: GuestKind,
+    /// vCPUs of the KVM guest (1..=16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    vcpus: u32,
+    /// KVM guest: stop its vCPUs with a kick instead of letting the guest
+    /// checksum its memory and stop itself (the VMM then computes that
+    /// checksum of the frozen memory; the destination's guest still computes
+    /// its own).
+    #[arg(long)]
+    kick_pause: bool,
+    /// Guest memory size (e.g. 1GiB, 256MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    memory: u64,
+    /// Hot set the guest keeps writing.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    hot_set: u64,
+    /// Guest writes per second (pages/s; 0 = idle guest).
+    #[arg(long, default_value_t = 20_000)]
+    dirty_rate: u64,
+    /// Fraction of all-zero pages in the synthetic guest's memory (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    zero_fraction: f64,
+    /// Data streams (TCP connections, one pinned worker each).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+    /// Page integrity: aead+sha256 (AES-256-GCM plus a SHA-256 per page) or aead.
+    #[arg(long, default_value = "aead+sha256")]
+    integrity: Integrity,
+    /// AES-GCM implementation: ring, or rustcrypto (needs --features rustcrypto-aead).
+    #[arg(long, default_value = "ring")]
+    aead: AeadBackend,
+    /// Downtime target in milliseconds: pre-copy stops when the rest fits.
+    #[arg(long, default_value_t = 50)]
+    downtime_ms_max: u64,
+    /// Pre-copy rounds at most before the final one.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Dirty tracker of the synthetic guest: uffd (write-protect +
+    /// PAGEMAP_SCAN, the default) or bitmap (guest-marked). A KVM guest is
+    /// always tracked by KVM's dirty log.
+    #[arg(long)]
+    tracker: Option<TrackerKind>,
+    /// Pages per frame (1..=64).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    chunk_pages: u32,
+    /// Do not fault the destination's memory in before the transfer.
+    #[arg(long)]
+    cold_destination: bool,
+    /// Seconds without network progress before the migration aborts.
+    #[arg(long, default_value_t = 10)]
+    io_timeout_s: u64,
+}
+
+impl DemoArgs {
+    /// Runs the command.
+    pub(crate) fn run(self) -> Result<ExitCode, CliError> {
+        Ok(run_demo(self)?)
+    }
+}
+
+fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
+    let synthetic_only = a.tracker.is_some() || a.zero_fraction > 0.0;
+    let guest = match a.guest {
+        GuestKind::Auto if synthetic_only => GuestKind::Synthetic,
+        GuestKind::Kvm if synthetic_only => {
+            return Err(
+                "--tracker and --zero-fraction apply to the synthetic guest (a KVM guest fills all its memory and is tracked by KVM's dirty log); use --guest synthetic"
+                    .into(),
+            )
+        }
+        g => g,
+    };
+    let opts = DemoOptions {
+        guest,
+        vcpus: a.vcpus,
+        guest_checksum_at_pause: !a.kick_pause,
+        memory_bytes: a.memory,
+        hot_set_bytes: a.hot_set,
+        dirty_rate_pages_per_s: a.dirty_rate,
+        zero_fraction: a.zero_fraction,
+        tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
+        prefault_destination: !a.cold_destination,
+        migration: MigrationConfig {
+            streams: a.streams,
+            integrity: a.integrity,
+            aead: a.aead,
+            chunk_pages: a.chunk_pages,
+            downtime_ms_max: a.downtime_ms_max,
+            max_rounds: a.max_rounds,
+            io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
+            ..MigrationConfig::default()
+        },
+        interpose: None,
+        hooks: ferry_engine::progress::Hooks::new(),
+    };
+    if a.memory == 0 || a.memory % 4096 != 0 {
+        return Err(format!(
+            "--memory must be a positive multiple of 4 KiB, got {}",
+            a.memory
+        ));
+    }
+    let json = a.json;
+    let report = ferry::demo::run(&opts, |line| {
+        if !json {
+            println!("{line}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
+    let recorded = report.record().write(&record_path);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        match &recorded {
+            Ok(()) => eprintln!("record: {}", record_path.display()),
+            Err(why) => eprintln!("record: not written: {why}"),
+        }
+    } else {
+        match &recorded {
+            Ok(()) => println!(
+                "record: {} (draw it: ferry report {} --svg demo.svg)",
+                record_path.display(),
+                record_path.display()
+            ),
+            Err(why) => println!("record: not written: {why}"),
+        }
+        println!(
+            "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
+            human(report.memory_bytes),
+            report.total_ms,
+            report.throughput_gbps,
+            report.rounds,
+            human(report.bytes_on_wire),
+            report.zero_pages,
+            report.downtime_ms,
+            human(report.engine_heap_peak_bytes),
+            if report.verified { "yes" } else { "NO" }
+        );
+    }
+    Ok(if report.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,172 @@
+//! The `ferry` command: a thin layer over the `ferry` library, one module
+//! per command (each `fn run(self) -> Result<ExitCode, CliError>`).
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use ferry::demo::{DemoOptions, GuestKind, TrackerKind};
+use ferry::size::{human, parse_size};
+use ferry_engine::bitmap::DirtyBitmap;
+use ferry_engine::crypto::AeadBackend;
+use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
+use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::pipeline::Integrity;
+use ferry_engine::GuestMemory;
+use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
+
+mod audit;
+mod common;
+mod demo;
+mod error;
+mod ops;
+mod pki;
+mod receive;
+mod serve;
+mod vm;
+mod workload;
+
+use self::audit::AuditCmd;
+use self::common::{parse_fraction, parse_port_range, HostArgs};
+use self::demo::DemoArgs;
+use self::error::CliError;
+use self::ops::{ApiArgs, MigrateArgs, ReportArgs, MIGRATE_EXAMPLES};
+use self::pki::PkiCmd;
+use self::receive::ReceiveArgs;
+use self::serve::ServeCmd;
+use self::vm::{VmArgs, VM_EXAMPLES};
+use self::workload::WorkloadArgs;
+
+/// Counts heap bytes so the demo can report what the engine really used.
+#[global_allocator]
+static ALLOC: ferry_vmm::alloc::CountingAlloc = ferry_vmm::alloc::CountingAlloc;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Secure live VM migration",
+    long_about = None,
+    args_override_self = true,
+    after_help = TOP_EXAMPLES
+)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// A TOML file with options per command (`[vm]`, `[receive]`,
+    /// `[serve.authz]`, ...; keys are the long option names); options on
+    /// the command line override it; FERRY_CONFIG=FILE does the same. See
+    /// ferry.example.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+const TOP_EXAMPLES: &str = "Examples:
+  ferry demo                                   # a whole secure live migration on loopback
+  ferry pki init --out /etc/ferry/pki --hosts src,dst
+  ferry --config /etc/ferry/ferry.toml vm      # a VMM with its options from a file
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst
+  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg";
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Migrate a running guest from a source to a destination on loopback,
+    /// in this process, and verify the result.
+    #[command(
+        after_help = "Examples:\n  ferry demo\n  ferry demo --json --memory 1GiB --dirty-rate 0\n  ferry demo --guest kvm --vcpus 2 --hot-set 64MiB --dirty-rate 20000\n  ferry demo --guest synthetic --streams 1 --integrity aead --zero-fraction 0.5"
+    )]
+    Demo(DemoArgs),
+    /// Make a lab PKI: a CA, host certificates, authn/authz server keys, an operator credential.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  ferry pki init --out /etc/ferry/pki --hosts src,dst"
+    )]
+    Pki(PkiCmd),
+    /// Run a control-plane server: the authentication or the authorization server.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  ferry serve authn --pki /etc/ferry/pki --name src --listen 0.0.0.0:7701\n  ferry serve authz --pki /etc/ferry/pki --name src --listen 0.0.0.0:7702 --policy policy.toml --audit authz.jsonl"
+    )]
+    Serve(ServeCmd),
+    /// Run the destination daemon: admit and receive migrations.
+    #[command(
+        after_help = "Example:\n  ferry receive --pki /etc/ferry/pki --name dst --listen 0.0.0.0:7700 --policy /etc/ferry/incoming.toml --state-dir /var/lib/ferry"
+    )]
+    Receive(ReceiveArgs),
+    /// Run a KVM guest in ferry's minimal VMM, and migrate it live (source),
+    /// or receive one (--incoming, destination).
+    #[command(after_help = VM_EXAMPLES)]
+    Vm(Box<VmArgs>),
+    /// Ask a running `ferry vm` (its --api socket) to migrate its guest, and
+    /// show the progress.
+    #[command(after_help = MIGRATE_EXAMPLES)]
+    Migrate(MigrateArgs),
+    /// Show a running `ferry vm`'s state and its migration's progress.
+    #[command(
+        after_help = "Examples:\n  ferry status --api /run/ferry/web-1.sock\n  ferry status --api /run/ferry/web-1.sock --json"
+    )]
+    Status(ApiArgs),
+    /// Cancel a running migration before its commit point; the guest keeps
+    /// running at the source.
+    #[command(after_help = "Example:\n  ferry cancel --api /run/ferry/web-1.sock")]
+    Cancel(ApiArgs),
+    /// Summarise a migration record and draw its timeline as SVG.
+    #[command(
+        after_help = "Examples:\n  ferry report run.json\n  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg"
+    )]
+    Report(ReportArgs),
+    /// Audit logs: verify a log's hash chain and signatures.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  ferry audit verify /var/lib/ferry/audit.jsonl --cert /etc/ferry/pki/hosts/dst/cert.pem"
+    )]
+    Audit(AuditCmd),
+    /// Run the synthetic guest alone and print the dirty rate the tracker sees.
+    #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
+    Workload(WorkloadArgs),
+}
+
+fn main() -> ExitCode {
+    let args = match ferry::config::args_with_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.cmd {
+        Cmd::Demo(a) => a.run(),
+        Cmd::Workload(a) => a.run(),
+        Cmd::Audit(a) => a.run(),
+        Cmd::Migrate(a) => a.run(),
+        Cmd::Status(a) => a.status(),
+        Cmd::Cancel(a) => a.cancel(),
+        Cmd::Report(a) => a.run(),
+        Cmd::Serve(a) => a.run(),
+        Cmd::Vm(a) => a.run(),
+        Cmd::Receive(a) => a.run(),
+        Cmd::Pki(a) => a.run(),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            error::report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}

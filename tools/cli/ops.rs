@@ -1,0 +1,95 @@
+//! The operator's commands against a running VMM: `ferry migrate`,
+//! `status`, `cancel`, and `ferry report` for a record.
+
+use super::*;
+
+pub(crate) const MIGRATE_EXAMPLES: &str = "Examples:
+  # live progress on a terminal, one line per round on a pipe
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst
+
+  # every event as a JSON line, the record in a chosen file
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst --json --record web-1.json
+
+Exit status: 0 migrated; 1 failed or cancelled (the guest runs at the source);
+3 in doubt (commit sent, no confirmation: check the destination first);
+4 migrated without the destination's signed receipt.
+The migration runs in the VMM: stopping `ferry migrate` does not stop it;
+`ferry cancel` does (before the commit point).";
+
+/// Which VMM to talk to.
+#[derive(Args)]
+pub(crate) struct ApiArgs {
+    /// The VMM's API socket (`ferry vm --api PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) api: std::path::PathBuf,
+    /// Print the VMM's JSON reply as is.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct MigrateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The destination daemon's control address (`ferry vm --incoming` or `ferry receive`).
+    #[arg(long)]
+    to: std::net::SocketAddr,
+    /// The destination's host name: its certificate must be for it.
+    #[arg(long)]
+    dest_host: String,
+    /// Downtime target in milliseconds (default: the VMM's).
+    #[arg(long)]
+    downtime_ms_max: Option<u64>,
+    /// Write the migration's record here (default: STATE_DIR/runs/VM-TIME.json,
+    /// STATE_DIR being $FERRY_STATE_DIR, /var/lib/ferry for root, or ~/.local/state/ferry).
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
+    /// Give up waiting for the VMM after this many silent seconds.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout_s: u64,
+}
+
+/// `ferry report`'s arguments.
+#[derive(Args)]
+pub(crate) struct ReportArgs {
+    /// The record (`ferry migrate --record`, `ferry demo --record`).
+    record: std::path::PathBuf,
+    /// Draw bytes per round, dirty rate, bandwidth and the downtime window here.
+    #[arg(long, value_name = "OUT.svg")]
+    svg: Option<std::path::PathBuf>,
+}
+
+impl MigrateArgs {
+    /// Runs `ferry migrate`.
+    pub(crate) fn run(self) -> Result<ExitCode, CliError> {
+        let a = self;
+        Ok(ferry::ops::migrate(&ferry::ops::MigrateOptions {
+            api: a.api.api,
+            json: a.api.json,
+            to: a.to,
+            dest_host: a.dest_host,
+            downtime_ms_max: a.downtime_ms_max,
+            record: a.record,
+            idle_timeout: Duration::from_secs(a.idle_timeout_s.max(1)),
+        })?)
+    }
+}
+
+impl ApiArgs {
+    /// Runs `ferry status`.
+    pub(crate) fn status(self) -> Result<ExitCode, CliError> {
+        Ok(ferry::ops::status(&self.api, self.json)?)
+    }
+
+    /// Runs `ferry cancel`.
+    pub(crate) fn cancel(self) -> Result<ExitCode, CliError> {
+        Ok(ferry::ops::cancel(&self.api, self.json)?)
+    }
+}
+
+impl ReportArgs {
+    /// Runs `ferry report`.
+    pub(crate) fn run(self) -> Result<ExitCode, CliError> {
+        Ok(ferry::ops::report(&self.record, self.svg.as_deref())?)
+    }
+}
