@@ -40,6 +40,24 @@ fn attempt(
     Result<SourceSession, HandshakeError>,
     Result<DestinationSession, HandshakeError>,
 ) {
+    attempt_on(lab, dest, source, roots_dir, ticket, claims, offer, 9)
+}
+
+/// [`attempt`], announcing `data_port` for the data streams.
+#[allow(clippy::too_many_arguments)]
+fn attempt_on(
+    lab: &Lab,
+    dest: &Destination,
+    source: &Identity,
+    roots_dir: &std::path::Path,
+    ticket: &SignedTicket,
+    claims: &AuthzClaims,
+    offer: Offer,
+    data_port: u16,
+) -> (
+    Result<SourceSession, HandshakeError>,
+    Result<DestinationSession, HandshakeError>,
+) {
     let _ = lab;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -47,7 +65,7 @@ fn attempt(
     std::thread::scope(|s| {
         let d = s.spawn(|| {
             let (sock, _) = listener.accept().unwrap();
-            dest.admit(sock, 9)
+            dest.admit(sock, data_port)
         });
         let c = handshake::request(
             addr,
@@ -740,4 +758,56 @@ fn a_destination_without_authorization_keys_says_so() {
         .unwrap();
     let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
     refused_and_audited(&lab, &r, "no authorization server key configured");
+}
+
+/// The source gave the guest up and the destination runs it; then the
+/// manifest never comes (the source's control channel dies). The
+/// destination used to drop the running guest with its error — a VM lost
+/// everywhere. It keeps it now, and says the receipt is missing.
+#[test]
+fn a_guest_received_without_its_receipt_keeps_running() {
+    if ferry_engine::probe::io_uring()
+        .and(ferry_engine::probe::uffd_wp())
+        .is_err()
+    {
+        eprintln!("SKIPPED a_guest_received_without_its_receipt_keeps_running: io_uring or userfaultfd missing");
+        return;
+    }
+    let (lab, dest, t, c, src) = setup();
+    let data = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = data.local_addr().unwrap().port();
+    let mut o = offer(VM);
+    o.memory_bytes = 8 << 20;
+    let (s, d) = attempt_on(&lab, &dest, &src, lab.dir.path(), &t, &c, o, port);
+    let (s, d) = (s.unwrap(), d.unwrap());
+    let me = Identity::load(lab.dir.path(), Role::Host, DEST).unwrap();
+    let mem = Arc::new(ferry_engine::GuestMemory::new(8 << 20).unwrap());
+    ferry_vmm::workload::fill(&mem, 1, 0.0);
+    let cfg = ferry_engine::migrate::MigrationConfig {
+        io_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let received = std::thread::scope(|sc| {
+        let dst = sc.spawn(|| {
+            ferry::destination::receive(d, &data, &me, Duration::from_secs(3), |_, m| {
+                Ok(ferry_vmm::workload::SyntheticGuest::incoming(m))
+            })
+        });
+        let mut guest = ferry_vmm::workload::SyntheticGuest::start(
+            mem.clone(),
+            ferry_vmm::workload::WorkloadConfig::default(),
+            None,
+        );
+        let mut tracker = ferry_engine::dirty::UffdWpTracker::new(&mem).unwrap();
+        let ip = "127.0.0.1".parse().unwrap();
+        ferry_engine::session::run_source(&mem, &mut tracker, &mut guest, &s, ip, &cfg, &Default::default())
+            .expect("the data plane completes");
+        // The source dies before its manifest.
+        drop(s);
+        dst.join().unwrap()
+    });
+    let r = received.expect("the guest was received: it runs here");
+    assert!(r.receipt.is_err(), "a receipt without a manifest");
+    assert!(r.guest.is_running(), "the received guest does not run");
+    assert_eq!(r.memory.digest(), mem.digest(), "the received memory differs");
 }

@@ -17,10 +17,7 @@ use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
 use ferry_control::servers::{self, AuthnServer, AuthzServer};
 use ferry_control::tls;
-use ferry_engine::guest::GuestControl;
-use ferry_engine::migrate::MigrationConfig;
-use ferry_engine::progress::Hooks;
-use ferry_engine::GuestMemory;
+use ferry_engine::guest::{GuestControl, GuestError};
 use ferry_vmm::kvm::KvmVm;
 use ferry_vmm::workload::SyntheticGuest;
 
@@ -141,17 +138,47 @@ pub fn local_guests() -> Vec<GuestKind> {
 }
 
 /// A guest received here, running in this process.
-enum Received {
+enum Incoming {
     Synthetic(SyntheticGuest),
     Kvm(KvmVm),
 }
 
-impl Received {
+impl Incoming {
     fn control(&mut self) -> &mut dyn GuestControl {
         match self {
-            Received::Synthetic(g) => g,
-            Received::Kvm(vm) => vm,
+            Incoming::Synthetic(g) => g,
+            Incoming::Kvm(vm) => vm,
         }
+    }
+    fn get(&self) -> &dyn GuestControl {
+        match self {
+            Incoming::Synthetic(g) => g,
+            Incoming::Kvm(vm) => vm,
+        }
+    }
+}
+
+impl GuestControl for Incoming {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.control().pause()
+    }
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.control().resume()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        self.control().save_state()
+    }
+    fn load_state(&mut self, state: &[u8]) -> Result<(), GuestError> {
+        self.control().load_state(state)
+    }
+    fn kind(&self) -> GuestKind {
+        self.get().kind()
+    }
+    fn stop_latency(&self) -> Duration {
+        self.get().stop_latency()
+    }
+    fn vcpus(&self) -> u32 {
+        self.get().vcpus()
     }
 }
 
@@ -187,7 +214,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.
-    type Resident = (String, Received, handshake::MemoryReservation);
+    type Resident = (String, Incoming, handshake::MemoryReservation);
     let running: Arc<Mutex<Vec<Resident>>> = Arc::new(Mutex::new(Vec::new()));
     if let Some(every) = o.heartbeat_events {
         let running = running.clone();
@@ -195,7 +222,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
             std::thread::sleep(every);
             if let Ok(r) = running.lock() {
                 for (vm_id, g, _) in r.iter() {
-                    if let Received::Kvm(vm) = g {
+                    if let Incoming::Kvm(vm) = g {
                         event(
                             &serde_json::json!({"event": "heartbeat", "vm": vm_id, "heartbeat": vm.heartbeat(),
                             "writes": vm.guest_writes()}),
@@ -209,40 +236,29 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let me = id()?;
     let io_timeout = o.io_timeout;
     let audit2 = audit.clone();
-    let on_admitted: handshake::OnAdmitted = Arc::new(move |mut admitted, data| {
-        let claims = admitted.claims().clone();
-        let offer = admitted.offer().clone();
-        let result = (|| -> Result<serde_json::Value, String> {
-            let integrity = offer.integrity;
-            let mem = Arc::new(GuestMemory::new(offer.memory_bytes).map_err(e)?);
-            // Fault the memory in off the receiver threads, as it arrives.
-            let m2 = mem.clone();
-            let prefault = std::thread::spawn(move || m2.prefault());
-            let mut guest = match offer.guest {
+    let on_admitted: handshake::OnAdmitted = Arc::new(move |session, data| {
+        let claims = session.claims().clone();
+        let received = crate::destination::receive(session, &data, &me, io_timeout, |offer, mem| {
+            Ok(match offer.guest {
                 GuestKind::Kvm => {
-                    let mut vm = KvmVm::incoming(mem.clone(), offer.vcpus).map_err(e)?;
+                    let mut vm = KvmVm::incoming(mem, offer.vcpus).map_err(GuestError::from)?;
                     vm.checksum_at_resume = verify_guest;
-                    Received::Kvm(vm)
+                    Incoming::Kvm(vm)
                 }
-                GuestKind::Synthetic => Received::Synthetic(SyntheticGuest::incoming(mem.clone())),
+                GuestKind::Synthetic => Incoming::Synthetic(SyntheticGuest::incoming(mem)),
+            })
+        });
+        let result = received.map_err(e).map(|r| {
+            let guest_kind = r.guest.kind();
+            let (transcript_matches, manifest, receipt_error) = match &r.receipt {
+                Ok((m, rc)) => (rc.transcript_matches, serde_json::to_value(m).unwrap_or_default(), None),
+                Err(why) => (false, serde_json::Value::Null, Some(why.to_string())),
             };
-            let cfg = MigrationConfig {
-                streams: offer.streams,
-                integrity,
-                io_timeout,
-                ..MigrationConfig::default()
-            };
-            let report =
-                ferry_engine::session::run_destination(&mem, guest.control(), &admitted, &data, &cfg, &Hooks::new())
-                    .map_err(e)?;
-            let _ = prefault.join();
-            let (manifest, receipt) = admitted.receive_manifest(&me, &report.transcript_root).map_err(e)?;
-            // The guest runs here now: its memory stays committed (it counts
-            // against --max-memory) until the daemon lets it go.
             let mut line = serde_json::json!({"event": "received", "migration_id": claims.migration_id,
-                "vm": claims.vm, "source_host": claims.source_host, "guest": offer.guest, "pages": report.pages,
-                "frames": report.frames, "transcript_matches": receipt.transcript_matches, "manifest": manifest});
-            if let Received::Kvm(vm) = &guest {
+                "vm": claims.vm, "source_host": claims.source_host, "guest": guest_kind, "pages": r.report.pages,
+                "frames": r.report.frames, "transcript_matches": transcript_matches, "manifest": manifest,
+                "receipt_error": receipt_error});
+            if let Incoming::Kvm(vm) = &r.guest {
                 // The guest's first heartbeat here (its last at the source + 1
                 // when it went on where it stopped) and, if asked, its checksum.
                 let first = vm
@@ -255,12 +271,14 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                     line["guest_checksum"] = serde_json::json!(sum.map(|c| format!("{c:016x}")));
                 }
             }
-            let reservation = admitted.into_memory_reservation();
-            if let Ok(mut r) = running.lock() {
-                r.push((claims.vm.clone(), guest, reservation));
+            // The guest runs here now, with or without a receipt: its memory
+            // stays committed (it counts against --max-memory) until the
+            // daemon lets it go.
+            if let Ok(mut running) = running.lock() {
+                running.push((claims.vm.clone(), r.guest, r.reservation));
             }
-            Ok(line)
-        })();
+            line
+        });
         let (name, line) = match result {
             Ok(v) => ("received", v),
             Err(why) => (

@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod destination;
 pub mod lab;
 pub mod ops;
 pub mod record;
