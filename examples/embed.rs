@@ -1,5 +1,6 @@
-//! Embedding ferry's engine in a VMM: the two entry points, with progress
-//! events and a cancel switch.
+//! Embedding ferry in a VMM: both sides of a secure live migration through
+//! the `ferry` library, on loopback, with progress events and a cancel
+//! switch.
 //!
 //! ```sh
 //! cargo run --release --example embed
@@ -10,32 +11,31 @@
 //! memfd-backed, which it maps into its VM), a dirty tracker
 //! (`DirtyTracker`: KVM's dirty log in `ferry_vmm::kvm`, or the
 //! write-protect and bitmap trackers of `ferry_engine::dirty`), and a
-//! `GuestControl` (pause, resume, save and load the device state). Here
-//! a synthetic guest (a thread writing a hot set) stands in for the VM, and
-//! both sides run in one process on loopback.
+//! `GuestControl` (pause, resume, save and load the device state). Here a
+//! synthetic guest (a thread writing a hot set) stands in for the VM.
 //!
-//! **Keys.** This example uses `SessionKeys::test_only_unauthenticated`,
-//! which exists only with the `insecure-test-keys` feature. A real VMM gets
-//! its keys from the control plane: `ferry_control::handshake::request`
-//! (source) or `serve_destination` (destination) yields an `Admitted`, and
-//! `ferry_engine::session::run_source` / `run_destination` take that session
-//! instead of connections and keys (`SessionKeys::from_grant` is the only
-//! other way to make keys) — see `tools/source.rs` in the ferry repository
-//! for the whole source side (tickets, admission, migration, manifest and
-//! receipt).
+//! The source calls [`ferry::source::migrate`]: tickets from the
+//! authentication and authorization servers, the mutually authenticated
+//! request, the data plane, the signed manifest and the destination's
+//! receipt. The destination serves requests with
+//! `ferry_control::handshake::serve_destination` and receives each admitted
+//! migration with [`ferry::destination::receive`]. The certificates, the
+//! policy and the two ticket servers come from `ferry::lab` (a temporary
+//! PKI, servers in this process); a deployment has its own.
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use ferry::lab::{Lab, DEST, POLICY, SOURCE, VM};
+use ferry::source::{Endpoints, SourceError};
+use ferry_control::handshake::{serve_destination, OnAdmitted, ServeLimits};
+use ferry_control::pki::{Identity, Role};
 use ferry_engine::bitmap::AtomicBitmap;
-use ferry_engine::crypto::SessionKeys;
 use ferry_engine::dirty::BitmapTracker;
-use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig};
+use ferry_engine::migrate::{MigrateError, MigrationConfig};
 use ferry_engine::progress::{Hooks, Progress};
-use ferry_engine::transport::{accept_streams, connect_streams};
-use ferry_engine::wire::MigrationId;
 use ferry_engine::GuestMemory;
 use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 
@@ -45,6 +45,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .map(|v| v.parse::<u64>().map(Duration::from_millis))
         .transpose()?;
+
+    // A temporary PKI, policy, and the source domain's ticket servers.
+    let lab = Lab::start(POLICY)?;
+
+    // The destination: a daemon's accept loop; each admitted migration is
+    // received into fresh memory and a guest that has not run.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let dest_addr = listener.local_addr()?;
+    let dest = Arc::new(lab.destination(DEST, POLICY, 1 << 40)?);
+    let me = Arc::new(Identity::load(lab.dir.path(), Role::Host, DEST)?);
+    let (received_tx, received_rx) = mpsc::channel();
+    let on_admitted: OnAdmitted = Arc::new(move |session, data| {
+        let got = ferry::destination::receive(session, &data, &me, Duration::from_secs(10), |_offer, mem| {
+            Ok(SyntheticGuest::incoming(mem))
+        });
+        let _ = received_tx.send(got);
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let daemon = serve_destination(listener, dest, ServeLimits::default(), on_admitted, stop.clone())?;
 
     // The source VM: 256 MiB of guest memory, a guest writing 20k pages/s
     // into a 16 MiB hot set, and a tracker of the pages it writes.
@@ -57,18 +76,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut guest = SyntheticGuest::start(mem.clone(), workload, Some(marks.clone()));
     let mut tracker = BitmapTracker::new(marks);
-
-    // The destination VM: the same size, empty until the migration fills it.
-    let dst_mem = Arc::new(GuestMemory::new(mem.size_bytes())?);
-    let mut dst_guest = SyntheticGuest::incoming(dst_mem.clone());
-
-    let cfg = MigrationConfig {
-        pin_workers: false,
-        ..MigrationConfig::default()
-    };
-    let keys = SessionKeys::test_only_unauthenticated(MigrationId(1))?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
 
     // Progress events arrive on the migration's controller thread; keep the
     // callback short.
@@ -101,42 +108,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    let (src, dst) = std::thread::scope(|s| {
-        let dest = s.spawn(|| {
-            let conns = accept_streams(&listener, cfg.streams, cfg.io_timeout).map_err(|e| e.to_string())?;
-            migrate_destination(&dst_mem, &mut dst_guest, conns, &keys, &cfg, &Hooks::new()).map_err(|e| e.to_string())
-        });
-        let src = connect_streams(addr, cfg.streams, cfg.io_timeout)
-            .map_err(|e| e.to_string())
-            .and_then(|conns| {
-                migrate_source(&mem, &mut tracker, &mut guest, conns, &keys, &cfg, &hooks).map_err(|e| match e {
-                    MigrateError::Cancelled => "cancelled before the commit point".to_string(),
-                    e => e.to_string(),
-                })
-            });
-        (
-            src,
-            dest.join()
-                .unwrap_or_else(|_| Err("destination thread panicked".into())),
-        )
-    });
-    match (src, dst) {
-        (Ok(s), Ok(_)) => {
-            let downtime = s.downtime();
+    let at = Endpoints {
+        pki: lab.dir.path(),
+        host: SOURCE,
+        client: "operator",
+        authn: lab.authn_addr,
+        authz: lab.authz_addr,
+        servers_name: SOURCE,
+        dest: dest_addr,
+        dest_host: DEST,
+        audit: None,
+    };
+    let cfg = MigrationConfig {
+        pin_workers: false,
+        ..MigrationConfig::default()
+    };
+    match ferry::source::migrate(&at, VM, &mem, &mut tracker, &mut guest, &cfg, &hooks) {
+        Ok(done) => {
+            let received = received_rx.recv_timeout(Duration::from_secs(10))?;
+            let runs_there = received.as_ref().is_ok_and(|r| r.guest.is_running());
             println!(
-                "migrated in {:.0} ms, {} rounds, downtime {:.2} ms; the guest runs at the destination: {}",
+                "migrated in {:.0} ms, {} rounds, downtime {:.2} ms, receipt: transcript matches = {}; the guest runs at the destination: {runs_there}",
                 started.elapsed().as_secs_f64() * 1e3,
                 rounds.load(Ordering::Relaxed),
-                downtime.as_secs_f64() * 1e3,
-                dst_guest.is_running()
+                done.report.downtime().as_secs_f64() * 1e3,
+                done.receipt.transcript_matches,
             );
         }
-        (Err(why), _) => {
-            // Before the commit point a failed or cancelled migration leaves
-            // the source guest running.
-            println!("source: {why}; the guest runs at the source: {}", guest.is_running());
+        Err(SourceError::Migrate(MigrateError::Cancelled)) => {
+            println!(
+                "cancelled before the commit point; the guest runs at the source: {}",
+                guest.is_running()
+            );
         }
-        (Ok(_), Err(why)) => println!("destination: {why}"),
+        Err(e) => {
+            // Before the commit point a failed migration leaves the source
+            // guest running; SourceError says which step failed.
+            println!("source: {e}; the guest runs at the source: {}", guest.is_running());
+        }
     }
+    stop.store(true, Ordering::SeqCst);
+    let _ = daemon.join();
     Ok(())
 }
