@@ -362,9 +362,9 @@ impl Destination {
     }
 
     /// Records an event of this daemon (e.g. a receipt) in its audit log.
-    pub fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), String> {
+    pub fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), crate::audit::AuditError> {
         match &self.audit {
-            Some(log) => log.append(event, detail).map_err(|e| e.to_string()),
+            Some(log) => log.append(event, detail),
             None => Ok(()),
         }
     }
@@ -389,7 +389,7 @@ impl Destination {
             tracing::error!("destination audit log failed: {e}");
             if r.is_ok() {
                 // Unrecorded admissions are not allowed: fail closed.
-                return Err(HandshakeError::Refused(Refusal::Audit(e)));
+                return Err(HandshakeError::Refused(Refusal::Audit(e.to_string())));
             }
         }
         r
