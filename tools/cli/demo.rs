@@ -72,91 +72,85 @@ pub(crate) struct DemoArgs {
 impl DemoArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
-        Ok(run_demo(self)?)
+        let a = self;
+        let synthetic_only = a.tracker.is_some() || a.zero_fraction > 0.0;
+        let guest = match a.guest {
+            GuestKind::Auto if synthetic_only => GuestKind::Synthetic,
+            GuestKind::Kvm if synthetic_only => {
+                return Err(
+                    "--tracker and --zero-fraction apply to the synthetic guest (a KVM guest fills all its memory and is tracked by KVM's dirty log); use --guest synthetic"
+                        .into(),
+                )
+            }
+            g => g,
+        };
+        let opts = DemoOptions {
+            guest,
+            vcpus: a.vcpus,
+            guest_checksum_at_pause: !a.kick_pause,
+            memory_bytes: a.memory,
+            hot_set_bytes: a.hot_set,
+            dirty_rate_pages_per_s: a.dirty_rate,
+            zero_fraction: a.zero_fraction,
+            tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
+            prefault_destination: !a.cold_destination,
+            migration: MigrationConfig {
+                streams: a.streams,
+                integrity: a.integrity,
+                aead: a.aead,
+                chunk_pages: a.chunk_pages,
+                downtime_ms_max: a.downtime_ms_max,
+                max_rounds: a.max_rounds,
+                io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
+                ..MigrationConfig::default()
+            },
+            interpose: None,
+            hooks: ferry_engine::progress::Hooks::new(),
+        };
+        if a.memory == 0 || a.memory % 4096 != 0 {
+            return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.memory).into());
+        }
+        let json = a.json;
+        let report = ferry::demo::run(&opts, |line| {
+            if !json {
+                println!("{line}");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
+        let recorded = report.record().write(&record_path);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+            match &recorded {
+                Ok(()) => eprintln!("record: {}", record_path.display()),
+                Err(why) => eprintln!("record: not written: {why}"),
+            }
+        } else {
+            match &recorded {
+                Ok(()) => println!(
+                    "record: {} (draw it: ferry report {} --svg demo.svg)",
+                    record_path.display(),
+                    record_path.display()
+                ),
+                Err(why) => println!("record: not written: {why}"),
+            }
+            println!(
+                "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
+                human(report.memory_bytes),
+                report.total_ms,
+                report.throughput_gbps,
+                report.rounds,
+                human(report.bytes_on_wire),
+                report.zero_pages,
+                report.downtime_ms,
+                human(report.engine_heap_peak_bytes),
+                if report.verified { "yes" } else { "NO" }
+            );
+        }
+        Ok(if report.verified {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     }
-}
-
-fn run_demo(a: DemoArgs) -> Result<ExitCode, String> {
-    let synthetic_only = a.tracker.is_some() || a.zero_fraction > 0.0;
-    let guest = match a.guest {
-        GuestKind::Auto if synthetic_only => GuestKind::Synthetic,
-        GuestKind::Kvm if synthetic_only => {
-            return Err(
-                "--tracker and --zero-fraction apply to the synthetic guest (a KVM guest fills all its memory and is tracked by KVM's dirty log); use --guest synthetic"
-                    .into(),
-            )
-        }
-        g => g,
-    };
-    let opts = DemoOptions {
-        guest,
-        vcpus: a.vcpus,
-        guest_checksum_at_pause: !a.kick_pause,
-        memory_bytes: a.memory,
-        hot_set_bytes: a.hot_set,
-        dirty_rate_pages_per_s: a.dirty_rate,
-        zero_fraction: a.zero_fraction,
-        tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
-        prefault_destination: !a.cold_destination,
-        migration: MigrationConfig {
-            streams: a.streams,
-            integrity: a.integrity,
-            aead: a.aead,
-            chunk_pages: a.chunk_pages,
-            downtime_ms_max: a.downtime_ms_max,
-            max_rounds: a.max_rounds,
-            io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
-            ..MigrationConfig::default()
-        },
-        interpose: None,
-        hooks: ferry_engine::progress::Hooks::new(),
-    };
-    if a.memory == 0 || a.memory % 4096 != 0 {
-        return Err(format!(
-            "--memory must be a positive multiple of 4 KiB, got {}",
-            a.memory
-        ));
-    }
-    let json = a.json;
-    let report = ferry::demo::run(&opts, |line| {
-        if !json {
-            println!("{line}");
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
-    let recorded = report.record().write(&record_path);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
-        match &recorded {
-            Ok(()) => eprintln!("record: {}", record_path.display()),
-            Err(why) => eprintln!("record: not written: {why}"),
-        }
-    } else {
-        match &recorded {
-            Ok(()) => println!(
-                "record: {} (draw it: ferry report {} --svg demo.svg)",
-                record_path.display(),
-                record_path.display()
-            ),
-            Err(why) => println!("record: not written: {why}"),
-        }
-        println!(
-            "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
-            human(report.memory_bytes),
-            report.total_ms,
-            report.throughput_gbps,
-            report.rounds,
-            human(report.bytes_on_wire),
-            report.zero_pages,
-            report.downtime_ms,
-            human(report.engine_heap_peak_bytes),
-            if report.verified { "yes" } else { "NO" }
-        );
-    }
-    Ok(if report.verified {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }

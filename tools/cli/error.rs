@@ -13,6 +13,12 @@ pub(crate) enum CliError {
     Pki(#[from] ferry_control::pki::PkiError),
 }
 
+impl From<&str> for CliError {
+    fn from(s: &str) -> CliError {
+        CliError::Failed(s.into())
+    }
+}
+
 impl From<String> for CliError {
     fn from(s: String) -> CliError {
         CliError::Failed(s)

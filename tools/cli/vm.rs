@@ -117,97 +117,94 @@ pub(crate) struct VmArgs {
 impl VmArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
-        Ok(run_vm(self)?)
-    }
-}
-
-fn run_vm(a: VmArgs) -> Result<ExitCode, String> {
-    let need = |what: &str, v: bool| if v { Ok(()) } else { Err(format!("ferry vm: {what}")) };
-    let io_timeout = Duration::from_secs(a.io_timeout_s.max(1));
-    if a.incoming {
-        let (Some(pki), Some(name), Some(listen), Some(policy), Some(state_dir)) =
-            (a.pki, a.name, a.listen, a.policy, a.state_dir)
-        else {
-            return Err("ferry vm --incoming needs --pki, --name, --listen, --policy and --state-dir".into());
+        let a = self;
+        let need = |what: &str, v: bool| if v { Ok(()) } else { Err(format!("ferry vm: {what}")) };
+        let io_timeout = Duration::from_secs(a.io_timeout_s.max(1));
+        if a.incoming {
+            let (Some(pki), Some(name), Some(listen), Some(policy), Some(state_dir)) =
+                (a.pki, a.name, a.listen, a.policy, a.state_dir)
+            else {
+                return Err("ferry vm --incoming needs --pki, --name, --listen, --policy and --state-dir".into());
+            };
+            need(
+                "--migrate-to is for the source, not with --incoming",
+                a.migrate_to.is_none(),
+            )?;
+            ferry_vmm::kvm::available().map_err(|why| format!("ferry vm needs KVM: {why}"))?;
+            ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
+                pki,
+                name,
+                listen,
+                policy,
+                state_dir,
+                max_memory_bytes: a.memory.max(64 << 30),
+                max_concurrent: 1,
+                io_timeout,
+                guests: vec![ferry_control::modes::GuestKind::Kvm],
+                verify_guest: a.verify,
+                heartbeat_events: Some(Duration::from_millis(a.heartbeat_every_ms.max(10))),
+                data_ports: a.data_ports,
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let source = match (a.pki, a.name, a.authn, a.authz) {
+            (Some(pki), Some(host), Some(authn), Some(authz)) => Some(ferry::vm::SourceHost {
+                servers_name: a.servers_name.unwrap_or_else(|| host.clone()),
+                pki,
+                host,
+                client: a.client,
+                authn,
+                authz,
+                audit: a.audit,
+                migration: MigrationConfig {
+                    streams: a.streams,
+                    integrity: a.integrity,
+                    downtime_ms_max: a.downtime_ms_max,
+                    io_timeout,
+                    ..MigrationConfig::default()
+                },
+            }),
+            (None, None, None, None) => None,
+            _ => return Err("a source that migrates needs all of --pki, --name, --authn and --authz".into()),
+        };
+        let migrate = match a.migrate_to {
+            None => None,
+            Some(dest) => {
+                let (Some(_), Some(dest_host)) = (&source, a.dest_host) else {
+                    return Err("ferry vm --migrate-to needs --pki, --name, --dest-host, --authn and --authz".into());
+                };
+                let record = a.record.unwrap_or_else(|| ferry::record::default_path(&a.vm_id));
+                Some((
+                    ferry::vm::MigrateTo {
+                        dest,
+                        dest_host,
+                        downtime_ms_max: None,
+                        record: Some(record),
+                    },
+                    Duration::from_secs_f64(a.migrate_after_s.clamp(0.0, 86_400.0)),
+                ))
+            }
         };
         need(
-            "--migrate-to is for the source, not with --incoming",
-            a.migrate_to.is_none(),
+            "--api serves a source VM's API (migrate, status, cancel); it needs --pki, --name, --authn and --authz to migrate",
+            a.api.is_none() || source.is_some(),
         )?;
-        ferry_vmm::kvm::available().map_err(|why| format!("ferry vm needs KVM: {why}"))?;
-        return ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
-            pki,
-            name,
-            listen,
-            policy,
-            state_dir,
-            max_memory_bytes: a.memory.max(64 << 30),
-            max_concurrent: 1,
-            io_timeout,
-            guests: vec![ferry_control::modes::GuestKind::Kvm],
-            verify_guest: a.verify,
-            heartbeat_events: Some(Duration::from_millis(a.heartbeat_every_ms.max(10))),
-            data_ports: a.data_ports,
-        })
-        .map(|()| ExitCode::SUCCESS);
-    }
-    let source = match (a.pki, a.name, a.authn, a.authz) {
-        (Some(pki), Some(host), Some(authn), Some(authz)) => Some(ferry::vm::SourceHost {
-            servers_name: a.servers_name.unwrap_or_else(|| host.clone()),
-            pki,
-            host,
-            client: a.client,
-            authn,
-            authz,
-            audit: a.audit,
-            migration: MigrationConfig {
-                streams: a.streams,
-                integrity: a.integrity,
-                downtime_ms_max: a.downtime_ms_max,
-                io_timeout,
-                ..MigrationConfig::default()
+        ferry::vm::run(&ferry::vm::VmOptions {
+            memory_bytes: a.memory,
+            vcpus: a.vcpus,
+            program: ferry_vmm::kvm::GuestProgram {
+                hot_set_bytes: a.hot_set,
+                writes_per_s: a.dirty_rate,
+                ..Default::default()
             },
-        }),
-        (None, None, None, None) => None,
-        _ => return Err("a source that migrates needs all of --pki, --name, --authn and --authz".into()),
-    };
-    let migrate = match a.migrate_to {
-        None => None,
-        Some(dest) => {
-            let (Some(_), Some(dest_host)) = (&source, a.dest_host) else {
-                return Err("ferry vm --migrate-to needs --pki, --name, --dest-host, --authn and --authz".into());
-            };
-            let record = a.record.unwrap_or_else(|| ferry::record::default_path(&a.vm_id));
-            Some((
-                ferry::vm::MigrateTo {
-                    dest,
-                    dest_host,
-                    downtime_ms_max: None,
-                    record: Some(record),
-                },
-                Duration::from_secs_f64(a.migrate_after_s.clamp(0.0, 86_400.0)),
-            ))
-        }
-    };
-    need(
-        "--api serves a source VM's API (migrate, status, cancel); it needs --pki, --name, --authn and --authz to migrate",
-        a.api.is_none() || source.is_some(),
-    )?;
-    ferry::vm::run(&ferry::vm::VmOptions {
-        memory_bytes: a.memory,
-        vcpus: a.vcpus,
-        program: ferry_vmm::kvm::GuestProgram {
-            hot_set_bytes: a.hot_set,
-            writes_per_s: a.dirty_rate,
-            ..Default::default()
-        },
-        vm_id: a.vm_id,
-        heartbeat_every: Duration::from_millis(a.heartbeat_every_ms.max(10)),
-        run_for: a.run_for_s.map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
-        verify: a.verify,
-        source,
-        migrate,
-        api: a.api,
-    })
-    .map(|()| ExitCode::SUCCESS)
+            vm_id: a.vm_id,
+            heartbeat_every: Duration::from_millis(a.heartbeat_every_ms.max(10)),
+            run_for: a.run_for_s.map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9))),
+            verify: a.verify,
+            source,
+            migrate,
+            api: a.api,
+        })?;
+        Ok(ExitCode::SUCCESS)
+    }
 }

@@ -25,41 +25,38 @@ pub(crate) struct WorkloadArgs {
 impl WorkloadArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
-        Ok(run_workload(self)?)
-    }
-}
-
-fn run_workload(a: WorkloadArgs) -> Result<ExitCode, String> {
-    let mem = Arc::new(GuestMemory::new(a.memory).map_err(|e| e.to_string())?);
-    let cfg = WorkloadConfig {
-        hot_set_bytes: a.hot_set.min(a.memory),
-        dirty_rate_pages_per_s: a.dirty_rate,
-        zero_fraction: a.zero_fraction,
-        ..WorkloadConfig::default()
-    };
-    let mut tracker = UffdWpTracker::new(&mem).map_err(|e| e.to_string())?;
-    let guest = SyntheticGuest::start(mem.clone(), cfg, None);
-    tracker.start().map_err(|e| e.to_string())?;
-    println!(
-        "synthetic guest: {} memory, {} hot set, target {} pages/s",
-        human(a.memory),
-        human(cfg.hot_set_bytes),
-        a.dirty_rate
-    );
-    for s in 1..=a.seconds {
-        let t = Instant::now();
-        let before = guest.heartbeat();
-        std::thread::sleep(Duration::from_secs(1));
-        let mut dirty = DirtyBitmap::new(mem.pages());
-        let scan = Instant::now();
-        tracker.collect(&mut dirty).map_err(|e| e.to_string())?;
+        let a = self;
+        let mem = Arc::new(GuestMemory::new(a.memory).map_err(|e| e.to_string())?);
+        let cfg = WorkloadConfig {
+            hot_set_bytes: a.hot_set.min(a.memory),
+            dirty_rate_pages_per_s: a.dirty_rate,
+            zero_fraction: a.zero_fraction,
+            ..WorkloadConfig::default()
+        };
+        let mut tracker = UffdWpTracker::new(&mem).map_err(|e| e.to_string())?;
+        let guest = SyntheticGuest::start(mem.clone(), cfg, None);
+        tracker.start().map_err(|e| e.to_string())?;
         println!(
-            "second {s}: {} writes, {} distinct dirty pages seen by uffd-wp (scan {:.2} ms), over {:.2} s",
-            guest.heartbeat() - before,
-            dirty.count(),
-            scan.elapsed().as_secs_f64() * 1e3,
-            t.elapsed().as_secs_f64()
+            "synthetic guest: {} memory, {} hot set, target {} pages/s",
+            human(a.memory),
+            human(cfg.hot_set_bytes),
+            a.dirty_rate
         );
+        for s in 1..=a.seconds {
+            let t = Instant::now();
+            let before = guest.heartbeat();
+            std::thread::sleep(Duration::from_secs(1));
+            let mut dirty = DirtyBitmap::new(mem.pages());
+            let scan = Instant::now();
+            tracker.collect(&mut dirty).map_err(|e| e.to_string())?;
+            println!(
+                "second {s}: {} writes, {} distinct dirty pages seen by uffd-wp (scan {:.2} ms), over {:.2} s",
+                guest.heartbeat() - before,
+                dirty.count(),
+                scan.elapsed().as_secs_f64() * 1e3,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
     }
-    Ok(ExitCode::SUCCESS)
 }
