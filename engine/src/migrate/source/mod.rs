@@ -55,9 +55,12 @@ struct ReportPanic<'a> {
 impl Drop for ReportPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // Never block while unwinding: with the channel full the
+            // controller is not waiting on it, and it finds the worker gone
+            // when it joins.
             let _ = self
                 .replies
-                .send((self.stream, SrcReply::Failed(MigrateError::WorkerPanicked(self.stream))));
+                .try_send((self.stream, SrcReply::Failed(MigrateError::WorkerPanicked(self.stream))));
         }
     }
 }
