@@ -219,11 +219,6 @@ impl Reply {
     }
 }
 
-/// An error line.
-pub fn error_line(e: &str) -> Reply {
-    Reply::error(e)
-}
-
 /// What serves the requests: `handle` gets each parsed request and a sink
 /// for its reply lines (the connection closes when `handle` returns).
 pub type Handler = dyn Fn(Request, &mut dyn FnMut(&Reply) -> bool) + Send + Sync;
@@ -313,18 +308,20 @@ fn serve_one(conn: UnixStream, handler: &Handler) {
     match read {
         Ok(0) => {}
         Ok(_) if !line.ends_with('\n') => {
-            send(&error_line("request line too long or not ended by a newline"));
+            send(&Reply::error("request line too long or not ended by a newline"));
         }
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
             Ok(req) => handler(req, &mut send),
             Err(e) => {
-                send(&error_line(&format!(
+                send(&Reply::error(format!(
                     "bad request ({e}); send one JSON line: {{\"op\":\"status\"}}, {{\"op\":\"cancel\"}} or {{\"op\":\"migrate\",\"to\":\"ADDR\",\"dest_host\":\"NAME\"}}"
                 )));
             }
         },
         Err(e) => {
-            send(&error_line(&format!("no request line within {REQUEST_TIMEOUT:?}: {e}")));
+            send(&Reply::error(format!(
+                "no request line within {REQUEST_TIMEOUT:?}: {e}"
+            )));
         }
     }
 }

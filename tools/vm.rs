@@ -238,10 +238,10 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                     }));
                 }
                 (None, "migrating") => {
-                    send(&api::error_line("the migration is starting: cancel again in a moment"));
+                    send(&Reply::error("the migration is starting: cancel again in a moment"));
                 }
                 (_, state) => {
-                    send(&api::error_line(&format!(
+                    send(&Reply::error(format!(
                         "nothing to cancel: the VM is {state}{}",
                         if state == "committed" || state == "migrated" {
                             " (past the commit point, the guest belongs to the destination)"
@@ -258,7 +258,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
             downtime_ms_max,
         } => {
             if !can_migrate {
-                send(&api::error_line(
+                send(&Reply::error(
                     "this VM was started without --pki, --name, --authn and --authz: it cannot migrate",
                 ));
                 return;
@@ -285,14 +285,14 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 (was != "running").then_some(was)
             };
             if let Some(state) = refused {
-                send(&api::error_line(&format!(
+                send(&Reply::error(format!(
                     "the VM is {state}: only a running VM with no migration under way can migrate"
                 )));
                 return;
             }
             if jobs.try_send(job).is_err() {
                 lock(&shared).state = "running";
-                send(&api::error_line(
+                send(&Reply::error(
                     "a migration is about to start (--migrate-to): try again when it ends",
                 ));
                 return;
@@ -324,7 +324,7 @@ fn run_job(
     };
     let Some(host) = &o.source else {
         lock(shared).state = "running";
-        say(&api::error_line("this VM cannot migrate: no source settings"));
+        say(&Reply::error("this VM cannot migrate: no source settings"));
         return false;
     };
     let hooks = {

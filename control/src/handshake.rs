@@ -389,7 +389,7 @@ impl Destination {
             tracing::error!("destination audit log failed: {e}");
             if r.is_ok() {
                 // Unrecorded admissions are not allowed: fail closed.
-                return Err(HandshakeError::Refused(Refusal::Audit(e.to_string())));
+                return Err(HandshakeError::Refused(Refusal::Audit(e)));
             }
         }
         r
@@ -609,7 +609,7 @@ impl Reserved {
     fn spend_nonce(self, cfg: &DestinationConfig, now: u64) -> Result<Fresh, Refusal> {
         cfg.replay
             .check_and_insert(&self.claims.nonce, self.claims.exp, now)
-            .map_err(|e| Refusal::Replay(e.to_string()))?;
+            .map_err(Refusal::Replay)?;
         Ok(Fresh {
             claims: self.claims,
             slot: self.slot,

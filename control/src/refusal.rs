@@ -101,8 +101,8 @@ pub enum Refusal {
     },
     /// The ticket's nonce was used before (a replay), or the replay cache
     /// cannot say.
-    #[error("{0}")]
-    Replay(String),
+    #[error(transparent)]
+    Replay(crate::replay::ReplayError),
     /// The request could not be read.
     #[error("malformed request: {0}")]
     Malformed(String),
@@ -161,7 +161,7 @@ pub enum Refusal {
     NoAuthzKey,
     /// The decision could not be recorded, so it is a refusal.
     #[error("cannot record the decision, so it is a refusal: {0}")]
-    Audit(String),
+    Audit(#[source] crate::audit::AuditError),
     /// The refusing side's own signing or random generator failed.
     #[error("{0} failed on this host")]
     Internal(&'static str),

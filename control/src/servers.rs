@@ -177,7 +177,7 @@ impl AuthzServer {
         };
         if let Some(log) = &self.audit {
             if let Err(e) = log.append(event, detail) {
-                return Err(Refusal::Audit(e.to_string()));
+                return Err(Refusal::Audit(e));
             }
         }
         r

@@ -297,8 +297,9 @@ impl StreamCrypto {
 /// sequence and moves on.
 #[derive(Debug)]
 pub struct Sealer {
+    /// Its `next_seal` is the next sequence: one counter, kept by the
+    /// cipher that refuses to go back.
     crypto: StreamCrypto,
-    next: u64,
 }
 
 impl Sealer {
@@ -306,23 +307,20 @@ impl Sealer {
     pub fn new(keys: &SessionKeys, dir: Direction, stream: StreamId, backend: AeadBackend) -> Sealer {
         Sealer {
             crypto: StreamCrypto::new(keys, dir, stream, backend),
-            next: 0,
         }
     }
 
     /// The sequence the next sealed frame gets; equally, how many frames
     /// this sealer has sealed.
     pub fn next_seq(&self) -> Seq {
-        Seq(self.next)
+        Seq(self.crypto.next_seal)
     }
 
     /// Seals `in_out` in place under [`next_seq`](Self::next_seq) with `aad`
     /// authenticated; returns that sequence and the tag.
     pub fn seal_next(&mut self, aad: &[u8], in_out: &mut [u8]) -> (Seq, [u8; TAG_LEN]) {
-        let seq = self.next;
-        let tag = self.crypto.seal(seq, aad, in_out);
-        self.next = seq + 1;
-        (Seq(seq), tag)
+        let seq = self.crypto.next_seal;
+        (Seq(seq), self.crypto.seal(seq, aad, in_out))
     }
 }
 

@@ -41,3 +41,20 @@ pub(crate) fn parse_fraction(s: &str) -> Result<f64, String> {
         Err(format!("{v} is not between 0 and 1"))
     }
 }
+
+/// The synthetic guest's size and writing, shared by `demo` and `workload`.
+#[derive(Args)]
+pub(crate) struct GuestShape {
+    /// Guest memory size (e.g. 1GiB, 256MiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub(crate) memory: u64,
+    /// Hot set the guest keeps writing.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub(crate) hot_set: u64,
+    /// Guest writes per second (pages/s; 0 = idle guest).
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) dirty_rate: u64,
+    /// Fraction of all-zero pages in the synthetic guest's memory (0..1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub(crate) zero_fraction: f64,
+}

@@ -26,18 +26,8 @@ pub(crate) struct DemoArgs {
     /// its own).
     #[arg(long)]
     kick_pause: bool,
-    /// Guest memory size (e.g. 1GiB, 256MiB).
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    memory: u64,
-    /// Hot set the guest keeps writing.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    hot_set: u64,
-    /// Guest writes per second (pages/s; 0 = idle guest).
-    #[arg(long, default_value_t = 20_000)]
-    dirty_rate: u64,
-    /// Fraction of all-zero pages in the synthetic guest's memory (0..1).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
-    zero_fraction: f64,
+    #[command(flatten)]
+    shape: GuestShape,
     /// Data streams (TCP connections, one pinned worker each).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     streams: u16,
@@ -73,7 +63,7 @@ impl DemoArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         let a = self;
-        let synthetic_only = a.tracker.is_some() || a.zero_fraction > 0.0;
+        let synthetic_only = a.tracker.is_some() || a.shape.zero_fraction > 0.0;
         let guest = match a.guest {
             GuestKind::Auto if synthetic_only => GuestKind::Synthetic,
             GuestKind::Kvm if synthetic_only => {
@@ -88,10 +78,10 @@ impl DemoArgs {
             guest,
             vcpus: a.vcpus,
             guest_checksum_at_pause: !a.kick_pause,
-            memory_bytes: a.memory,
-            hot_set_bytes: a.hot_set,
-            dirty_rate_pages_per_s: a.dirty_rate,
-            zero_fraction: a.zero_fraction,
+            memory_bytes: a.shape.memory,
+            hot_set_bytes: a.shape.hot_set,
+            dirty_rate_pages_per_s: a.shape.dirty_rate,
+            zero_fraction: a.shape.zero_fraction,
             tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
             prefault_destination: !a.cold_destination,
             migration: MigrationConfig {
@@ -107,8 +97,8 @@ impl DemoArgs {
             interpose: None,
             hooks: ferry_engine::progress::Hooks::new(),
         };
-        if a.memory == 0 || a.memory % 4096 != 0 {
-            return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.memory).into());
+        if a.shape.memory == 0 || a.shape.memory % 4096 != 0 {
+            return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.shape.memory).into());
         }
         let json = a.json;
         let report = ferry::demo::run(&opts, |line| {

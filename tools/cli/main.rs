@@ -29,7 +29,7 @@ mod vm;
 mod workload;
 
 use self::audit::AuditCmd;
-use self::common::{parse_fraction, parse_port_range, HostArgs};
+use self::common::{parse_port_range, GuestShape, HostArgs};
 use self::demo::DemoArgs;
 use self::error::CliError;
 use self::ops::{ApiArgs, MigrateArgs, ReportArgs, MIGRATE_EXAMPLES};

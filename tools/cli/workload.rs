@@ -5,18 +5,8 @@ use super::*;
 
 #[derive(Args)]
 pub(crate) struct WorkloadArgs {
-    /// Guest memory size.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    memory: u64,
-    /// Hot set size.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
-    hot_set: u64,
-    /// Writes per second (pages/s).
-    #[arg(long, default_value_t = 20_000)]
-    dirty_rate: u64,
-    /// Fraction of all-zero pages.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
-    zero_fraction: f64,
+    #[command(flatten)]
+    shape: GuestShape,
     /// How long to run.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
@@ -26,11 +16,11 @@ impl WorkloadArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         let a = self;
-        let mem = Arc::new(GuestMemory::new(a.memory).map_err(|e| e.to_string())?);
+        let mem = Arc::new(GuestMemory::new(a.shape.memory).map_err(|e| e.to_string())?);
         let cfg = WorkloadConfig {
-            hot_set_bytes: a.hot_set.min(a.memory),
-            dirty_rate_pages_per_s: a.dirty_rate,
-            zero_fraction: a.zero_fraction,
+            hot_set_bytes: a.shape.hot_set.min(a.shape.memory),
+            dirty_rate_pages_per_s: a.shape.dirty_rate,
+            zero_fraction: a.shape.zero_fraction,
             ..WorkloadConfig::default()
         };
         let mut tracker = UffdWpTracker::new(&mem).map_err(|e| e.to_string())?;
@@ -38,9 +28,9 @@ impl WorkloadArgs {
         tracker.start().map_err(|e| e.to_string())?;
         println!(
             "synthetic guest: {} memory, {} hot set, target {} pages/s",
-            human(a.memory),
+            human(a.shape.memory),
             human(cfg.hot_set_bytes),
-            a.dirty_rate
+            a.shape.dirty_rate
         );
         for s in 1..=a.seconds {
             let t = Instant::now();

@@ -83,7 +83,12 @@ impl Inbox {
         mut bytes: &[u8],
         mut handle: impl FnMut(&FrameHeader, &mut [u8]) -> Result<bool, MigrateError>,
     ) -> Result<bool, MigrateError> {
-        let mut buf = self.buf.take().unwrap_or_default();
+        let Some(mut buf) = self.buf.take() else {
+            return Err(MigrateError::Protocol {
+                stream: self.stream,
+                detail: "bytes fed while a receive into the buffer is in flight".into(),
+            });
+        };
         // At least one pass, so frames left buffered by a stop are parsed
         // even when nothing new came.
         let r = loop {

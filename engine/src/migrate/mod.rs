@@ -43,12 +43,12 @@ use crate::pipeline::{self, StreamHeader};
 use crate::wire::{self, Kind, HEADER_LEN};
 
 fn clone_all(conns: &[TcpStream]) -> Result<Vec<TcpStream>, MigrateError> {
-    conns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
+    // At most 64 connections (validated), so the index fits a u16.
+    (0u16..)
+        .zip(conns)
+        .map(|(stream, c)| {
             c.try_clone().map_err(|e| MigrateError::Setup {
-                stream: u16::try_from(i).unwrap_or(u16::MAX),
+                stream,
                 source: IoError::Socket { op: "clone", source: e },
             })
         })

@@ -48,7 +48,9 @@ pub fn migrate_destination(
         (0..conns.len()).map(|_| std::sync::Mutex::new((0, 0, 0))).collect();
     let result = std::thread::scope(|scope| {
         let mut cmd_txs = Vec::new();
-        for (i, sock) in conns.into_iter().enumerate() {
+        // At most 64 connections (validated), so the index fits a u16.
+        for (conn, sock) in (0u16..).zip(conns) {
+            let i = usize::from(conn);
             let (tx, rx) = bounded::<Go>(2);
             cmd_txs.push(tx);
             let reply = reply_tx.clone();
@@ -58,7 +60,7 @@ pub fn migrate_destination(
                 .name(format!("ferry-recv-{i}"))
                 .spawn_scoped(scope, move || {
                     pin(cfg, i + 1);
-                    let r = RecvWorker::new(i, mem, keys, cfg, sock, counters).and_then(|mut w| {
+                    let r = RecvWorker::new(conn, mem, keys, cfg, sock, counters).and_then(|mut w| {
                         let r = w.run(&rx, &reply);
                         if let Ok(mut s) = slot.lock() {
                             *s = (w.frames, w.pages, w.inbox.bytes());

@@ -41,14 +41,16 @@ pub(crate) struct RecvWorker<'a> {
 
 impl<'a> RecvWorker<'a> {
     pub(super) fn new(
-        index: usize,
+        connection: u16,
         mem: &'a GuestMemory,
         keys: &'a SessionKeys,
         cfg: &'a MigrationConfig,
         mut sock: TcpStream,
         counters: &'a Counters,
     ) -> Result<Self, MigrateError> {
-        let s = u16::try_from(index).unwrap_or(u16::MAX);
+        // Until its preamble names the stream, a connection is known by
+        // its index.
+        let s = connection;
         // Which stream this connection carries, proven with a MAC over a
         // fresh nonce under this session's key before any frame is read.
         let stream = crate::transport::verify_stream(&mut sock, keys, cfg.io_timeout).map_err(|e| match e {
@@ -71,7 +73,7 @@ impl<'a> RecvWorker<'a> {
         let id = StreamId(stream);
         let rx = StreamCrypto::new(keys, Direction::ToDestination, id, cfg.aead);
         Ok(RecvWorker {
-            index,
+            index: usize::from(connection),
             stream,
             mem,
             cfg,

@@ -67,7 +67,7 @@ pub(super) struct Paused<'a> {
     armed: bool,
 }
 
-impl Paused<'_> {
+impl<'a> Paused<'a> {
     pub(super) fn guest(&mut self) -> &mut dyn GuestControl {
         &mut *self.guest
     }
@@ -78,7 +78,7 @@ impl Paused<'_> {
 
     /// The destination has everything and says so: the migration may
     /// commit.
-    pub(super) fn ready(self, _acked: FinalAcked, _ready: ReadyFrame) -> ReadyToCommit<Self> {
+    pub(super) fn ready(self, _acked: FinalAcked, _ready: ReadyFrame) -> ReadyToCommit<'a> {
         ReadyToCommit(self)
     }
 }
@@ -126,9 +126,9 @@ impl ReadyFrame {
 }
 
 /// May commit; dropping it without committing still resumes the guest.
-pub(super) struct ReadyToCommit<P>(P);
+pub(super) struct ReadyToCommit<'a>(Paused<'a>);
 
-impl<'a> ReadyToCommit<Paused<'a>> {
+impl<'a> ReadyToCommit<'a> {
     /// The commit point: the source gives the VM up. The guest stays paused
     /// here whatever happens next.
     pub(super) fn commit(mut self) -> Committed<'a> {
