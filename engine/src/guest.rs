@@ -14,6 +14,9 @@ pub enum GuestError {
     /// The guest could not be paused or resumed.
     #[error("guest control failed: {0}")]
     Control(String),
+    /// The guest does not implement an optional control.
+    #[error("this guest does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// Control of a guest's execution and device state.
@@ -39,5 +42,26 @@ pub trait GuestControl: Send {
     /// Virtual CPUs (the destination makes a VM with as many).
     fn vcpus(&self) -> u32 {
         1
+    }
+    /// Whether [`set_throttle`](Self::set_throttle) works. A guest that
+    /// cannot be throttled makes the `throttle` convergence policy give up
+    /// (and say why) instead of pretending.
+    fn can_throttle(&self) -> bool {
+        false
+    }
+    /// Takes `fraction` (0..1) of the guest's time away while it runs: the
+    /// guest runs `1 - fraction` of each short period and is stopped for the
+    /// rest. 0 removes the throttle. The engine raises it in steps during
+    /// pre-copy and sets it back to 0 when the migration ends either way;
+    /// it is never part of the device state, so the destination's guest
+    /// runs unthrottled.
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), GuestError> {
+        let _ = fraction;
+        Err(GuestError::Unsupported("throttling"))
+    }
+    /// About how many bytes [`save_state`](Self::save_state) will return:
+    /// the engine counts them in the expected downtime before it pauses.
+    fn device_state_bytes_hint(&self) -> usize {
+        0
     }
 }

@@ -28,6 +28,7 @@ pub mod guest;
 mod io;
 pub mod memory;
 pub mod migrate;
+pub mod pace;
 pub mod pipeline;
 pub mod probe;
 pub mod progress;

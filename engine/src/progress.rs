@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::migrate::RoundStats;
+use crate::pace::BandwidthCap;
 
 /// How often the controller reports `Sending` while a round runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -55,6 +56,20 @@ pub enum Progress {
         round: u32,
         /// Pages the final round sends.
         pages: u64,
+        /// What the paused round was expected to take when pre-copy ended.
+        expected_downtime_ms: f64,
+        /// The operator's downtime target.
+        downtime_target_ms: u64,
+        /// The expected downtime is over the target (only under the
+        /// `force` policy, which switches over anyway).
+        exceeds_target: bool,
+    },
+    /// The source raised its guest's throttle (policy `throttle`).
+    Throttled {
+        /// The round just finished.
+        round: u32,
+        /// Share of time taken from the guest from now on (0..1).
+        throttle: f64,
     },
     /// The destination said Ready and the source committed: the guest now
     /// belongs to the destination and a cancel has no effect.
@@ -86,6 +101,7 @@ type Callback = dyn Fn(&Progress) + Send + Sync;
 pub struct Hooks {
     progress: Option<Arc<Callback>>,
     cancel: Arc<AtomicBool>,
+    cap: Arc<BandwidthCap>,
     /// Fault injection for tests: the stream whose worker panics in the
     /// final round.
     #[cfg(feature = "fault-injection")]
@@ -124,6 +140,21 @@ impl Hooks {
     /// Whether [`Hooks::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Changes the bandwidth cap of the live rounds (`None`: unlimited) and,
+    /// with `paused: Some(..)`, of the paused round, in bytes per second; a
+    /// running migration obeys it from its next batch (within a round). Set
+    /// before the migration starts, it replaces the configuration's caps.
+    /// Caps below [`crate::pace::MIN_CAP_BYTES_PER_S`] are raised to it.
+    pub fn set_max_bandwidth(&self, live: Option<u64>, paused: Option<Option<u64>>) {
+        let floor = |c: Option<u64>| c.map(|b| b.max(crate::pace::MIN_CAP_BYTES_PER_S));
+        self.cap.set(floor(live), paused.map(floor));
+    }
+
+    /// The caps in force.
+    pub fn bandwidth_cap(&self) -> &BandwidthCap {
+        &self.cap
     }
 
     /// Fault injection (tests only, feature `fault-injection`): the sending

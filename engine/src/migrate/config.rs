@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
+use super::convergence::{Converge, THROTTLE_CEILING};
 use super::MigrateError;
+use crate::pace::MIN_CAP_BYTES_PER_S;
 use crate::crypto::AeadBackend;
 use crate::pipeline::Integrity;
 use crate::wire;
@@ -23,6 +25,19 @@ pub struct MigrationConfig {
     pub downtime_ms_max: u64,
     /// Pre-copy rounds at most before the final one.
     pub max_rounds: u32,
+    /// What to do when the rest does not fit in the downtime target.
+    pub converge: Converge,
+    /// The highest throttle the `throttle` policy may apply (0..=0.99).
+    pub throttle_max: f64,
+    /// The whole migration must reach its commit point within this, or it
+    /// ends (the guest keeps running at the source). `None`: no limit.
+    pub timeout: Option<Duration>,
+    /// Bandwidth cap of the live rounds, all streams together, in bytes per
+    /// second of data-stream traffic (`None`: unlimited). Changeable while
+    /// the migration runs through [`crate::progress::Hooks::set_max_bandwidth`].
+    pub max_bandwidth: Option<u64>,
+    /// Bandwidth cap of the paused round (`None`: as the live rounds').
+    pub max_bandwidth_paused: Option<u64>,
     /// Longest wait for any network progress.
     pub io_timeout: Duration,
     /// Most frames a stream may have unacknowledged.
@@ -44,6 +59,11 @@ impl Default for MigrationConfig {
             chunk_pages: 32,
             downtime_ms_max: 50,
             max_rounds: 30,
+            converge: Converge::default(),
+            throttle_max: THROTTLE_CEILING,
+            timeout: None,
+            max_bandwidth: None,
+            max_bandwidth_paused: None,
             io_timeout: Duration::from_secs(10),
             window_frames: 512,
             ack_every: 32,
@@ -83,6 +103,22 @@ impl MigrationConfig {
         }
         if self.batch_bytes < 64 << 10 || self.batch_bytes > 64 << 20 {
             return bad("batch_bytes must be 64 KiB..=64 MiB");
+        }
+        if self.converge == Converge::Postcopy {
+            return Err(MigrateError::PostcopyUnavailable);
+        }
+        if !(0.0..=THROTTLE_CEILING).contains(&self.throttle_max) {
+            return bad("throttle_max must be 0..=0.99");
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return bad("timeout must be positive (or none)");
+        }
+        for cap in [self.max_bandwidth, self.max_bandwidth_paused].into_iter().flatten() {
+            if cap < MIN_CAP_BYTES_PER_S {
+                return Err(MigrateError::Config(format!(
+                    "a bandwidth cap of {cap} B/s is below the lowest accepted, {MIN_CAP_BYTES_PER_S} B/s (1 MB/s)"
+                )));
+            }
         }
         Ok(())
     }

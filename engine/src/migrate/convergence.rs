@@ -1,10 +1,15 @@
-//! When pre-copy stops: a pure decision over the rounds so far.
+//! When pre-copy stops, and what to do when it cannot converge: pure
+//! decisions over the rounds so far.
 //!
-//! After each live round the controller asks [`decide`] whether to run
-//! another. The input is what the rounds did (pages sent, how long, what was
-//! dirty after) and the configuration; the output is another round, or stop
-//! and why. Nothing here reads a clock or touches the guest, so every branch
-//! is tested below by table.
+//! After each live round the controller asks [`plan`] what next. [`decide`]
+//! says whether the rest fits the downtime target (stop), is worth another
+//! round, or has stopped shrinking; [`plan`] applies the operator's
+//! [`Converge`] policy on top: switch over, throttle the guest harder,
+//! give up before pausing, or (`force`) pause anyway and say by how much
+//! the target is exceeded. The guest is never paused with an expected
+//! paused round over the target unless the policy is `force`. Nothing here
+//! reads a clock or touches the guest, so every branch is tested below by
+//! table.
 
 use crate::memory::PAGE_SIZE_U64;
 
@@ -27,6 +32,70 @@ pub const WORTHWHILE_SHRINK: u64 = 2;
 /// ... and the paused round would still take longer than this.
 pub const WORTHWHILE_MS: f64 = 1.0;
 
+/// The first throttle [`plan`] asks for (share of time taken from the guest).
+pub const THROTTLE_INITIAL: f64 = 0.2;
+/// Each further step adds this much ...
+pub const THROTTLE_STEP: f64 = 0.1;
+/// ... up to this (the guest keeps 1 % of its time: it still runs, its
+/// timers and watchdogs still fire).
+pub const THROTTLE_CEILING: f64 = 0.99;
+
+/// What to do when pre-copy cannot fit the rest in the downtime target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Converge {
+    /// Slow the guest down in steps until the rest fits; give up (before
+    /// pausing) if even the highest throttle does not make it fit.
+    Throttle,
+    /// Switch to post-copy (not available yet: refused by the configuration
+    /// check).
+    Postcopy,
+    /// Give up before pausing, with the measured dirty rate and bandwidth.
+    /// The default: the only policy with no effect on the guest (it never
+    /// stops longer than promised and is never slowed unless asked).
+    #[default]
+    Abort,
+    /// Switch over anyway at the round limit or a stall, and report by how
+    /// much the downtime target was exceeded.
+    Force,
+}
+
+impl Converge {
+    /// For logs, reports and the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Converge::Throttle => "throttle",
+            Converge::Postcopy => "postcopy",
+            Converge::Abort => "abort",
+            Converge::Force => "force",
+        }
+    }
+}
+
+impl std::fmt::Display for Converge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown convergence policy name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown convergence policy {0:?}: use throttle, postcopy, abort or force")]
+pub struct UnknownConverge(pub String);
+
+impl std::str::FromStr for Converge {
+    type Err = UnknownConverge;
+    fn from_str(s: &str) -> Result<Converge, UnknownConverge> {
+        match s {
+            "throttle" => Ok(Converge::Throttle),
+            "postcopy" => Ok(Converge::Postcopy),
+            "abort" => Ok(Converge::Abort),
+            "force" => Ok(Converge::Force),
+            other => Err(UnknownConverge(other.into())),
+        }
+    }
+}
+
 /// What one finished live round did, as the decision needs it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RoundOutcome {
@@ -45,6 +114,26 @@ pub struct Limits {
     pub downtime_ms_max: u64,
     /// Live rounds at most.
     pub max_rounds: u32,
+    /// What the paused round costs besides sending, in milliseconds:
+    /// stopping the guest.
+    pub fixed_ms: f64,
+    /// Bytes the paused round sends besides its pages: the device state.
+    pub state_bytes: u64,
+    /// The bandwidth cap in force for the paused round, if any (bytes/s).
+    pub paused_cap_bytes_per_s: Option<f64>,
+}
+
+impl Limits {
+    /// Only a target and a round limit (no fixed cost, no cap).
+    pub fn new(downtime_ms_max: u64, max_rounds: u32) -> Limits {
+        Limits {
+            downtime_ms_max,
+            max_rounds,
+            fixed_ms: 0.0,
+            state_bytes: 0,
+            paused_cap_bytes_per_s: None,
+        }
+    }
 }
 
 /// Why pre-copy stopped.
@@ -97,14 +186,19 @@ pub fn bandwidth_bytes_per_s(rounds: &[RoundOutcome]) -> Option<f64> {
 }
 
 /// What the paused round would take if it started after the last round:
-/// the dirty bytes left over the bandwidth; infinite while the bandwidth is
-/// unknown.
-pub fn expected_downtime_ms(rounds: &[RoundOutcome]) -> f64 {
+/// the dirty bytes left over the bandwidth (the measured one, or the paused
+/// round's cap if lower), with the device state, plus the time to stop the
+/// guest; infinite while the bandwidth is unknown.
+pub fn expected_downtime_ms(rounds: &[RoundOutcome], limits: &Limits) -> f64 {
     let Some(last) = rounds.last() else {
         return f64::INFINITY;
     };
-    match bandwidth_bytes_per_s(rounds) {
-        Some(bw) if bw > 0.0 => last.dirty_pages_after as f64 * PAGE_SIZE_U64 as f64 / bw * 1e3,
+    let bw = bandwidth_bytes_per_s(rounds).map(|bw| limits.paused_cap_bytes_per_s.map_or(bw, |cap| bw.min(cap)));
+    match bw {
+        Some(bw) if bw > 0.0 => {
+            (last.dirty_pages_after as f64 * PAGE_SIZE_U64 as f64 + limits.state_bytes as f64) / bw * 1e3
+                + limits.fixed_ms
+        }
         _ => f64::INFINITY,
     }
 }
@@ -115,9 +209,10 @@ pub fn decide(rounds: &[RoundOutcome], limits: Limits) -> Decision {
     let Some((last, before)) = rounds.split_last() else {
         return Decision::Another;
     };
-    let expected_ms = expected_downtime_ms(rounds);
+    let expected_ms = expected_downtime_ms(rounds, &limits);
     let within_target = expected_ms <= limits.downtime_ms_max as f64;
-    let worth_another = last.dirty_pages_after * WORTHWHILE_SHRINK <= last.pages_sent && expected_ms > WORTHWHILE_MS;
+    let worth_another = last.dirty_pages_after * WORTHWHILE_SHRINK <= last.pages_sent
+        && expected_ms - limits.fixed_ms > WORTHWHILE_MS;
     if within_target && !worth_another {
         return Decision::Stop(StopReason::Converged);
     }
@@ -132,6 +227,124 @@ pub fn decide(rounds: &[RoundOutcome], limits: Limits) -> Decision {
         return Decision::Stop(StopReason::Stalled);
     }
     Decision::Another
+}
+
+/// How the policy may act on the guest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// What to do when pre-copy does not converge.
+    pub converge: Converge,
+    /// Whether the guest can be throttled.
+    pub can_throttle: bool,
+    /// The throttle in force now (0: none).
+    pub throttle: f64,
+    /// The highest throttle the operator allows (at most [`THROTTLE_CEILING`]).
+    pub throttle_max: f64,
+}
+
+/// Why pre-copy gave up without pausing the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GiveUp {
+    /// The dirty set stopped shrinking.
+    Stalled,
+    /// The configured number of live rounds ran.
+    MaxRounds,
+    /// The highest allowed throttle did not make the rest fit.
+    ThrottleLimit,
+    /// The guest cannot be throttled (its [`crate::guest::GuestControl`]
+    /// does not implement it).
+    CannotThrottle,
+}
+
+impl GiveUp {
+    /// For logs and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GiveUp::Stalled => "the dirty set stopped shrinking",
+            GiveUp::MaxRounds => "the round limit was reached",
+            GiveUp::ThrottleLimit => "even the highest allowed throttle did not make it fit",
+            GiveUp::CannotThrottle => "the guest cannot be throttled",
+        }
+    }
+}
+
+/// What the controller does after a live round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Step {
+    /// Run another live round as things are.
+    Another,
+    /// Set the guest's throttle to this, then run another live round.
+    Throttle(f64),
+    /// Pause the guest and send the rest. `exceeded`: the expected paused
+    /// round is over the target (only under [`Converge::Force`]).
+    Switchover {
+        /// Why pre-copy ended.
+        why: StopReason,
+        /// The downtime target will be exceeded.
+        exceeded: bool,
+    },
+    /// End the migration before pausing: the guest keeps running.
+    GiveUp(GiveUp),
+}
+
+/// The next throttle after `now`, or `None` at `max`.
+pub fn next_throttle(now: f64, max: f64) -> Option<f64> {
+    let max = max.min(THROTTLE_CEILING);
+    if now >= max {
+        return None;
+    }
+    let next = if now <= 0.0 {
+        THROTTLE_INITIAL
+    } else if now + THROTTLE_STEP > 0.9 + 1e-9 {
+        THROTTLE_CEILING
+    } else {
+        now + THROTTLE_STEP
+    };
+    Some(next.min(max))
+}
+
+/// What to do after `rounds` (oldest first, the round just finished last)
+/// under `policy`: [`decide`], then the policy when it does not converge.
+/// Under `throttle`, the throttle goes up one step after every round that
+/// did not shrink the dirty set (by the [`STALL_KEEP_NUM`] measure) while the
+/// rest does not fit, and never down.
+pub fn plan(rounds: &[RoundOutcome], limits: Limits, policy: Policy) -> Step {
+    let raise = || {
+        if !policy.can_throttle {
+            return Step::GiveUp(GiveUp::CannotThrottle);
+        }
+        match next_throttle(policy.throttle, policy.throttle_max) {
+            Some(t) => Step::Throttle(t),
+            None => Step::GiveUp(GiveUp::ThrottleLimit),
+        }
+    };
+    match decide(rounds, limits) {
+        Decision::Stop(StopReason::Converged) => Step::Switchover {
+            why: StopReason::Converged,
+            exceeded: false,
+        },
+        Decision::Stop(why) => match policy.converge {
+            Converge::Force => Step::Switchover { why, exceeded: true },
+            Converge::Throttle if why == StopReason::Stalled => raise(),
+            _ => Step::GiveUp(match why {
+                StopReason::MaxRounds => GiveUp::MaxRounds,
+                _ => GiveUp::Stalled,
+            }),
+        },
+        Decision::Another => {
+            let over = expected_downtime_ms(rounds, &limits) > limits.downtime_ms_max as f64;
+            let not_shrinking = match rounds {
+                [.., prev, last] => last.dirty_pages_after * STALL_KEEP_DEN >= prev.dirty_pages_after * STALL_KEEP_NUM,
+                _ => false,
+            };
+            if policy.converge == Converge::Throttle && policy.can_throttle && over && not_shrinking {
+                raise()
+            } else {
+                Step::Another
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +363,9 @@ mod tests {
     const LIMITS: Limits = Limits {
         downtime_ms_max: 50,
         max_rounds: 30,
+        fixed_ms: 0.0,
+        state_bytes: 0,
+        paused_cap_bytes_per_s: None,
     };
 
     #[test]
@@ -165,11 +381,28 @@ mod tests {
 
     #[test]
     fn expected_downtime_is_what_is_left_over_the_bandwidth() {
-        assert_eq!(expected_downtime_ms(&[]), f64::INFINITY);
-        assert_eq!(expected_downtime_ms(&[r(10, 0.0, 10)]), f64::INFINITY);
+        assert_eq!(expected_downtime_ms(&[], &LIMITS), f64::INFINITY);
+        assert_eq!(expected_downtime_ms(&[r(10, 0.0, 10)], &LIMITS), f64::INFINITY);
         // 1000 pages in 10 ms; 100 left take 1 ms.
-        let ms = expected_downtime_ms(&[r(1000, 10.0, 100)]);
+        let ms = expected_downtime_ms(&[r(1000, 10.0, 100)], &LIMITS);
         assert!((ms - 1.0).abs() < 1e-9, "{ms}");
+        // Plus stopping the guest, and its state: 40960 B more take 0.1 ms.
+        let with_fixed = Limits {
+            fixed_ms: 0.5,
+            state_bytes: 40_960,
+            ..LIMITS
+        };
+        let ms = expected_downtime_ms(&[r(1000, 10.0, 100)], &with_fixed);
+        assert!((ms - 1.6).abs() < 1e-9, "{ms}");
+        // A paused-round cap below the measured bandwidth: 1000 pages *
+        // 4096 B in 10 ms is 409.6 MB/s; capped at 40.96 MB/s, 100 pages
+        // take 10 ms.
+        let capped = Limits {
+            paused_cap_bytes_per_s: Some(40.96e6),
+            ..LIMITS
+        };
+        let ms = expected_downtime_ms(&[r(1000, 10.0, 100)], &capped);
+        assert!((ms - 10.0).abs() < 1e-6, "{ms}");
     }
 
     #[test]
@@ -211,10 +444,7 @@ mod tests {
             (
                 "over the target at the round limit: stop, max rounds",
                 vec![r(262_144, 1000.0, 100_000), r(100_000, 400.0, 90_000)],
-                Limits {
-                    downtime_ms_max: 50,
-                    max_rounds: 2,
-                },
+                Limits::new(50, 2),
                 Stop(MaxRounds),
             ),
             (
@@ -266,10 +496,7 @@ mod tests {
 
     #[test]
     fn the_round_limit_wins_over_convergence_only_when_not_converged() {
-        let limits = Limits {
-            downtime_ms_max: 50,
-            max_rounds: 1,
-        };
+        let limits = Limits::new(50, 1);
         assert_eq!(
             decide(&[r(262_144, 1000.0, 0)], limits),
             Decision::Stop(StopReason::Converged)
@@ -278,5 +505,170 @@ mod tests {
             decide(&[r(262_144, 1000.0, 100_000)], limits),
             Decision::Stop(StopReason::MaxRounds)
         );
+    }
+
+    fn policy(converge: Converge, can_throttle: bool, throttle: f64) -> Policy {
+        Policy {
+            converge,
+            can_throttle,
+            throttle,
+            throttle_max: THROTTLE_CEILING,
+        }
+    }
+
+    /// Five rounds of a writer faster than the link: stalled.
+    fn stalled() -> Vec<RoundOutcome> {
+        vec![
+            r(262_144, 1000.0, 185_000),
+            r(185_000, 700.0, 185_000),
+            r(185_000, 700.0, 184_000),
+            r(184_000, 700.0, 184_500),
+            r(184_500, 700.0, 184_000),
+        ]
+    }
+
+    #[test]
+    fn throttle_steps_go_up_to_the_ceiling_and_stop_at_the_operators_max() {
+        let mut t = 0.0;
+        let mut seen = Vec::new();
+        while let Some(n) = next_throttle(t, THROTTLE_CEILING) {
+            assert!(n > t, "{n} after {t}");
+            seen.push(n);
+            t = n;
+        }
+        assert_eq!(seen.first(), Some(&THROTTLE_INITIAL));
+        assert_eq!(seen.last(), Some(&THROTTLE_CEILING));
+        assert_eq!(seen.len(), 9, "{seen:?}");
+        assert_eq!(next_throttle(0.0, 0.5), Some(0.2));
+        assert_eq!(next_throttle(0.45, 0.5), Some(0.5));
+        assert_eq!(next_throttle(0.5, 0.5), None);
+        assert_eq!(next_throttle(0.0, 0.0), None);
+    }
+
+    #[test]
+    fn plans_by_policy() {
+        use Converge::{Abort, Force, Throttle};
+        let over_once = vec![r(262_144, 1000.0, 185_000), r(185_000, 700.0, 185_000)];
+        let shrinking = vec![r(262_144, 1000.0, 185_000), r(185_000, 700.0, 100_000)];
+        let converged = vec![r(262_144, 1000.0, 0)];
+        let cases: &[(&str, &[RoundOutcome], Limits, Policy, Step)] = &[
+            (
+                "converged: switch over under every policy",
+                &converged,
+                LIMITS,
+                policy(Abort, false, 0.0),
+                Step::Switchover {
+                    why: StopReason::Converged,
+                    exceeded: false,
+                },
+            ),
+            ("abort, stalled: give up", &stalled(), LIMITS, policy(Abort, true, 0.0), Step::GiveUp(GiveUp::Stalled)),
+            (
+                "force, stalled: switch over and say the target is exceeded",
+                &stalled(),
+                LIMITS,
+                policy(Force, false, 0.0),
+                Step::Switchover {
+                    why: StopReason::Stalled,
+                    exceeded: true,
+                },
+            ),
+            (
+                "force at the round limit",
+                &over_once,
+                Limits::new(50, 2),
+                policy(Force, false, 0.0),
+                Step::Switchover {
+                    why: StopReason::MaxRounds,
+                    exceeded: true,
+                },
+            ),
+            (
+                "abort at the round limit",
+                &over_once,
+                Limits::new(50, 2),
+                policy(Abort, false, 0.0),
+                Step::GiveUp(GiveUp::MaxRounds),
+            ),
+            (
+                "throttle: a round that did not shrink raises the throttle at once",
+                &over_once,
+                LIMITS,
+                policy(Throttle, true, 0.0),
+                Step::Throttle(THROTTLE_INITIAL),
+            ),
+            (
+                "throttle: a shrinking round does not",
+                &shrinking,
+                LIMITS,
+                policy(Throttle, true, 0.0),
+                Step::Another,
+            ),
+            (
+                "throttle: the next step after 0.2",
+                &over_once,
+                LIMITS,
+                policy(Throttle, true, 0.2),
+                Step::Throttle(0.2 + THROTTLE_STEP),
+            ),
+            (
+                "throttle at its ceiling and stalled: give up",
+                &stalled(),
+                LIMITS,
+                policy(Throttle, true, THROTTLE_CEILING),
+                Step::GiveUp(GiveUp::ThrottleLimit),
+            ),
+            (
+                "throttle, a guest that cannot be throttled: keep going until it stalls",
+                &over_once,
+                LIMITS,
+                policy(Throttle, false, 0.0),
+                Step::Another,
+            ),
+            (
+                "throttle, a guest that cannot be throttled, stalled: say so",
+                &stalled(),
+                LIMITS,
+                policy(Throttle, false, 0.0),
+                Step::GiveUp(GiveUp::CannotThrottle),
+            ),
+            (
+                "throttle at the round limit: give up (never pause over the target)",
+                &over_once,
+                Limits::new(50, 2),
+                policy(Throttle, true, 0.5),
+                Step::GiveUp(GiveUp::MaxRounds),
+            ),
+        ];
+        for (name, rounds, limits, policy, want) in cases {
+            assert_eq!(plan(rounds, *limits, *policy), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_fixed_cost_alone_can_break_the_target() {
+        // Nothing dirty, but stopping the guest and its state cost 60 ms
+        // against a 50 ms target: not converged.
+        let limits = Limits {
+            fixed_ms: 60.0,
+            ..LIMITS
+        };
+        assert_eq!(decide(&[r(262_144, 1000.0, 0)], limits), Decision::Another);
+        // At the round limit, abort gives up rather than pause over it.
+        let at_limit = Limits { max_rounds: 1, ..limits };
+        assert_eq!(
+            plan(&[r(262_144, 1000.0, 0)], at_limit, policy(Converge::Abort, false, 0.0)),
+            Step::GiveUp(GiveUp::MaxRounds)
+        );
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        for c in [Converge::Throttle, Converge::Postcopy, Converge::Abort, Converge::Force] {
+            assert_eq!(c.as_str().parse::<Converge>(), Ok(c));
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{c}\""));
+        }
+        assert!("fast".parse::<Converge>().is_err());
+        assert_eq!(Converge::default(), Converge::Abort);
     }
 }

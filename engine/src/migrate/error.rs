@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::convergence::{Converge, GiveUp};
 use crate::dirty::DirtyError;
 use crate::guest::GuestError;
 use crate::io::IoError;
@@ -100,6 +101,17 @@ pub enum MigrateError {
     /// Commit was sent but the destination's confirmation never came.
     #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination (`ferry status`) before resuming either copy")]
     InDoubt(Duration),
+    /// Pre-copy cannot fit the rest in the downtime target and the policy
+    /// said to give up: the guest was never paused and keeps running.
+    #[error("{0}")]
+    WontConverge(Box<NoConvergence>),
+    /// The migration's total time limit ran out before the commit point:
+    /// the guest keeps running at the source.
+    #[error("the migration did not reach its commit point within its time limit of {0:?} (--timeout-s); it stopped and the guest keeps running at the source. Raise the limit, cap less, or see `ferry estimate`")]
+    TimedOut(Duration),
+    /// The `postcopy` policy was asked for.
+    #[error("--converge postcopy is not available yet in this version of ferry; use throttle (slow the guest until it fits), abort (give up before pausing) or force (switch over past the target)")]
+    PostcopyUnavailable,
     /// A setting out of range, or the two sides disagree.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -132,6 +144,63 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What pre-copy measured when it gave up: the numbers an operator needs to
+/// decide what to try next.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NoConvergence {
+    /// Why it gave up.
+    pub why: GiveUp,
+    /// The policy in force.
+    pub converge: Converge,
+    /// Pages the guest dirtied per second in the last round.
+    pub dirty_rate_pages_per_s: f64,
+    /// The bandwidth the rounds measured, bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// What the paused round would have taken.
+    pub expected_downtime_ms: f64,
+    /// The operator's downtime target.
+    pub downtime_target_ms: u64,
+    /// The throttle in force when it gave up (0..1).
+    pub throttle: f64,
+    /// The live rounds that ran.
+    pub rounds: Vec<super::RoundStats>,
+}
+
+impl std::fmt::Display for NoConvergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |bytes_per_s: f64| bytes_per_s / 1e6;
+        write!(
+            f,
+            "won't converge: the guest dirties {:.0} pages/s ({:.0} MB/s) and the link carried {:.0} MB/s, so the paused round would take {:.0} ms against a target of {} ms ({}, after {} live rounds",
+            self.dirty_rate_pages_per_s,
+            mb(self.dirty_rate_pages_per_s * crate::memory::PAGE_SIZE_U64 as f64),
+            mb(self.bandwidth_bytes_per_s),
+            self.expected_downtime_ms,
+            self.downtime_target_ms,
+            self.why.as_str(),
+            self.rounds.len()
+        )?;
+        if self.throttle > 0.0 {
+            write!(f, ", guest throttled to {:.0} % of its time", (1.0 - self.throttle) * 100.0)?;
+        }
+        write!(
+            f,
+            "). The guest was never paused and keeps running at the source. Try: "
+        )?;
+        f.write_str(match (self.converge, self.why) {
+            (_, GiveUp::CannotThrottle) => {
+                "--converge force (switch over past the target), a higher --downtime-ms-max, more bandwidth, or a VMM that supports throttling"
+            }
+            (Converge::Throttle, _) => {
+                "a higher --throttle-max or --downtime-ms-max, more bandwidth, --converge force, or migrating when the guest writes less"
+            }
+            _ => {
+                "--converge throttle (slow the guest until it fits), a higher --downtime-ms-max, more bandwidth (or a higher --max-bandwidth), --converge force, or migrating when the guest writes less"
+            }
+        })
+    }
 }
 
 impl MigrateError {

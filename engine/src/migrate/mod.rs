@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 pub use self::config::MigrationConfig;
 pub use self::destination::migrate_destination;
-pub use self::error::MigrateError;
+pub use self::error::{MigrateError, NoConvergence};
 pub use self::report::{DestReport, RoundStats, SourceReport};
 pub use self::source::migrate_source;
 use crate::crypto::Sealer;

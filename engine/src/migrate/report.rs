@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::convergence::StopReason;
+use super::convergence::{Converge, StopReason};
 
 /// What one pre-copy round did.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -33,8 +33,16 @@ pub struct RoundStats {
     /// rounds: `dirty_pages_after` over the round's duration).
     pub dirty_rate_pages_per_s: f64,
     /// What the final round would take if it started now: the dirty bytes
-    /// left over the best bandwidth seen so far (pre-copy rounds).
+    /// left over the best bandwidth seen so far, plus stopping the guest and
+    /// its device state (pre-copy rounds).
     pub expected_downtime_ms: f64,
+    /// Share of time taken from the guest during this round (0: none).
+    #[serde(default)]
+    pub throttle: f64,
+    /// The bandwidth cap in force when the round started (bytes/s; none:
+    /// unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_cap_bytes_per_s: Option<u64>,
     /// The stream's transcript (final round, per-stream reports only).
     #[serde(skip)]
     pub(super) transcript: Option<[u8; 32]>,
@@ -47,6 +55,18 @@ pub struct SourceReport {
     pub rounds: Vec<RoundStats>,
     /// Why the live rounds ended.
     pub precopy_stop: StopReason,
+    /// The convergence policy in force.
+    pub converge: Converge,
+    /// The operator's downtime target.
+    pub downtime_target_ms: u64,
+    /// What the paused round was expected to take when pre-copy ended
+    /// (pages left, device state and stopping the guest).
+    pub expected_downtime_ms: f64,
+    /// The expected downtime was over the target and the policy (`force`)
+    /// switched over anyway.
+    pub forced_past_target: bool,
+    /// The highest throttle applied (0..1; 0: none).
+    pub throttle_max: f64,
     /// Pages sent over all rounds.
     pub pages_sent: u64,
     /// Zero pages among them.
@@ -87,6 +107,10 @@ impl SourceReport {
     /// When the guest was paused, counted from the start.
     pub fn paused_after(&self) -> Duration {
         self.paused_at.saturating_duration_since(self.started_at)
+    }
+    /// Whether `downtime_ms` (as the caller measured it) broke the target.
+    pub fn downtime_exceeded(&self, downtime_ms: f64) -> bool {
+        downtime_ms > self.downtime_target_ms as f64
     }
 }
 

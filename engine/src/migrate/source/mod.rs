@@ -13,8 +13,8 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 pub(crate) use self::switchover::ReadyFrame;
 use self::switchover::{FinalAcked, Paused, Tracking};
 use self::worker::SendWorker;
-use super::convergence::{self, Decision, Limits, RoundOutcome, StopReason};
-use super::error::{settle_errors, SETTLE};
+use super::convergence::{self, Limits, Policy, RoundOutcome, Step, StopReason};
+use super::error::{settle_errors, NoConvergence, SETTLE};
 use super::report::gbps;
 use super::transcript::transcript_root;
 use super::{clone_all, pin, MigrateError, MigrationConfig, RoundStats, SourceReport};
@@ -23,6 +23,7 @@ use crate::crypto::SessionKeys;
 use crate::dirty::DirtyTracker;
 use crate::guest::GuestControl;
 use crate::memory::{GuestMemory, PAGE_SIZE_U64};
+use crate::pace::Pacer;
 use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
 
 pub(crate) enum SrcCmd {
@@ -83,6 +84,8 @@ pub fn migrate_source(
 ) -> Result<SourceReport, MigrateError> {
     cfg.validate_for(conns.len())?;
     let started_at = Instant::now();
+    hooks.bandwidth_cap().init(cfg.max_bandwidth, cfg.max_bandwidth_paused);
+    let pacer = Pacer::new(hooks.bandwidth_cap());
     let socks = clone_all(&conns)?;
     let counters = Counters::default();
     let boundaries: Vec<u64> = mem.regions().iter().map(|r| r.first_page().0).collect();
@@ -97,6 +100,7 @@ pub fn migrate_source(
             let reply = reply_tx.clone();
             let boundaries = &boundaries;
             let counters = &counters;
+            let pacer = &pacer;
             let spawned = std::thread::Builder::new()
                 .name(format!("ferry-send-{stream}"))
                 .spawn_scoped(scope, move || {
@@ -105,7 +109,7 @@ pub fn migrate_source(
                         replies: &reply,
                     };
                     pin(cfg, usize::from(stream));
-                    let r = SendWorker::new(stream, mem, keys, cfg, sock, boundaries, hooks, counters)
+                    let r = SendWorker::new(stream, mem, keys, cfg, sock, boundaries, hooks, counters, pacer)
                         .and_then(|mut w| w.run(&rx, &reply, stream));
                     if let Err(e) = r {
                         let _ = reply.send((stream, SrcReply::Failed(e)));
@@ -131,8 +135,10 @@ pub fn migrate_source(
             hooks,
             counters: &counters,
             started_at,
+            deadline: cfg.timeout.map(|t| started_at + t),
             sending: None,
             cancellable: true,
+            throttle_max: 0.0,
         };
         let r = ctl.drive(mem, tracker, guest);
         if r.is_err() {
@@ -172,10 +178,58 @@ pub(crate) struct SourceCtl<'a> {
     hooks: &'a Hooks,
     counters: &'a Counters,
     started_at: Instant,
+    /// The total time limit (`cfg.timeout`), as an instant.
+    deadline: Option<Instant>,
     /// The round under way, its page count and the page counter at its start.
     sending: Option<(u32, u64, u64)>,
-    /// Until the commit point, a cancel stops the migration.
+    /// Until the commit point, a cancel or the time limit stops the
+    /// migration.
     cancellable: bool,
+    /// The highest throttle applied.
+    throttle_max: f64,
+}
+
+/// The guest under the migration's throttle: dropping this (any return, a
+/// panic) takes the throttle off again, so a migration that fails, is
+/// cancelled or completes never leaves the guest slowed down.
+struct Throttled<'g> {
+    guest: &'g mut dyn GuestControl,
+    throttle: f64,
+}
+
+impl<'g> Throttled<'g> {
+    fn new(guest: &'g mut dyn GuestControl) -> Throttled<'g> {
+        Throttled { guest, throttle: 0.0 }
+    }
+
+    fn set(&mut self, throttle: f64) -> Result<(), MigrateError> {
+        self.guest.set_throttle(throttle)?;
+        self.throttle = throttle;
+        Ok(())
+    }
+
+    fn guest(&mut self) -> &mut dyn GuestControl {
+        &mut *self.guest
+    }
+}
+
+impl Drop for Throttled<'_> {
+    fn drop(&mut self) {
+        if self.throttle > 0.0 {
+            if let Err(e) = self.guest.set_throttle(0.0) {
+                tracing::error!("taking the throttle off the guest failed: {e}; it runs slowed down and needs the operator");
+            }
+        }
+    }
+}
+
+/// How pre-copy ended, for the paused round and the report.
+struct PrecopyEnd {
+    rounds: Vec<RoundStats>,
+    last: DirtyBitmap,
+    why: StopReason,
+    expected_downtime_ms: f64,
+    forced_past_target: bool,
 }
 
 impl SourceCtl<'_> {
@@ -184,8 +238,16 @@ impl SourceCtl<'_> {
     }
 
     fn check_cancel(&self) -> Result<(), MigrateError> {
-        if self.cancellable && self.hooks.is_cancelled() {
+        if !self.cancellable {
+            return Ok(());
+        }
+        if self.hooks.is_cancelled() {
             return Err(MigrateError::Cancelled);
+        }
+        if let (Some(at), Some(limit)) = (self.deadline, self.cfg.timeout) {
+            if Instant::now() >= at {
+                return Err(MigrateError::TimedOut(limit));
+            }
         }
         Ok(())
     }
@@ -197,10 +259,13 @@ impl SourceCtl<'_> {
     }
 
     /// Waits for one reply; workers time out on their own network waits, so
-    /// this bound is only a backstop.
-    /// Meanwhile reports progress and watches the cancel switch.
+    /// this bound (three I/O timeouts without a byte sent) is only a
+    /// backstop. Meanwhile reports progress and watches the cancel switch
+    /// and the time limit.
     fn reply(&self) -> Result<(u16, SrcReply), MigrateError> {
-        let deadline = Instant::now() + self.cfg.io_timeout * 3;
+        let backstop = self.cfg.io_timeout * 3;
+        let mut deadline = Instant::now() + backstop;
+        let mut bytes_seen = self.counters.get().1;
         loop {
             self.check_cancel()?;
             let wait = PROGRESS_EVERY.min(deadline.saturating_duration_since(Instant::now()));
@@ -211,8 +276,13 @@ impl SourceCtl<'_> {
                 }
                 Ok(r) => return Ok(r),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    let (pages, bytes) = self.counters.get();
+                    if bytes != bytes_seen {
+                        // A long round (a big guest, a low cap) is progress.
+                        bytes_seen = bytes;
+                        deadline = Instant::now() + backstop;
+                    }
                     if let Some((round, pages_in_round, pages_at_start)) = self.sending {
-                        let (pages, bytes) = self.counters.get();
                         self.hooks.emit(&Progress::Sending {
                             round,
                             pages_sent: pages.saturating_sub(pages_at_start).min(pages_in_round),
@@ -269,6 +339,7 @@ impl SourceCtl<'_> {
         let mut total = RoundStats {
             round,
             is_final,
+            bandwidth_cap_bytes_per_s: self.hooks.bandwidth_cap().for_round(is_final),
             started_ms: t0.saturating_duration_since(self.started_at).as_secs_f64() * 1e3,
             ..Default::default()
         };
@@ -306,13 +377,15 @@ impl SourceCtl<'_> {
         Ok((total, ready))
     }
 
-    /// Live rounds until [`convergence::decide`] says stop. Returns the
-    /// rounds, the dirty set the paused round sends and why pre-copy ended.
+    /// Live rounds until [`convergence::plan`] says switch over (or give
+    /// up: then the guest was never paused). Raises the guest's throttle
+    /// when the plan says so.
     fn precopy(
         &mut self,
         mem: &GuestMemory,
         tracking: &mut Tracking<'_>,
-    ) -> Result<(Vec<RoundStats>, DirtyBitmap, StopReason), MigrateError> {
+        guest: &mut Throttled<'_>,
+    ) -> Result<PrecopyEnd, MigrateError> {
         let pages = mem.pages();
         // Never-written pages (memfd holes) go as zero pages without being
         // read: reading would make the kernel allocate them. Taken after
@@ -321,16 +394,14 @@ impl SourceCtl<'_> {
         mem.holes_into(&mut holes)
             .map_err(|e| MigrateError::Config(format!("cannot map guest memory holes: {e}")))?;
         let mut holes = Some(Arc::new(holes));
-        let limits = Limits {
-            downtime_ms_max: self.cfg.downtime_ms_max,
-            max_rounds: self.cfg.max_rounds,
-        };
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut outcomes: Vec<RoundOutcome> = Vec::new();
         let mut dirty = Arc::new(DirtyBitmap::full(pages));
         loop {
             let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
+            let throttle = guest.throttle;
             let (mut stats, _) = self.run_round(round, dirty, holes.take(), None, false)?;
+            stats.throttle = throttle;
             let t = Instant::now();
             let mut next = DirtyBitmap::new(pages);
             tracking.tracker().collect(&mut next)?;
@@ -341,29 +412,81 @@ impl SourceCtl<'_> {
                 duration_ms: stats.duration_ms,
                 dirty_pages_after: stats.dirty_pages_after,
             });
-            stats.expected_downtime_ms = convergence::expected_downtime_ms(&outcomes);
+            // Limits as they are now: the paused round's cap may have been
+            // changed, and the guest's last stop measured.
+            let limits = Limits {
+                downtime_ms_max: self.cfg.downtime_ms_max,
+                max_rounds: self.cfg.max_rounds,
+                fixed_ms: guest.guest().stop_latency().as_secs_f64() * 1e3,
+                state_bytes: guest.guest().device_state_bytes_hint() as u64,
+                paused_cap_bytes_per_s: self.hooks.bandwidth_cap().paused().map(|c| c as f64),
+            };
+            stats.expected_downtime_ms = convergence::expected_downtime_ms(&outcomes, &limits);
             if stats.duration_ms > 0.0 {
                 stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
             }
-            let decision = convergence::decide(&outcomes, limits);
+            let policy = Policy {
+                converge: self.cfg.converge,
+                can_throttle: guest.guest().can_throttle(),
+                throttle,
+                throttle_max: self.cfg.throttle_max,
+            };
+            let step = convergence::plan(&outcomes, limits, policy);
             tracing::info!(
                 round,
                 pages = stats.pages,
                 ms = stats.duration_ms,
                 dirty_after = stats.dirty_pages_after,
                 expected_downtime_ms = stats.expected_downtime_ms,
-                ?decision,
+                throttle,
+                ?step,
                 "pre-copy round done"
             );
             self.hooks.emit(&Progress::Round {
                 stats: stats.clone(),
                 elapsed_ms: self.elapsed_ms(),
             });
+            let expected_downtime_ms = stats.expected_downtime_ms;
+            let dirty_rate = stats.dirty_rate_pages_per_s;
             rounds.push(stats);
             dirty = Arc::new(next);
-            if let Decision::Stop(why) = decision {
-                let last = Arc::try_unwrap(dirty).unwrap_or_else(|a| (*a).clone());
-                return Ok((rounds, last, why));
+            match step {
+                Step::Another => {}
+                Step::Throttle(t) => {
+                    guest.set(t)?;
+                    self.throttle_max = self.throttle_max.max(t);
+                    tracing::info!(round, throttle = t, "the guest is throttled harder to converge");
+                    self.hooks.emit(&Progress::Throttled { round, throttle: t });
+                }
+                Step::Switchover { why, exceeded } => {
+                    if exceeded {
+                        tracing::warn!(
+                            expected_downtime_ms,
+                            target_ms = self.cfg.downtime_ms_max,
+                            "policy force: switching over although the paused round is expected to exceed the downtime target"
+                        );
+                    }
+                    let last = Arc::try_unwrap(dirty).unwrap_or_else(|a| (*a).clone());
+                    return Ok(PrecopyEnd {
+                        rounds,
+                        last,
+                        why,
+                        expected_downtime_ms,
+                        forced_past_target: exceeded,
+                    });
+                }
+                Step::GiveUp(why) => {
+                    return Err(MigrateError::WontConverge(Box::new(NoConvergence {
+                        why,
+                        converge: self.cfg.converge,
+                        dirty_rate_pages_per_s: dirty_rate,
+                        bandwidth_bytes_per_s: convergence::bandwidth_bytes_per_s(&outcomes).unwrap_or(0.0),
+                        expected_downtime_ms,
+                        downtime_target_ms: self.cfg.downtime_ms_max,
+                        throttle,
+                        rounds,
+                    })));
+                }
             }
         }
     }
@@ -375,15 +498,24 @@ impl SourceCtl<'_> {
         guest: &mut dyn GuestControl,
     ) -> Result<SourceReport, MigrateError> {
         let tracker_name = tracker.name();
+        // Declared before `tracking`, so dropped after the guest resumed
+        // (on a failure): the throttle comes off last.
+        let mut guest = Throttled::new(guest);
         let mut tracking = Tracking::start(tracker)?;
-        let (mut rounds, mut last, precopy_stop) = self.precopy(mem, &mut tracking)?;
+        let PrecopyEnd {
+            mut rounds,
+            mut last,
+            why: precopy_stop,
+            expected_downtime_ms,
+            forced_past_target,
+        } = self.precopy(mem, &mut tracking, &mut guest)?;
         let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
 
         // Stop and copy (unless cancelled meanwhile). From here until the
         // commit, dropping `paused` — by any return or unwind — resumes the
         // guest.
         self.check_cancel()?;
-        let mut paused: Paused<'_> = tracking.pause(guest)?;
+        let mut paused: Paused<'_> = tracking.pause(guest.guest())?;
         // Downtime starts when the guest began to stop.
         let now = Instant::now();
         let paused_at = now.checked_sub(paused.guest().stop_latency()).unwrap_or(now);
@@ -395,6 +527,9 @@ impl SourceCtl<'_> {
         self.hooks.emit(&Progress::Paused {
             round,
             pages: last.count(),
+            expected_downtime_ms,
+            downtime_target_ms: self.cfg.downtime_ms_max,
+            exceeds_target: forced_past_target,
         });
         let (mut fin, ready) = self.run_round(round, Arc::new(last), None, Some(state), true)?;
         // Every stream reported its final round done: each had every frame
@@ -443,6 +578,11 @@ impl SourceCtl<'_> {
             bytes_on_wire: rounds.iter().map(|r| r.bytes_on_wire).sum(),
             rounds,
             precopy_stop,
+            converge: self.cfg.converge,
+            downtime_target_ms: self.cfg.downtime_ms_max,
+            expected_downtime_ms,
+            forced_past_target,
+            throttle_max: self.throttle_max,
             device_state_bytes,
             tracker: tracker_name,
             paused_at,

@@ -14,6 +14,7 @@ use crate::migrate::inbox::Inbox;
 use crate::migrate::transcript::Transcript;
 use crate::migrate::{hello_of, send_abort, MigrateError, MigrationConfig, RoundStats, MAX_TO_SOURCE_FRAME};
 use crate::pipeline::{self, StreamHeader};
+use crate::pace::Pacer;
 use crate::progress::{Counters, Hooks};
 use crate::wire::{self, Ack, Kind, StreamId, FLAG_FINAL, HEADER_LEN, MAX_FRAME};
 
@@ -36,6 +37,9 @@ pub(crate) struct SendWorker<'a> {
     transcript: Transcript,
     hooks: &'a Hooks,
     counters: &'a Counters,
+    pacer: &'a Pacer<'a>,
+    /// The round under way is the paused one (its own bandwidth cap).
+    final_round: bool,
 }
 
 impl<'a> SendWorker<'a> {
@@ -54,6 +58,7 @@ impl<'a> SendWorker<'a> {
         boundaries: &'a [u64],
         hooks: &'a Hooks,
         counters: &'a Counters,
+        pacer: &'a Pacer<'a>,
     ) -> Result<Self, MigrateError> {
         crate::transport::prove_stream(&mut sock, keys, stream, cfg.io_timeout).map_err(|e| MigrateError::Setup {
             stream,
@@ -88,6 +93,8 @@ impl<'a> SendWorker<'a> {
             transcript: Transcript::new(),
             hooks,
             counters,
+            pacer,
+            final_round: false,
         })
     }
 
@@ -126,6 +133,7 @@ impl<'a> SendWorker<'a> {
                     is_final,
                 } => {
                     self.round = round;
+                    self.final_round = is_final;
                     if is_final && self.hooks.injected_panic_in_final_round(stream) {
                         panic!("injected fault: stream {stream}'s worker panics in the final round, after the pause");
                     }
@@ -255,6 +263,10 @@ impl<'a> SendWorker<'a> {
         if self.cur.is_empty() {
             return Ok(());
         }
+        // Under a bandwidth cap, wait for this batch's slot (a cancel ends
+        // the wait).
+        let hooks = self.hooks;
+        self.pacer.take(self.cur.len(), self.final_round, || hooks.is_cancelled());
         // Checked once per batch; `run` tells the destination why it stops.
         if !self.ready && self.hooks.is_cancelled() {
             return Err(MigrateError::Cancelled);
