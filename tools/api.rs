@@ -6,7 +6,9 @@
 //! ```text
 //! {"op":"status"}                                  → {"event":"status","state":"running",...}
 //! {"op":"cancel"}                                  → {"event":"cancel","cancelled":true}
+//! {"op":"set-bandwidth","max_bandwidth":200000000} → {"event":"bandwidth","max_bandwidth_bytes_per_s":200000000,...}
 //! {"op":"migrate","to":"10.0.0.2:7700","dest_host":"dst"}
+//!   (optional: "downtime_ms_max", "converge", "max_bandwidth", "max_bandwidth_paused", "timeout_s")
 //!                                                  → {"event":"accepted",...}
 //!                                                    {"event":"sending",...} {"event":"round",...} ...
 //!                                                    {"event":"migrated",...,"record":{...}}
@@ -30,7 +32,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::migrate::RoundStats;
+use ferry_engine::migrate::convergence::Converge;
+use ferry_engine::migrate::{MigrationConfig, RoundStats};
 use ferry_engine::progress::Progress;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +57,26 @@ pub enum Request {
         /// Downtime target in milliseconds (default: the VMM's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         downtime_ms_max: Option<u64>,
+        /// What to do when the rest does not fit the target (default: the VMM's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        converge: Option<Converge>,
+        /// Bandwidth cap of the live rounds, bytes/s (default: the VMM's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bandwidth: Option<u64>,
+        /// Bandwidth cap of the paused round, bytes/s.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bandwidth_paused: Option<u64>,
+        /// Total time limit in seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u64>,
+    },
+    /// Change the running migration's bandwidth caps.
+    SetBandwidth {
+        /// The live rounds' cap in bytes/s (null: unlimited).
+        max_bandwidth: Option<u64>,
+        /// The paused round's cap (absent: unchanged).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bandwidth_paused: Option<u64>,
     },
     /// The VM's state and the migration's latest progress.
     Status,
@@ -86,6 +109,13 @@ pub enum ApiReply {
         cancelled: bool,
         /// What happens next.
         note: String,
+    },
+    /// The running migration's caps, after a `set-bandwidth`.
+    Bandwidth {
+        /// The live rounds' cap, bytes/s (null: unlimited).
+        max_bandwidth_bytes_per_s: Option<u64>,
+        /// The paused round's cap.
+        max_bandwidth_paused_bytes_per_s: Option<u64>,
     },
     /// The migration request was taken; tickets and admission come next.
     Accepted {
@@ -169,6 +199,9 @@ pub struct Migrated {
     pub steps: Vec<crate::lab::Step>,
     /// Every round.
     pub round_detail: Vec<RoundStats>,
+    /// The downtime target, the policy, and what came of them.
+    #[serde(default)]
+    pub convergence: Option<crate::record::Convergence>,
     /// vCPU entries at the source after the commit (should be 0).
     #[serde(default)]
     pub runs_after_commit: Option<u64>,
@@ -178,6 +211,55 @@ pub struct Migrated {
     /// The migration's record.
     #[serde(default)]
     pub record: Option<crate::record::Record>,
+}
+
+/// One migration's settings over the host's (`None`: the host's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// Downtime target in milliseconds.
+    pub downtime_ms_max: Option<u64>,
+    /// Convergence policy.
+    pub converge: Option<Converge>,
+    /// Live rounds' bandwidth cap, bytes/s.
+    pub max_bandwidth: Option<u64>,
+    /// Paused round's bandwidth cap, bytes/s.
+    pub max_bandwidth_paused: Option<u64>,
+    /// Total time limit, seconds.
+    pub timeout_s: Option<u64>,
+}
+
+impl Tuning {
+    /// `cfg` with these settings over it.
+    pub fn apply(&self, cfg: &mut MigrationConfig) {
+        if let Some(d) = self.downtime_ms_max {
+            cfg.downtime_ms_max = d;
+        }
+        if let Some(c) = self.converge {
+            cfg.converge = c;
+        }
+        if self.max_bandwidth.is_some() {
+            cfg.max_bandwidth = self.max_bandwidth;
+        }
+        if self.max_bandwidth_paused.is_some() {
+            cfg.max_bandwidth_paused = self.max_bandwidth_paused;
+        }
+        if let Some(t) = self.timeout_s {
+            cfg.timeout = Some(Duration::from_secs(t));
+        }
+    }
+
+    /// The migrate request carrying these settings.
+    pub fn request(&self, to: SocketAddr, dest_host: String) -> Request {
+        Request::Migrate {
+            to,
+            dest_host,
+            downtime_ms_max: self.downtime_ms_max,
+            converge: self.converge,
+            max_bandwidth: self.max_bandwidth,
+            max_bandwidth_paused: self.max_bandwidth_paused,
+            timeout_s: self.timeout_s,
+        }
+    }
 }
 
 /// The last reply of a migration that did not complete.
@@ -358,14 +440,36 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_unknown_fields_are_refused() {
-        let m = Request::Migrate {
-            to: "127.0.0.1:7700".parse().unwrap(),
-            dest_host: "dst".into(),
-            downtime_ms_max: None,
-        };
+        let m = Tuning::default().request("127.0.0.1:7700".parse().unwrap(), "dst".into());
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"op":"migrate","to":"127.0.0.1:7700","dest_host":"dst"}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), m);
+        let tuned = Tuning {
+            converge: Some(Converge::Throttle),
+            max_bandwidth: Some(200_000_000),
+            timeout_s: Some(30),
+            ..Tuning::default()
+        };
+        let m = tuned.request("127.0.0.1:7700".parse().unwrap(), "dst".into());
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"op":"migrate","to":"127.0.0.1:7700","dest_host":"dst","converge":"throttle","max_bandwidth":200000000,"timeout_s":30}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), m);
+        let mut cfg = MigrationConfig::default();
+        tuned.apply(&mut cfg);
+        assert_eq!(
+            (cfg.converge, cfg.max_bandwidth, cfg.timeout),
+            (Converge::Throttle, Some(200_000_000), Some(Duration::from_secs(30)))
+        );
+        let b = Request::SetBandwidth {
+            max_bandwidth: None,
+            max_bandwidth_paused: None,
+        };
+        let s = serde_json::to_string(&b).unwrap();
+        assert_eq!(s, r#"{"op":"set-bandwidth","max_bandwidth":null}"#);
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), b);
         assert!(
             serde_json::from_str::<Request>(r#"{"op":"migrate","to":"127.0.0.1:1","dest_host":"d","force":true}"#)
                 .is_err()
@@ -375,12 +479,21 @@ mod tests {
 
     #[test]
     fn replies_round_trip_and_a_renamed_field_is_an_error_not_a_default() {
-        let p = Reply::Progress(Progress::Paused { round: 4, pages: 9 });
+        let p = Reply::Progress(Progress::Paused {
+            round: 4,
+            pages: 9,
+            expected_downtime_ms: 1.5,
+            downtime_target_ms: 50,
+            exceeds_target: false,
+        });
         let s = serde_json::to_string(&p).unwrap();
-        assert_eq!(s, r#"{"event":"paused","round":4,"pages":9}"#);
+        assert_eq!(
+            s,
+            r#"{"event":"paused","round":4,"pages":9,"expected_downtime_ms":1.5,"downtime_target_ms":50,"exceeds_target":false}"#
+        );
         assert!(matches!(
             serde_json::from_str::<Reply>(&s).unwrap(),
-            Reply::Progress(Progress::Paused { round: 4, pages: 9 })
+            Reply::Progress(Progress::Paused { round: 4, pages: 9, .. })
         ));
         let e = Reply::Api(ApiReply::MigrationFailed(Box::new(Ended {
             reason: "cut".into(),

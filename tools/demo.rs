@@ -18,6 +18,7 @@ use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::{AeadBackend, SessionKeys};
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
+use ferry_engine::migrate::convergence::Converge;
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::progress::Hooks;
@@ -29,6 +30,9 @@ use ferry_vmm::workload::{self, SyntheticGuest, WorkloadConfig};
 use serde::Serialize;
 
 use crate::lab;
+
+/// How long the destination's write rate is measured after the resume.
+const WRITE_RATE_WINDOW: Duration = Duration::from_millis(300);
 
 /// Which dirty tracker the source uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -94,6 +98,7 @@ impl DemoReport {
         r.downtime_from_ms = Some(self.downtime_from_ms);
         r.steps = self.steps.clone();
         r.rounds = self.round_detail.clone();
+        r.convergence = Some(self.convergence.clone());
         r
     }
 }
@@ -262,6 +267,29 @@ pub struct DemoReport {
     pub source_holes_filled: u64,
     /// Peak heap the engine allocated, both sides together, beyond guest RAM.
     pub engine_heap_peak_bytes: u64,
+    /// Synthetic guest: its write rate at the destination after the resume
+    /// (unthrottled: the configured rate).
+    pub destination_write_rate_pages_per_s: Option<f64>,
+    /// The convergence policy (throttle, abort, force).
+    pub converge: Converge,
+    /// converged or forced-past-target.
+    pub outcome: String,
+    /// The highest throttle applied (0..1).
+    pub throttle_max: f64,
+    /// The operator's downtime target.
+    pub downtime_target_ms: u64,
+    /// What the paused round was expected to take when pre-copy ended.
+    pub expected_downtime_ms: f64,
+    /// The measured downtime was over the target.
+    pub downtime_exceeded: bool,
+    /// The live rounds' bandwidth cap in force at the end (bytes/s; null:
+    /// unlimited).
+    pub max_bandwidth_bytes_per_s: Option<u64>,
+    /// The paused round's cap.
+    pub max_bandwidth_paused_bytes_per_s: Option<u64>,
+    /// The same, as the record holds it.
+    #[serde(skip)]
+    pub convergence: crate::record::Convergence,
     /// Per-round detail.
     pub round_detail: Vec<RoundStats>,
 }
@@ -281,6 +309,11 @@ pub struct Failure {
     /// (the guest's own checksum equals the VMM's over the same bytes, and
     /// every page it did not write since its fill still holds the fill).
     pub source_memory_intact: Option<bool>,
+    /// The source guest's throttle after the failure (0: none, as it must
+    /// be).
+    pub source_throttle_after: f64,
+    /// The record of the failed migration.
+    pub record: crate::record::Record,
 }
 
 impl std::fmt::Display for Failure {
@@ -420,6 +453,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     });
     let engine_heap_peak_bytes = alloc::peak_bytes().saturating_sub(heap_base) as u64;
     drop(tracker);
+    let caps = (opts.hooks.bandwidth_cap().live(), opts.hooks.bandwidth_cap().paused());
     let (src, dst) = match (src_result, dst_result) {
         (Ok(s), Ok(d)) => (s, d),
         (s, d) => {
@@ -427,12 +461,33 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                 Source::Kvm(vm) => Some(vm.check_memory().is_ok_and(|c| c.ok())),
                 Source::Synthetic(_) => None,
             };
+            let mut record = crate::record::Record::new("demo-vm", "src", "dst", opts.memory_bytes);
+            record.migration_id = claims.migration_id;
+            record.handshake_ms = handshake_ms;
+            record.steps = lab.steps.clone();
+            let err = s.as_ref().err().or(d.as_ref().err());
+            if let Some(e) = err {
+                record.convergence = Some(crate::record::Convergence::of_failure(&cfg, e, caps));
+                record.error = Some(e.to_string());
+                record.outcome = match e {
+                    MigrateError::WontConverge(n) => {
+                        record.rounds = n.rounds.clone();
+                        "aborted"
+                    }
+                    MigrateError::Cancelled => "cancelled",
+                    MigrateError::InDoubt(_) => "in-doubt",
+                    _ => "failed",
+                }
+                .into();
+            }
             return Err(DemoError::Failed(Box::new(Failure {
                 source_error: s.err(),
                 destination_error: d.err(),
                 source_guest_running: src_guest.keeps_running(opts.dirty_rate_pages_per_s),
                 destination_guest_ran: dst_guest.ran(),
                 source_memory_intact,
+                source_throttle_after: src_guest.throttle(),
+                record,
             })));
         }
     };
@@ -463,6 +518,20 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination resumed: downtime {downtime_ms:.2} ms",
         src.device_state_bytes
     ));
+    let convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);
+    say(convergence.line(Some(downtime_ms)).trim());
+    if convergence.downtime_exceeded {
+        say(&format!(
+            "WARNING: the downtime target of {} ms was EXCEEDED: {downtime_ms:.2} ms ({:.1}x){}",
+            src.downtime_target_ms,
+            downtime_ms / src.downtime_target_ms.max(1) as f64,
+            if src.forced_past_target {
+                " -- policy force switched over knowing it would be"
+            } else {
+                ""
+            }
+        ));
+    }
 
     let t = Instant::now();
     let v = match (&mut src_guest, &mut dst_guest) {
@@ -473,6 +542,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         _ => return Err(DemoError::Setup("source and destination guests differ".into())),
     };
     let verified = v.verified;
+    let destination_write_rate_pages_per_s = dst_guest.write_rate(WRITE_RATE_WINDOW);
     // Non-repudiation: the source signs what it sent; the destination checks
     // it against its own transcript and signs a receipt.
     let manifest = Manifest {
@@ -591,6 +661,16 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         dest_prefault_ms,
         source_holes_filled,
         engine_heap_peak_bytes,
+        destination_write_rate_pages_per_s,
+        converge: src.converge,
+        outcome: convergence.outcome.clone(),
+        throttle_max: src.throttle_max,
+        downtime_target_ms: src.downtime_target_ms,
+        expected_downtime_ms: src.expected_downtime_ms,
+        downtime_exceeded: convergence.downtime_exceeded,
+        max_bandwidth_bytes_per_s: caps.0,
+        max_bandwidth_paused_bytes_per_s: caps.1,
+        convergence,
         round_detail: src.rounds,
     })
 }
@@ -659,6 +739,14 @@ impl Source {
         }
     }
 
+    /// The migration's throttle still on the guest (0: none).
+    fn throttle(&self) -> f64 {
+        match self {
+            Source::Synthetic(g) => g.throttle(),
+            Source::Kvm(vm) => vm.throttle(),
+        }
+    }
+
     /// After a failed migration: the guest runs at the source (its heartbeat
     /// moves on).
     fn keeps_running(&self, dirty_rate: u64) -> bool {
@@ -683,6 +771,19 @@ impl Dest {
         match self {
             Dest::Synthetic(g) => g,
             Dest::Kvm(vm) => vm,
+        }
+    }
+
+    /// Synthetic guest: its write rate here, measured over `over` (the
+    /// throttle must not have moved with it).
+    fn write_rate(&self, over: Duration) -> Option<f64> {
+        match self {
+            Dest::Synthetic(g) => {
+                let (t, hb) = (Instant::now(), g.heartbeat());
+                std::thread::sleep(over);
+                Some(g.heartbeat().saturating_sub(hb) as f64 / t.elapsed().as_secs_f64())
+            }
+            Dest::Kvm(_) => None,
         }
     }
 

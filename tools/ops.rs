@@ -25,8 +25,8 @@ pub struct MigrateOptions {
     pub to: std::net::SocketAddr,
     /// Destination host name.
     pub dest_host: String,
-    /// Downtime target, if not the VMM's.
-    pub downtime_ms_max: Option<u64>,
+    /// This migration's settings over the VMM's.
+    pub tuning: api::Tuning,
     /// Where the record goes (default: under the state directory).
     pub record: Option<PathBuf>,
     /// Longest silence from the VMM.
@@ -78,11 +78,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
     } else {
         Show::Lines
     };
-    let req = Request::Migrate {
-        to: o.to,
-        dest_host: o.dest_host.clone(),
-        downtime_ms_max: o.downtime_ms_max,
-    };
+    let req = o.tuning.request(o.to, o.dest_host.clone());
     let mut last: Option<ApiReply> = None;
     // Bandwidth and dirty rate of the last finished round, for the ETA.
     let (mut bw_bytes_per_s, mut dirty_rate, mut expected_ms) = (0.0f64, 0.0f64, 0.0f64);
@@ -147,15 +143,20 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                     // The round is done: a full bar, then what is left.
                     b.set_position(b.length().unwrap_or(0));
                     b.set_message(format!(
-                        "{} dirty left | {:.2} GB/s | dirty {:.0} pages/s | downtime ~{:.1} ms",
+                        "{} dirty left | {:.2} GB/s | dirty {:.0} pages/s | downtime ~{:.1} ms{}",
                         human(r.dirty_pages_after * PAGE),
                         bw_bytes_per_s / 1e9,
                         dirty_rate,
-                        expected_ms
+                        expected_ms,
+                        if r.throttle > 0.0 {
+                            format!(" | throttle {:.0} %", r.throttle * 100.0)
+                        } else {
+                            String::new()
+                        }
                     ));
                 }
                 show.line(&format!(
-                    "round {}{}: {} in {:.0} ms ({:.2} GB/s), {} dirty after ({:.0} pages/s), expected downtime {:.1} ms",
+                    "round {}{}: {} in {:.0} ms ({:.2} GB/s), {} dirty after ({:.0} pages/s), expected downtime {:.1} ms{}",
                     r.round,
                     if r.is_final { " (final, guest paused)" } else { "" },
                     human(r.bytes_on_wire),
@@ -163,16 +164,39 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                     r.throughput_gbps,
                     human(r.dirty_pages_after * PAGE),
                     r.dirty_rate_pages_per_s,
-                    r.expected_downtime_ms
+                    r.expected_downtime_ms,
+                    if r.throttle > 0.0 {
+                        format!(", throttle {:.0} %", r.throttle * 100.0)
+                    } else {
+                        String::new()
+                    }
                 ));
             }
-            Reply::Progress(Progress::Paused { pages, .. }) => {
+            Reply::Progress(Progress::Paused {
+                pages,
+                expected_downtime_ms,
+                downtime_target_ms,
+                exceeds_target,
+                ..
+            }) => {
                 if let Show::Bar(b) = &show {
                     b.set_prefix("final");
                     b.set_message("guest paused: the last dirty pages and the vCPU state");
                 }
-                show.line(&format!("switchover: guest paused, final round of {pages} pages"));
+                show.line(&format!(
+                    "switchover: guest paused, final round of {pages} pages, expected downtime {expected_downtime_ms:.1} ms (target {downtime_target_ms} ms)"
+                ));
+                if exceeds_target {
+                    show.line(&format!(
+                        "WARNING: --converge force: switching over although the downtime is expected to EXCEED the target by {:.1} ms",
+                        expected_downtime_ms - downtime_target_ms as f64
+                    ));
+                }
             }
+            Reply::Progress(Progress::Throttled { round, throttle }) => show.line(&format!(
+                "after round {round}: the guest is throttled to {:.0} % of its time so that pre-copy converges",
+                (1.0 - throttle) * 100.0
+            )),
             Reply::Progress(Progress::Committed { .. }) => {
                 show.line("commit point passed: the guest now belongs to the destination")
             }
@@ -221,12 +245,30 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
         ),
         ApiReply::Migrated(m) => (
             format!(
-                "migrated {vm} to {}: {} rounds, {} on the wire, downtime {:.2} ms, total {:.0} ms{rec_note}",
+                "migrated {vm} to {}: {} rounds, {} on the wire, downtime {:.2} ms, total {:.0} ms{}{rec_note}",
                 o.dest_host,
                 m.rounds,
                 human(m.bytes_on_wire),
                 m.downtime_ms,
-                m.total_ms
+                m.total_ms,
+                m.convergence.as_ref().map_or(String::new(), |c| {
+                    let mut t = format!(
+                        "; target {} ms, expected {:.2} ms",
+                        c.downtime_target_ms,
+                        c.expected_downtime_ms.unwrap_or(f64::NAN)
+                    );
+                    if c.throttle_max > 0.0 {
+                        t += &format!(", throttled up to {:.0} %", c.throttle_max * 100.0);
+                    }
+                    if c.downtime_exceeded {
+                        t += &format!(
+                            " -- DOWNTIME TARGET EXCEEDED by {:.2} ms (policy {})",
+                            m.downtime_ms - c.downtime_target_ms as f64,
+                            c.converge
+                        );
+                    }
+                    t
+                })
             ),
             ExitCode::SUCCESS,
         ),
@@ -290,6 +332,7 @@ pub fn status(path: &Path, json: bool) -> Result<ExitCode, String> {
             )
         }
         Some(Progress::Paused { .. }) => line += "; last: paused",
+        Some(Progress::Throttled { throttle, .. }) => line += &format!("; guest throttled {:.0} %", throttle * 100.0),
         Some(Progress::Committed { .. }) => line += "; last: committed",
         Some(Progress::Resumed { .. }) => line += "; last: resumed",
         Some(Progress::Receiving { .. }) => line += "; last: receiving",
@@ -317,6 +360,38 @@ pub fn cancel(path: &Path, json: bool) -> Result<ExitCode, String> {
         }
         Reply::Api(ApiReply::Error { error }) => Err(error),
         other => Err(format!("the VMM answered cancel with {other:?}")),
+    }
+}
+
+/// `ferry set-bandwidth`: changes the running migration's caps.
+pub fn set_bandwidth(path: &Path, live: Option<u64>, paused: Option<u64>, json: bool) -> Result<ExitCode, String> {
+    let v = one(
+        path,
+        &Request::SetBandwidth {
+            max_bandwidth: live,
+            max_bandwidth_paused: paused,
+        },
+    )?;
+    if json {
+        println!("{}", json_line(&v));
+    }
+    match v {
+        Reply::Api(ApiReply::Bandwidth {
+            max_bandwidth_bytes_per_s,
+            max_bandwidth_paused_bytes_per_s,
+        }) => {
+            if !json {
+                let show = |c: Option<u64>| c.map_or("unlimited".to_string(), crate::size::human_rate);
+                println!(
+                    "bandwidth cap now {} (paused round {}); the next batch obeys it",
+                    show(max_bandwidth_bytes_per_s),
+                    show(max_bandwidth_paused_bytes_per_s)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Reply::Api(ApiReply::Error { error }) => Err(error),
+        other => Err(format!("the VMM answered set-bandwidth with {other:?}")),
     }
 }
 

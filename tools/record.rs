@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_engine::migrate::RoundStats;
+use ferry_engine::migrate::{MigrateError, MigrationConfig, RoundStats, SourceReport};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +59,110 @@ pub struct Record {
     pub steps: Vec<Step>,
     /// Every round, the final one last.
     pub rounds: Vec<RoundStats>,
+    /// The downtime promise and what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<Convergence>,
+}
+
+/// The downtime target, the policy that kept it, and what happened.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Convergence {
+    /// The policy: throttle, abort, force (postcopy is refused).
+    pub converge: String,
+    /// converged, forced-past-target, aborted: won't converge, timed-out,
+    /// or another failure.
+    pub outcome: String,
+    /// The operator's target.
+    pub downtime_target_ms: u64,
+    /// What the paused round was expected to take when pre-copy ended.
+    #[serde(default)]
+    pub expected_downtime_ms: Option<f64>,
+    /// The measured downtime was over the target.
+    pub downtime_exceeded: bool,
+    /// The highest throttle applied (0..1).
+    pub throttle_max: f64,
+    /// The live rounds' bandwidth cap, bytes/s (none: unlimited).
+    #[serde(default)]
+    pub max_bandwidth_bytes_per_s: Option<u64>,
+    /// The paused round's cap.
+    #[serde(default)]
+    pub max_bandwidth_paused_bytes_per_s: Option<u64>,
+    /// The estimate made before the migration (`ferry estimate`), if one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<serde_json::Value>,
+}
+
+impl Convergence {
+    /// A completed migration's: `downtime_ms` as the caller measured it;
+    /// `caps` the caps in force at the end.
+    pub fn of_report(rep: &SourceReport, downtime_ms: f64, caps: (Option<u64>, Option<u64>)) -> Convergence {
+        let exceeded = rep.downtime_exceeded(downtime_ms);
+        Convergence {
+            converge: rep.converge.as_str().into(),
+            outcome: if rep.forced_past_target {
+                "forced-past-target"
+            } else {
+                "converged"
+            }
+            .into(),
+            downtime_target_ms: rep.downtime_target_ms,
+            expected_downtime_ms: Some(rep.expected_downtime_ms),
+            downtime_exceeded: exceeded,
+            throttle_max: rep.throttle_max,
+            max_bandwidth_bytes_per_s: caps.0,
+            max_bandwidth_paused_bytes_per_s: caps.1,
+            prediction: None,
+        }
+    }
+
+    /// A migration that failed with `err` under `cfg`.
+    pub fn of_failure(cfg: &MigrationConfig, err: &MigrateError, caps: (Option<u64>, Option<u64>)) -> Convergence {
+        let (outcome, expected, throttle) = match err {
+            MigrateError::WontConverge(n) => ("aborted: won't converge", Some(n.expected_downtime_ms), n.throttle),
+            MigrateError::TimedOut(_) => ("timed-out", None, 0.0),
+            MigrateError::Cancelled => ("cancelled", None, 0.0),
+            _ => ("failed", None, 0.0),
+        };
+        Convergence {
+            converge: cfg.converge.as_str().into(),
+            outcome: outcome.into(),
+            downtime_target_ms: cfg.downtime_ms_max,
+            expected_downtime_ms: expected,
+            downtime_exceeded: false,
+            throttle_max: throttle,
+            max_bandwidth_bytes_per_s: caps.0,
+            max_bandwidth_paused_bytes_per_s: caps.1,
+            prediction: None,
+        }
+    }
+
+    /// One line for a terminal.
+    pub fn line(&self, downtime_ms: Option<f64>) -> String {
+        let mut l = format!(
+            "  convergence: policy {}, {}; downtime target {} ms, expected {}, actual {}",
+            self.converge,
+            self.outcome,
+            self.downtime_target_ms,
+            self.expected_downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms")),
+            downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms")),
+        );
+        if self.downtime_exceeded {
+            l += &format!(
+                " -- TARGET EXCEEDED by {:.2} ms",
+                downtime_ms.unwrap_or(0.0) - self.downtime_target_ms as f64
+            );
+        }
+        if self.throttle_max > 0.0 {
+            l += &format!("; throttle up to {:.0} %", self.throttle_max * 100.0);
+        }
+        if let Some(c) = self.max_bandwidth_bytes_per_s {
+            l += &format!("; cap {}", crate::size::human_rate(c));
+        }
+        if let Some(c) = self.max_bandwidth_paused_bytes_per_s {
+            l += &format!(" (paused round {})", crate::size::human_rate(c));
+        }
+        l + "\n"
+    }
 }
 
 impl Record {
@@ -81,6 +185,7 @@ impl Record {
             downtime_from_ms: None,
             steps: Vec::new(),
             rounds: Vec::new(),
+            convergence: None,
         }
     }
 
@@ -120,16 +225,24 @@ impl Record {
             self.total_ms,
             self.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms"))
         );
+        if let Some(c) = &self.convergence {
+            out += &c.line(self.downtime_ms);
+        }
         for r in &self.rounds {
             out += &format!(
-                "  round {:>2}{} {:>8.1} MiB in {:>7.1} ms  {:>6.2} GB/s  dirty after {:>7} pages ({:.0} pages/s)\n",
+                "  round {:>2}{} {:>8.1} MiB in {:>7.1} ms  {:>6.2} GB/s  dirty after {:>7} pages ({:.0} pages/s){}\n",
                 r.round,
                 if r.is_final { "*" } else { " " },
                 r.bytes_on_wire as f64 / f64::from(1u32 << 20),
                 r.duration_ms,
                 r.throughput_gbps,
                 r.dirty_pages_after,
-                r.dirty_rate_pages_per_s
+                r.dirty_rate_pages_per_s,
+                if r.throttle > 0.0 {
+                    format!("  throttle {:.0} %", r.throttle * 100.0)
+                } else {
+                    String::new()
+                }
             );
         }
         out
@@ -189,12 +302,17 @@ pub fn draw_svg(r: &Record, out: &Path) -> Result<(), String> {
     let root = SVGBackend::new(out, (960, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let title = format!(
-        "ferry: {} {} -> {} ({}), downtime {}",
+        "ferry: {} {} -> {} ({}), downtime {}{}",
         r.vm,
         r.source_host,
         r.dest_host,
         r.outcome,
-        r.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms"))
+        r.downtime_ms.map_or("-".into(), |d| format!("{d:.2} ms")),
+        r.convergence.as_ref().map_or(String::new(), |c| format!(
+            " (target {} ms{})",
+            c.downtime_target_ms,
+            if c.downtime_exceeded { ", EXCEEDED" } else { "" }
+        ))
     );
     let root = root.titled(&title, ("sans-serif", 20)).map_err(plot_err)?;
     let panels = root.split_evenly((3, 1));
@@ -238,7 +356,7 @@ pub fn draw_svg(r: &Record, out: &Path) -> Result<(), String> {
     let top_bw = r.rounds.iter().map(|x| x.throughput_gbps).fold(0.1, f64::max) * 1.1;
     let mut c = ChartBuilder::on(&panels[1])
         .caption(
-            "dirty rate (pages/s, orange) and bandwidth (GB/s, green) per round",
+            "dirty rate (pages/s, orange), bandwidth (GB/s, green), throttle (purple, 0-100 % of the left axis) per round",
             ("sans-serif", 15),
         )
         .margin(10)
@@ -269,6 +387,13 @@ pub fn draw_svg(r: &Record, out: &Path) -> Result<(), String> {
         GREEN.stroke_width(2),
     ))
     .map_err(plot_err)?;
+    if live.iter().any(|x| x.throttle > 0.0) {
+        c.draw_series(LineSeries::new(
+            live.iter().map(|x| (f64::from(x.round), x.throttle * top_rate / 1.1)),
+            MAGENTA.stroke_width(2),
+        ))
+        .map_err(plot_err)?;
+    }
 
     // 3. Timeline: each round as a bar over time, the downtime window in red.
     let end = r

@@ -65,8 +65,8 @@ pub struct MigrateTo {
     pub dest: SocketAddr,
     /// The destination's host name.
     pub dest_host: String,
-    /// Downtime target in milliseconds, if not the host's.
-    pub downtime_ms_max: Option<u64>,
+    /// This migration's settings over the host's.
+    pub tuning: api::Tuning,
     /// Where to write the migration's record (`None`: the API client does).
     pub record: Option<PathBuf>,
 }
@@ -252,10 +252,38 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 }
             }
         }
+        Request::SetBandwidth {
+            max_bandwidth,
+            max_bandwidth_paused,
+        } => {
+            let hooks = {
+                let s = lock(&shared);
+                (s.state == "migrating").then(|| s.hooks.clone()).flatten()
+            };
+            match hooks {
+                Some(h) => {
+                    h.set_max_bandwidth(max_bandwidth, max_bandwidth_paused.map(Some));
+                    let cap = h.bandwidth_cap();
+                    send(&Reply::Api(ApiReply::Bandwidth {
+                        max_bandwidth_bytes_per_s: cap.live(),
+                        max_bandwidth_paused_bytes_per_s: cap.paused(),
+                    }));
+                }
+                None => {
+                    send(&Reply::error(
+                        "no migration is under way: give --max-bandwidth to `ferry migrate` instead",
+                    ));
+                }
+            }
+        }
         Request::Migrate {
             to,
             dest_host,
             downtime_ms_max,
+            converge,
+            max_bandwidth,
+            max_bandwidth_paused,
+            timeout_s,
         } => {
             if !can_migrate {
                 send(&Reply::error(
@@ -269,7 +297,13 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 to: MigrateTo {
                     dest: to,
                     dest_host,
-                    downtime_ms_max,
+                    tuning: api::Tuning {
+                        downtime_ms_max,
+                        converge,
+                        max_bandwidth,
+                        max_bandwidth_paused,
+                        timeout_s,
+                    },
                     record: None,
                 },
                 events: Some(tx),
@@ -373,6 +407,7 @@ fn run_job(
             record.total_ms = line.total_ms;
             record.downtime_ms = Some(line.downtime_ms);
             record.rounds = line.round_detail.clone();
+            record.convergence = line.convergence.clone();
             if let Some(why) = &line.receipt_error {
                 record.outcome = "migrated-without-receipt".into();
                 record.error = Some(why.clone());
@@ -389,7 +424,7 @@ fn run_job(
             lock(shared).state = "migrated";
             ApiReply::Migrated(line)
         }
-        Err(why) if mon.paused() => {
+        Err(Failed { why, .. }) if mon.paused() => {
             // Past the commit point with no word from the destination: the
             // guest may be running there. It stays paused here.
             record.outcome = "in-doubt".into();
@@ -403,10 +438,22 @@ fn run_job(
                 record: None,
             }))
         }
-        Err(why) => {
+        Err(Failed {
+            why,
+            convergence,
+            aborted,
+        }) => {
             let cancelled = hooks.is_cancelled();
-            record.outcome = if cancelled { "cancelled" } else { "failed" }.into();
+            record.outcome = if cancelled {
+                "cancelled"
+            } else if aborted {
+                "aborted"
+            } else {
+                "failed"
+            }
+            .into();
             record.error = Some(why.clone());
+            record.convergence = convergence.map(|c| *c);
             let mut s = lock(shared);
             s.state = "running";
             s.last_error = Some(why.clone());
@@ -463,6 +510,29 @@ fn set_record(last: &mut ApiReply, file: Option<String>, record: Option<Record>)
     }
 }
 
+/// The caps in force.
+fn caps(hooks: &Hooks) -> (Option<u64>, Option<u64>) {
+    (hooks.bandwidth_cap().live(), hooks.bandwidth_cap().paused())
+}
+
+/// A migration that did not complete, as the record needs it.
+struct Failed {
+    why: String,
+    convergence: Option<Box<crate::record::Convergence>>,
+    /// Given up before pausing: it would not converge.
+    aborted: bool,
+}
+
+impl Failed {
+    fn plain(why: impl std::fmt::Display) -> Failed {
+        Failed {
+            why: why.to_string(),
+            convergence: None,
+            aborted: false,
+        }
+    }
+}
+
 fn migrate(
     vm: &mut KvmVm,
     mem: &GuestMemory,
@@ -470,11 +540,11 @@ fn migrate(
     vm_id: &str,
     to: &MigrateTo,
     hooks: &Hooks,
-) -> Result<(Box<api::Migrated>, Option<source::Migrated>), String> {
+) -> Result<(Box<api::Migrated>, Option<source::Migrated>), Failed> {
     let audit = match &h.audit {
         Some(path) => {
-            let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(e)?;
-            Some(AuditLog::open(path, &format!("source {}", h.host), id).map_err(e)?)
+            let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(Failed::plain)?;
+            Some(AuditLog::open(path, &format!("source {}", h.host), id).map_err(Failed::plain)?)
         }
         None => None,
     };
@@ -490,9 +560,7 @@ fn migrate(
         audit: audit.as_ref(),
     };
     let mut cfg = h.migration.clone();
-    if let Some(d) = to.downtime_ms_max {
-        cfg.downtime_ms_max = d;
-    }
+    to.tuning.apply(&mut cfg);
     let mut tracker = vm.dirty_tracker();
     let (done, receipt_error) = match source::migrate(&at, vm_id, mem, &mut tracker, vm, &cfg, hooks) {
         Ok(done) => (done, None),
@@ -500,11 +568,30 @@ fn migrate(
         // as migrated, loudly without its receipt.
         Err(source::SourceError::Receipt { report, source }) => {
             return Ok((
-                migrated_line(vm, vm_id, &report, false, Vec::new(), Some(source.to_string())),
+                migrated_line(
+                    vm,
+                    vm_id,
+                    &report,
+                    false,
+                    Vec::new(),
+                    Some(source.to_string()),
+                    caps(hooks),
+                ),
                 None,
             ));
         }
-        Err(e) => return Err(e.to_string()),
+        Err(source::SourceError::Migrate(err)) => {
+            return Err(Failed {
+                why: err.to_string(),
+                convergence: Some(Box::new(crate::record::Convergence::of_failure(
+                    &cfg,
+                    &err,
+                    caps(hooks),
+                ))),
+                aborted: matches!(err, ferry_engine::migrate::MigrateError::WontConverge(_)),
+            });
+        }
+        Err(e) => return Err(Failed::plain(e)),
     };
     let line = migrated_line(
         vm,
@@ -513,6 +600,7 @@ fn migrate(
         done.receipt.transcript_matches,
         done.steps.clone(),
         receipt_error,
+        caps(hooks),
     );
     Ok((line, Some(done)))
 }
@@ -524,6 +612,7 @@ fn migrated_line(
     transcript_matches: bool,
     steps: Vec<crate::lab::Step>,
     receipt_error: Option<String>,
+    caps: (Option<u64>, Option<u64>),
 ) -> Box<api::Migrated> {
     Box::new(api::Migrated {
         vm: vm_id.into(),
@@ -539,6 +628,11 @@ fn migrated_line(
         receipt_error,
         steps,
         round_detail: report.rounds.clone(),
+        convergence: Some(crate::record::Convergence::of_report(
+            report,
+            report.downtime().as_secs_f64() * 1e3,
+            caps,
+        )),
         runs_after_commit: None,
         record_file: None,
         record: None,

@@ -77,7 +77,8 @@ impl BandwidthCap {
             return;
         }
         self.live.store(encode(live), Ordering::SeqCst);
-        self.paused.store(paused.map_or(SAME_AS_LIVE, |p| encode(Some(p))), Ordering::SeqCst);
+        self.paused
+            .store(paused.map_or(SAME_AS_LIVE, |p| encode(Some(p))), Ordering::SeqCst);
     }
 
     /// The live rounds' cap.
@@ -135,12 +136,10 @@ impl<'a> Pacer<'a> {
         let cost_ns = u64::try_from((bytes as u128 * 1_000_000_000) / u128::from(rate.max(1))).unwrap_or(u64::MAX);
         let now = ns(self.epoch.elapsed());
         let mut start = 0;
-        let _ = self
-            .next_ns
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
-                start = next.max(now);
-                Some(start.saturating_add(cost_ns))
-            });
+        let _ = self.next_ns.fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
+            start = next.max(now);
+            Some(start.saturating_add(cost_ns))
+        });
         loop {
             let now = ns(self.epoch.elapsed());
             if now >= start || stop() {

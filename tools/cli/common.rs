@@ -58,3 +58,53 @@ pub(crate) struct GuestShape {
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub(crate) zero_fraction: f64,
 }
+
+/// What to do when the rest does not fit the downtime target, and the
+/// limits around it: shared by `demo`, `vm` and `migrate` (where an absent
+/// option keeps the VMM's setting).
+#[derive(Args, Clone, Default)]
+pub(crate) struct ConvergeArgs {
+    /// When pre-copy cannot fit the rest in the downtime target: abort
+    /// (give up before pausing; the guest never notices: the default),
+    /// throttle (slow the guest's vCPUs down in steps until it fits), force
+    /// (switch over anyway and report by how much the target was
+    /// exceeded), postcopy (not available yet).
+    #[arg(long, value_name = "POLICY")]
+    pub(crate) converge: Option<ferry_engine::migrate::convergence::Converge>,
+    /// The highest throttle `--converge throttle` may apply, as the share
+    /// of time taken from the guest (0..=0.99).
+    #[arg(long, value_parser = parse_fraction)]
+    pub(crate) throttle_max: Option<f64>,
+    /// Bandwidth cap of the live rounds, all streams together (10Gbit,
+    /// 1.5GB/s, 800MiB/s, 200MB/s; at least 1MB/s).
+    #[arg(long, value_name = "RATE", value_parser = ferry::size::parse_rate)]
+    pub(crate) max_bandwidth: Option<u64>,
+    /// Bandwidth cap of the paused round (default: the live cap).
+    #[arg(long, value_name = "RATE", value_parser = ferry::size::parse_rate)]
+    pub(crate) max_bandwidth_paused: Option<u64>,
+    /// Give up if the migration has not reached its commit point after
+    /// this many seconds (the guest keeps running at the source).
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) timeout_s: Option<u64>,
+}
+
+impl ConvergeArgs {
+    /// These settings as an API request's.
+    pub(crate) fn tuning(&self, downtime_ms_max: Option<u64>) -> ferry::api::Tuning {
+        ferry::api::Tuning {
+            downtime_ms_max,
+            converge: self.converge,
+            max_bandwidth: self.max_bandwidth,
+            max_bandwidth_paused: self.max_bandwidth_paused,
+            timeout_s: self.timeout_s,
+        }
+    }
+
+    /// `cfg` with these settings over it.
+    pub(crate) fn apply(&self, cfg: &mut MigrationConfig) {
+        self.tuning(None).apply(cfg);
+        if let Some(t) = self.throttle_max {
+            cfg.throttle_max = t;
+        }
+    }
+}

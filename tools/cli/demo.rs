@@ -43,6 +43,8 @@ pub(crate) struct DemoArgs {
     /// Pre-copy rounds at most before the final one.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    #[command(flatten)]
+    converge: ConvergeArgs,
     /// Dirty tracker of the synthetic guest: uffd (write-protect +
     /// PAGEMAP_SCAN, the default) or bitmap (guest-marked). A KVM guest is
     /// always tracked by KVM's dirty log.
@@ -74,6 +76,18 @@ impl DemoArgs {
             }
             g => g,
         };
+        let mut migration = MigrationConfig {
+            streams: a.streams,
+            integrity: a.integrity,
+            aead: a.aead,
+            chunk_pages: a.chunk_pages,
+            downtime_ms_max: a.downtime_ms_max,
+            max_rounds: a.max_rounds,
+            io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
+            ..MigrationConfig::default()
+        };
+        a.converge.apply(&mut migration);
+        migration.validate().map_err(|e| e.to_string())?;
         let opts = DemoOptions {
             guest,
             vcpus: a.vcpus,
@@ -84,16 +98,7 @@ impl DemoArgs {
             zero_fraction: a.shape.zero_fraction,
             tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
             prefault_destination: !a.cold_destination,
-            migration: MigrationConfig {
-                streams: a.streams,
-                integrity: a.integrity,
-                aead: a.aead,
-                chunk_pages: a.chunk_pages,
-                downtime_ms_max: a.downtime_ms_max,
-                max_rounds: a.max_rounds,
-                io_timeout: Duration::from_secs(a.io_timeout_s.max(1)),
-                ..MigrationConfig::default()
-            },
+            migration,
             interpose: None,
             hooks: ferry_engine::progress::Hooks::new(),
         };
@@ -101,13 +106,44 @@ impl DemoArgs {
             return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.shape.memory).into());
         }
         let json = a.json;
-        let report = ferry::demo::run(&opts, |line| {
+        let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
+        let report = match ferry::demo::run(&opts, |line| {
             if !json {
                 println!("{line}");
             }
-        })
-        .map_err(|e| e.to_string())?;
-        let record_path = a.record.unwrap_or_else(|| ferry::record::default_path("demo-vm"));
+        }) {
+            Ok(r) => r,
+            Err(ferry::demo::DemoError::Failed(f)) => {
+                // The failed migration's record, and in JSON what happened.
+                let recorded = f.record.write(&record_path);
+                if json {
+                    let c = f.record.convergence.clone().unwrap_or_default();
+                    let v = serde_json::json!({
+                        "verified": false,
+                        "outcome": f.record.outcome,
+                        "error": f.record.error,
+                        "converge": c.converge,
+                        "convergence_outcome": c.outcome,
+                        "downtime_target_ms": c.downtime_target_ms,
+                        "expected_downtime_ms": c.expected_downtime_ms,
+                        "throttle_max": c.throttle_max,
+                        "max_bandwidth_bytes_per_s": c.max_bandwidth_bytes_per_s,
+                        "source_guest_running": f.source_guest_running,
+                        "destination_guest_ran": f.destination_guest_ran,
+                        "source_throttle_after": f.source_throttle_after,
+                        "rounds": f.record.rounds.len(),
+                        "round_detail": f.record.rounds,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+                }
+                match &recorded {
+                    Ok(()) => eprintln!("record: {}", record_path.display()),
+                    Err(why) => eprintln!("record: not written: {why}"),
+                }
+                return Err(f.to_string().into());
+            }
+            Err(e) => return Err(e.to_string().into()),
+        };
         let recorded = report.record().write(&record_path);
         if json {
             println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
@@ -125,7 +161,7 @@ impl DemoArgs {
                 Err(why) => println!("record: not written: {why}"),
             }
             println!(
-                "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms, engine heap peak {}, verified: {}",
+                "done: {} moved in {:.0} ms ({:.2} GB/s, {} rounds, {} on the wire, {} zero pages), downtime {:.2} ms (target {} ms{}), engine heap peak {}, verified: {}",
                 human(report.memory_bytes),
                 report.total_ms,
                 report.throughput_gbps,
@@ -133,6 +169,12 @@ impl DemoArgs {
                 human(report.bytes_on_wire),
                 report.zero_pages,
                 report.downtime_ms,
+                report.downtime_target_ms,
+                if report.downtime_exceeded {
+                    ", EXCEEDED"
+                } else {
+                    ""
+                },
                 human(report.engine_heap_peak_bytes),
                 if report.verified { "yes" } else { "NO" }
             );

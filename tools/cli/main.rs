@@ -29,10 +29,11 @@ mod vm;
 mod workload;
 
 use self::audit::AuditCmd;
+use self::common::ConvergeArgs;
 use self::common::{parse_port_range, GuestShape, HostArgs};
 use self::demo::DemoArgs;
 use self::error::CliError;
-use self::ops::{ApiArgs, MigrateArgs, ReportArgs, MIGRATE_EXAMPLES};
+use self::ops::{ApiArgs, MigrateArgs, ReportArgs, SetBandwidthArgs, MIGRATE_EXAMPLES};
 use self::pki::PkiCmd;
 use self::receive::ReceiveArgs;
 use self::serve::ServeCmd;
@@ -115,6 +116,9 @@ enum Cmd {
     /// running at the source.
     #[command(after_help = "Example:\n  ferry cancel --api /run/ferry/web-1.sock")]
     Cancel(ApiArgs),
+    /// Change the bandwidth cap of the migration a VMM runs now (it takes
+    /// effect from the next batch sent).
+    SetBandwidth(SetBandwidthArgs),
     /// Summarise a migration record and draw its timeline as SVG.
     #[command(
         after_help = "Examples:\n  ferry report run.json\n  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg"
@@ -156,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => a.run(),
         Cmd::Status(a) => a.status(),
         Cmd::Cancel(a) => a.cancel(),
+        Cmd::SetBandwidth(a) => a.run(),
         Cmd::Report(a) => a.run(),
         Cmd::Serve(a) => a.run(),
         Cmd::Vm(a) => a.run(),

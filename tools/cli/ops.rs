@@ -40,6 +40,8 @@ pub(crate) struct MigrateArgs {
     /// Downtime target in milliseconds (default: the VMM's).
     #[arg(long)]
     downtime_ms_max: Option<u64>,
+    #[command(flatten)]
+    converge: ConvergeArgs,
     /// Write the migration's record here (default: STATE_DIR/runs/VM-TIME.json,
     /// STATE_DIR being $FERRY_STATE_DIR, /var/lib/ferry for root, or ~/.local/state/ferry).
     #[arg(long, value_name = "FILE")]
@@ -47,6 +49,35 @@ pub(crate) struct MigrateArgs {
     /// Give up waiting for the VMM after this many silent seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout_s: u64,
+}
+
+/// `ferry set-bandwidth`'s arguments.
+#[derive(Args)]
+pub(crate) struct SetBandwidthArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The live rounds' new cap (10Gbit, 1.5GB/s, 800MiB/s), or `unlimited`.
+    #[arg(long, value_name = "RATE")]
+    max_bandwidth: String,
+    /// The paused round's new cap (default: unchanged).
+    #[arg(long, value_name = "RATE", value_parser = ferry::size::parse_rate)]
+    max_bandwidth_paused: Option<u64>,
+}
+
+impl SetBandwidthArgs {
+    /// Runs `ferry set-bandwidth`.
+    pub(crate) fn run(self) -> Result<ExitCode, CliError> {
+        let live = match self.max_bandwidth.as_str() {
+            "unlimited" | "none" => None,
+            r => Some(ferry::size::parse_rate(r).map_err(|e| e.to_string())?),
+        };
+        Ok(ferry::ops::set_bandwidth(
+            &self.api.api,
+            live,
+            self.max_bandwidth_paused,
+            self.api.json,
+        )?)
+    }
 }
 
 /// `ferry report`'s arguments.
@@ -63,12 +94,15 @@ impl MigrateArgs {
     /// Runs `ferry migrate`.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         let a = self;
+        if a.converge.throttle_max.is_some() {
+            return Err("--throttle-max is the VMM's setting: give it to `ferry vm`".into());
+        }
         Ok(ferry::ops::migrate(&ferry::ops::MigrateOptions {
             api: a.api.api,
             json: a.api.json,
             to: a.to,
             dest_host: a.dest_host,
-            downtime_ms_max: a.downtime_ms_max,
+            tuning: a.converge.tuning(a.downtime_ms_max),
             record: a.record,
             idle_timeout: Duration::from_secs(a.idle_timeout_s.max(1)),
         })?)

@@ -109,6 +109,8 @@ pub(crate) struct VmArgs {
     /// Downtime target in milliseconds.
     #[arg(long, default_value_t = 50)]
     downtime_ms_max: u64,
+    #[command(flatten)]
+    converge: ConvergeArgs,
     /// Seconds without network progress before a migration aborts.
     #[arg(long, default_value_t = 10)]
     io_timeout_s: u64,
@@ -156,12 +158,16 @@ impl VmArgs {
                 authn,
                 authz,
                 audit: a.audit,
-                migration: MigrationConfig {
-                    streams: a.streams,
-                    integrity: a.integrity,
-                    downtime_ms_max: a.downtime_ms_max,
-                    io_timeout,
-                    ..MigrationConfig::default()
+                migration: {
+                    let mut cfg = MigrationConfig {
+                        streams: a.streams,
+                        integrity: a.integrity,
+                        downtime_ms_max: a.downtime_ms_max,
+                        io_timeout,
+                        ..MigrationConfig::default()
+                    };
+                    a.converge.apply(&mut cfg);
+                    cfg
                 },
             }),
             (None, None, None, None) => None,
@@ -178,7 +184,7 @@ impl VmArgs {
                     ferry::vm::MigrateTo {
                         dest,
                         dest_host,
-                        downtime_ms_max: None,
+                        tuning: ferry::api::Tuning::default(),
                         record: Some(record),
                     },
                     Duration::from_secs_f64(a.migrate_after_s.clamp(0.0, 86_400.0)),

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::convergence::{Converge, THROTTLE_CEILING};
 use super::MigrateError;
-use crate::pace::MIN_CAP_BYTES_PER_S;
 use crate::crypto::AeadBackend;
+use crate::pace::MIN_CAP_BYTES_PER_S;
 use crate::pipeline::Integrity;
 use crate::wire;
 
@@ -87,7 +87,10 @@ impl MigrationConfig {
         Ok(())
     }
 
-    pub(super) fn validate(&self) -> Result<(), MigrateError> {
+    /// Checks every setting's range, and refuses what this version cannot
+    /// do (`converge: postcopy`). Migrations call it first; a front end may
+    /// call it early to fail before any setup.
+    pub fn validate(&self) -> Result<(), MigrateError> {
         let bad = |m: &str| Err(MigrateError::Config(m.into()));
         if self.streams == 0 || self.streams > 64 {
             return bad("streams must be 1..=64");

@@ -32,6 +32,15 @@ pub const WORTHWHILE_SHRINK: u64 = 2;
 /// ... and the paused round would still take longer than this.
 pub const WORTHWHILE_MS: f64 = 1.0;
 
+/// Pre-copy ends only when the expected paused round fits in this share of
+/// the target: the rest covers what the estimate cannot see (pages written
+/// between the last scan and the pause, the commit's round trips).
+pub const TARGET_HEADROOM: f64 = 0.9;
+/// Under `throttle`, a round "does not shrink" while what it left dirty is
+/// more than `1 / THROTTLE_SHRINK` of what it sent (the next round would not
+/// be at most half as long; QEMU's auto-converge uses the same ratio).
+pub const THROTTLE_SHRINK: u64 = 2;
+
 /// The first throttle [`plan`] asks for (share of time taken from the guest).
 pub const THROTTLE_INITIAL: f64 = 0.2;
 /// Each further step adds this much ...
@@ -173,6 +182,22 @@ pub enum Decision {
 /// so far (later rounds are small and dominated by latency); `None` before
 /// any round with a measurable duration.
 pub fn bandwidth_bytes_per_s(rounds: &[RoundOutcome]) -> Option<f64> {
+    largest_round_bandwidth(rounds)
+}
+
+/// The rate a paused round of about the last round's size gets: the lower
+/// of the largest round's and the last round's (a small round runs slower
+/// than a large one: latency weighs more).
+fn paused_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
+    let best = largest_round_bandwidth(rounds)?;
+    let last = rounds
+        .last()
+        .filter(|r| r.duration_ms > 0.0 && r.pages_sent > 0)
+        .map(|r| r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / (r.duration_ms / 1e3));
+    Some(last.map_or(best, |l| l.min(best)))
+}
+
+fn largest_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
     let mut best: Option<(u64, f64)> = None;
     for r in rounds {
         if r.duration_ms > 0.0 && best.map_or(true, |(pages, _)| r.pages_sent >= pages) {
@@ -186,14 +211,14 @@ pub fn bandwidth_bytes_per_s(rounds: &[RoundOutcome]) -> Option<f64> {
 }
 
 /// What the paused round would take if it started after the last round:
-/// the dirty bytes left over the bandwidth (the measured one, or the paused
-/// round's cap if lower), with the device state, plus the time to stop the
+/// the dirty bytes left over the bandwidth (the lower of the largest and the
+/// last round's, or the paused round's cap if lower still), with the device state, plus the time to stop the
 /// guest; infinite while the bandwidth is unknown.
 pub fn expected_downtime_ms(rounds: &[RoundOutcome], limits: &Limits) -> f64 {
     let Some(last) = rounds.last() else {
         return f64::INFINITY;
     };
-    let bw = bandwidth_bytes_per_s(rounds).map(|bw| limits.paused_cap_bytes_per_s.map_or(bw, |cap| bw.min(cap)));
+    let bw = paused_round_bandwidth(rounds).map(|bw| limits.paused_cap_bytes_per_s.map_or(bw, |cap| bw.min(cap)));
     match bw {
         Some(bw) if bw > 0.0 => {
             (last.dirty_pages_after as f64 * PAGE_SIZE_U64 as f64 + limits.state_bytes as f64) / bw * 1e3
@@ -210,9 +235,9 @@ pub fn decide(rounds: &[RoundOutcome], limits: Limits) -> Decision {
         return Decision::Another;
     };
     let expected_ms = expected_downtime_ms(rounds, &limits);
-    let within_target = expected_ms <= limits.downtime_ms_max as f64;
-    let worth_another = last.dirty_pages_after * WORTHWHILE_SHRINK <= last.pages_sent
-        && expected_ms - limits.fixed_ms > WORTHWHILE_MS;
+    let within_target = expected_ms <= limits.downtime_ms_max as f64 * TARGET_HEADROOM;
+    let worth_another =
+        last.dirty_pages_after * WORTHWHILE_SHRINK <= last.pages_sent && expected_ms - limits.fixed_ms > WORTHWHILE_MS;
     if within_target && !worth_another {
         return Decision::Stop(StopReason::Converged);
     }
@@ -307,8 +332,8 @@ pub fn next_throttle(now: f64, max: f64) -> Option<f64> {
 /// What to do after `rounds` (oldest first, the round just finished last)
 /// under `policy`: [`decide`], then the policy when it does not converge.
 /// Under `throttle`, the throttle goes up one step after every round that
-/// did not shrink the dirty set (by the [`STALL_KEEP_NUM`] measure) while the
-/// rest does not fit, and never down.
+/// did not shrink (see [`THROTTLE_SHRINK`]) while the rest does not fit,
+/// and never down.
 pub fn plan(rounds: &[RoundOutcome], limits: Limits, policy: Policy) -> Step {
     let raise = || {
         if !policy.can_throttle {
@@ -334,10 +359,9 @@ pub fn plan(rounds: &[RoundOutcome], limits: Limits, policy: Policy) -> Step {
         },
         Decision::Another => {
             let over = expected_downtime_ms(rounds, &limits) > limits.downtime_ms_max as f64;
-            let not_shrinking = match rounds {
-                [.., prev, last] => last.dirty_pages_after * STALL_KEEP_DEN >= prev.dirty_pages_after * STALL_KEEP_NUM,
-                _ => false,
-            };
+            let not_shrinking = rounds
+                .last()
+                .is_some_and(|last| last.dirty_pages_after * THROTTLE_SHRINK > last.pages_sent);
             if policy.converge == Converge::Throttle && policy.can_throttle && over && not_shrinking {
                 raise()
             } else {
@@ -386,6 +410,10 @@ mod tests {
         // 1000 pages in 10 ms; 100 left take 1 ms.
         let ms = expected_downtime_ms(&[r(1000, 10.0, 100)], &LIMITS);
         assert!((ms - 1.0).abs() < 1e-9, "{ms}");
+        // A slower last round (small, latency-bound) sets the rate: 100
+        // pages in 2 ms.
+        let ms = expected_downtime_ms(&[r(1000, 10.0, 100), r(100, 2.0, 100)], &LIMITS);
+        assert!((ms - 2.0).abs() < 1e-9, "{ms}");
         // Plus stopping the guest, and its state: 40960 B more take 0.1 ms.
         let with_fixed = Limits {
             fixed_ms: 0.5,
@@ -549,7 +577,7 @@ mod tests {
     fn plans_by_policy() {
         use Converge::{Abort, Force, Throttle};
         let over_once = vec![r(262_144, 1000.0, 185_000), r(185_000, 700.0, 185_000)];
-        let shrinking = vec![r(262_144, 1000.0, 185_000), r(185_000, 700.0, 100_000)];
+        let shrinking = vec![r(262_144, 1000.0, 185_000), r(185_000, 700.0, 90_000)];
         let converged = vec![r(262_144, 1000.0, 0)];
         let cases: &[(&str, &[RoundOutcome], Limits, Policy, Step)] = &[
             (
@@ -562,7 +590,13 @@ mod tests {
                     exceeded: false,
                 },
             ),
-            ("abort, stalled: give up", &stalled(), LIMITS, policy(Abort, true, 0.0), Step::GiveUp(GiveUp::Stalled)),
+            (
+                "abort, stalled: give up",
+                &stalled(),
+                LIMITS,
+                policy(Abort, true, 0.0),
+                Step::GiveUp(GiveUp::Stalled),
+            ),
             (
                 "force, stalled: switch over and say the target is exceeded",
                 &stalled(),
@@ -591,14 +625,14 @@ mod tests {
                 Step::GiveUp(GiveUp::MaxRounds),
             ),
             (
-                "throttle: a round that did not shrink raises the throttle at once",
+                "throttle: a round that did not halve raises the throttle at once",
                 &over_once,
                 LIMITS,
                 policy(Throttle, true, 0.0),
                 Step::Throttle(THROTTLE_INITIAL),
             ),
             (
-                "throttle: a shrinking round does not",
+                "throttle: a round that halved does not",
                 &shrinking,
                 LIMITS,
                 policy(Throttle, true, 0.0),
@@ -655,7 +689,10 @@ mod tests {
         };
         assert_eq!(decide(&[r(262_144, 1000.0, 0)], limits), Decision::Another);
         // At the round limit, abort gives up rather than pause over it.
-        let at_limit = Limits { max_rounds: 1, ..limits };
+        let at_limit = Limits {
+            max_rounds: 1,
+            ..limits
+        };
         assert_eq!(
             plan(&[r(262_144, 1000.0, 0)], at_limit, policy(Converge::Abort, false, 0.0)),
             Step::GiveUp(GiveUp::MaxRounds)

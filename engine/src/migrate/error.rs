@@ -173,7 +173,7 @@ impl std::fmt::Display for NoConvergence {
         let mb = |bytes_per_s: f64| bytes_per_s / 1e6;
         write!(
             f,
-            "won't converge: the guest dirties {:.0} pages/s ({:.0} MB/s) and the link carried {:.0} MB/s, so the paused round would take {:.0} ms against a target of {} ms ({}, after {} live rounds",
+            "won't converge: the guest dirtied {:.0} distinct pages/s ({:.0} MB/s) and the link carried {:.0} MB/s, so the paused round would take {:.0} ms against a target of {} ms ({}, after {} live rounds",
             self.dirty_rate_pages_per_s,
             mb(self.dirty_rate_pages_per_s * crate::memory::PAGE_SIZE_U64 as f64),
             mb(self.bandwidth_bytes_per_s),
@@ -183,7 +183,11 @@ impl std::fmt::Display for NoConvergence {
             self.rounds.len()
         )?;
         if self.throttle > 0.0 {
-            write!(f, ", guest throttled to {:.0} % of its time", (1.0 - self.throttle) * 100.0)?;
+            write!(
+                f,
+                ", guest throttled to {:.0} % of its time",
+                (1.0 - self.throttle) * 100.0
+            )?;
         }
         write!(
             f,

@@ -173,6 +173,9 @@ struct Ctl {
     state: WriterState,
     paused: bool,
     stop: bool,
+    /// Share of its rate the writer gives up (the migration's throttle);
+    /// not part of the state, so a guest that moves runs at its full rate.
+    throttle: f64,
 }
 
 /// A running (or paused) synthetic guest.
@@ -229,6 +232,7 @@ impl SyntheticGuest {
                 state,
                 paused,
                 stop: false,
+                throttle: 0.0,
             }),
             wake: Condvar::new(),
         });
@@ -252,6 +256,11 @@ impl SyntheticGuest {
     /// Writes done so far (the guest's heartbeat).
     pub fn heartbeat(&self) -> u64 {
         self.ctl().state.writes
+    }
+
+    /// The throttle in force (0: none).
+    pub fn throttle(&self) -> f64 {
+        self.ctl().throttle
     }
 
     /// Whether the guest is running.
@@ -279,6 +288,7 @@ fn writer(s: &Shared) {
     let mut epoch = Instant::now();
     let mut done_in_epoch = 0u64;
     let mut was_paused = true;
+    let mut throttle = 0.0;
     loop {
         let mut ctl = s.ctl.lock().expect("synthetic guest control lock");
         while ctl.paused && !ctl.stop {
@@ -288,14 +298,15 @@ fn writer(s: &Shared) {
         if ctl.stop {
             return;
         }
-        if was_paused {
+        if was_paused || ctl.throttle != throttle {
             was_paused = false;
+            throttle = ctl.throttle;
             epoch = Instant::now();
             done_in_epoch = 0;
         }
-        let rate = ctl.state.rate;
+        let rate = ctl.state.rate as f64 * (1.0 - throttle);
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let due = (epoch.elapsed().as_secs_f64() * rate as f64) as u64;
+        let due = (epoch.elapsed().as_secs_f64() * rate) as u64;
         let n = due.saturating_sub(done_in_epoch).min(BATCH_MAX);
         // Writes happen with the lock held: `pause` takes the lock, so when
         // it returns no write is in progress.
@@ -347,6 +358,22 @@ impl GuestControl for SyntheticGuest {
 
     fn kind(&self) -> ferry_engine::guest::GuestKind {
         ferry_engine::guest::GuestKind::Synthetic
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
+
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), GuestError> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(GuestError::Control(format!("throttle {fraction} outside 0..1")));
+        }
+        self.ctl().throttle = fraction;
+        Ok(())
+    }
+
+    fn device_state_bytes_hint(&self) -> usize {
+        STATE_LEN
     }
 }
 

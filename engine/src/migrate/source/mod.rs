@@ -36,6 +36,9 @@ pub(crate) enum SrcCmd {
         is_final: bool,
     },
     Commit,
+    /// Tell the destination why the migration ends, then stop (sent only
+    /// between rounds, when every worker waits for its next command).
+    Abort(String),
 }
 
 pub(crate) enum SrcReply {
@@ -141,8 +144,12 @@ pub fn migrate_source(
             throttle_max: 0.0,
         };
         let r = ctl.drive(mem, tracker, guest);
-        if r.is_err() {
-            ctl.abort();
+        match &r {
+            // Decided between rounds: every worker is idle and tells the
+            // destination why, on its own stream, before it stops.
+            Err(e @ MigrateError::WontConverge(_)) => ctl.tell_peer(&e.to_string()),
+            Err(_) => ctl.abort(),
+            Ok(_) => {}
         }
         // Dropping the command channels lets every worker finish.
         drop(ctl);
@@ -217,7 +224,9 @@ impl Drop for Throttled<'_> {
     fn drop(&mut self) {
         if self.throttle > 0.0 {
             if let Err(e) = self.guest.set_throttle(0.0) {
-                tracing::error!("taking the throttle off the guest failed: {e}; it runs slowed down and needs the operator");
+                tracing::error!(
+                    "taking the throttle off the guest failed: {e}; it runs slowed down and needs the operator"
+                );
             }
         }
     }
@@ -255,6 +264,17 @@ impl SourceCtl<'_> {
     fn abort(&self) {
         for s in self.socks {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Has every (idle) worker send the destination an Abort with `reason`;
+    /// shuts the streams down if a worker is gone.
+    fn tell_peer(&self, reason: &str) {
+        for i in 0..self.cmd_txs.len() {
+            if self.send(i, SrcCmd::Abort(reason.to_string())).is_err() {
+                self.abort();
+                return;
+            }
         }
     }
 

@@ -13,8 +13,8 @@ use crate::memory::{GuestMemory, PageIndex};
 use crate::migrate::inbox::Inbox;
 use crate::migrate::transcript::Transcript;
 use crate::migrate::{hello_of, send_abort, MigrateError, MigrationConfig, RoundStats, MAX_TO_SOURCE_FRAME};
-use crate::pipeline::{self, StreamHeader};
 use crate::pace::Pacer;
+use crate::pipeline::{self, StreamHeader};
 use crate::progress::{Counters, Hooks};
 use crate::wire::{self, Ack, Kind, StreamId, FLAG_FINAL, HEADER_LEN, MAX_FRAME};
 
@@ -151,6 +151,10 @@ impl<'a> SendWorker<'a> {
                         let _ = replies.send((stream, SrcReply::Ready(ReadyFrame::opened())));
                     }
                 }
+                SrcCmd::Abort(reason) => {
+                    send_abort(&mut self.conn, &mut self.tx, self.hdr, &reason);
+                    return Ok(());
+                }
                 SrcCmd::Commit => {
                     self.push_control(Kind::Commit, 0, &[])?;
                     self.flush()?;
@@ -266,7 +270,8 @@ impl<'a> SendWorker<'a> {
         // Under a bandwidth cap, wait for this batch's slot (a cancel ends
         // the wait).
         let hooks = self.hooks;
-        self.pacer.take(self.cur.len(), self.final_round, || hooks.is_cancelled());
+        self.pacer
+            .take(self.cur.len(), self.final_round, || hooks.is_cancelled());
         // Checked once per batch; `run` tells the destination why it stops.
         if !self.ready && self.hooks.is_cancelled() {
             return Err(MigrateError::Cancelled);

@@ -26,6 +26,7 @@ mod boot;
 mod check;
 mod dirty;
 pub mod state;
+mod throttle;
 mod vcpu;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -41,7 +42,7 @@ pub use self::check::{GuestChecksum, MemoryCheck};
 pub use self::dirty::KvmDirtyTracker;
 use self::state::{VcpuState, VmState};
 pub use self::vcpu::Monitor;
-use self::vcpu::{install_kick_handler, kick_signal, vcpu_thread, Ctl, ImmediateExit, Shared, Vcpu, Want};
+use self::vcpu::{install_kick_handler, vcpu_thread, Ctl, ImmediateExit, Shared, Vcpu, Want};
 use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::guest::{GuestControl, GuestError};
 use ferry_engine::memory::{GuestMemory, PageIndex, PAGE_SIZE_U64};
@@ -238,6 +239,8 @@ pub struct KvmVm {
     stop_latency: Duration,
     pause_checksum: Option<u64>,
     heartbeat_at_pause: Option<u64>,
+    /// The migration's throttle, while one is on.
+    throttler: Option<throttle::Throttler>,
 }
 
 impl std::fmt::Debug for KvmVm {
@@ -323,6 +326,7 @@ impl KvmVm {
             stop_latency: Duration::ZERO,
             pause_checksum: None,
             heartbeat_at_pause: None,
+            throttler: None,
         };
         for id in 0..vcpus {
             let fd = retry_eintr(|| out.core.vm.create_vcpu(u64::from(id))).map_err(kvm_err("create vCPU"))?;
@@ -350,6 +354,7 @@ impl KvmVm {
                 checksum: None,
                 filled: false,
                 parked_at: None,
+                throttled: false,
             }),
             cv: Condvar::new(),
             heartbeat: AtomicU64::new(0),
@@ -661,13 +666,7 @@ impl KvmVm {
     }
 
     fn kick(v: &Vcpu, c: &mut Ctl) {
-        v.shared.immediate_exit.set(1);
-        if let (Some(tid), false) = (c.tid, c.exited) {
-            // SAFETY: `tid` is the live vCPU thread (it sets `exited` under
-            // this lock before it returns); the signal's handler is
-            // installed and does nothing.
-            unsafe { libc::pthread_kill(tid, kick_signal()) };
-        }
+        v.shared.kick(c);
     }
 
     fn pause_all(&mut self, limit: Duration) -> Result<(), KvmError> {
@@ -704,9 +703,15 @@ impl KvmVm {
         Ok(())
     }
 
+    /// The migration's throttle in force (0: none).
+    pub fn throttle(&self) -> f64 {
+        self.throttler.as_ref().map_or(0.0, throttle::Throttler::fraction)
+    }
+
     /// Stops every vCPU thread for good (the VM can never run again) and
     /// returns the KVM_RUN calls they made.
     pub fn shut_down(&mut self) -> u64 {
+        self.throttler = None;
         for v in &self.vcpus {
             let mut c = v.shared.lock();
             c.want = Want::Stop;
@@ -899,6 +904,35 @@ impl GuestControl for KvmVm {
 
     fn stop_latency(&self) -> Duration {
         self.stop_latency
+    }
+
+    fn can_throttle(&self) -> bool {
+        true
+    }
+
+    fn set_throttle(&mut self, fraction: f64) -> Result<(), GuestError> {
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(GuestError::Control(format!("throttle {fraction} outside 0..1")));
+        }
+        if fraction == 0.0 {
+            self.throttler = None;
+            return Ok(());
+        }
+        match &self.throttler {
+            Some(t) => t.set(fraction),
+            None => {
+                let shared = self.vcpus.iter().map(|v| v.shared.clone()).collect();
+                let t = throttle::Throttler::start(shared, fraction)
+                    .map_err(|e| GuestError::Control(format!("starting the throttle thread: {e}")))?;
+                self.throttler = Some(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn device_state_bytes_hint(&self) -> usize {
+        // The encoder's own estimate (MSRs, CPUID and XSAVE dominate).
+        16 + self.vcpus.len() * 8192
     }
 }
 

@@ -46,6 +46,8 @@ pub(super) struct Ctl {
     pub(super) filled: bool,
     /// When the vCPU last parked.
     pub(super) parked_at: Option<Instant>,
+    /// Held out of the guest by the throttle (not a pause: not parked).
+    pub(super) throttled: bool,
 }
 
 pub(super) struct Shared {
@@ -61,6 +63,18 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Makes the vCPU leave the guest now (or not enter it): sets
+    /// `immediate_exit` and signals its thread.
+    pub(super) fn kick(&self, c: &mut Ctl) {
+        self.immediate_exit.set(1);
+        if let (Some(tid), false) = (c.tid, c.exited) {
+            // SAFETY: `tid` is the live vCPU thread (it sets `exited` under
+            // this lock before it returns); the signal's handler is
+            // installed and does nothing.
+            unsafe { libc::pthread_kill(tid, kick_signal()) };
+        }
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -192,6 +206,10 @@ pub(super) fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
                             c.parked_at = Some(Instant::now());
                             sh.cv.notify_all();
                         }
+                        c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    // The throttle's share of the period: wait in the VMM.
+                    Want::Run if c.throttled => {
                         c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
                     }
                     Want::Run => break,
