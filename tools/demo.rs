@@ -312,6 +312,9 @@ pub struct Failure {
     /// The source guest's throttle after the failure (0: none, as it must
     /// be).
     pub source_throttle_after: f64,
+    /// The longest the source guest's heartbeat stood still while the
+    /// migration ran (a guest that was never paused: a few milliseconds).
+    pub source_heartbeat_max_gap_ms: f64,
     /// The record of the failed migration.
     pub record: crate::record::Record,
 }
@@ -426,7 +429,23 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let heap_base = alloc::current_bytes();
     alloc::reset_peak();
     let writes_at_start = src_guest.writes();
-    let (src_result, dst_result) = std::thread::scope(|s| {
+    let probe = src_guest.heartbeat_probe();
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let (src_result, dst_result, source_heartbeat_max_gap_ms) = std::thread::scope(|s| {
+        // The source guest's longest stall while the migration runs (a
+        // paused guest's heartbeat stands still).
+        let sampler = s.spawn(|| {
+            let (mut last, mut since, mut worst) = (probe(), Instant::now(), Duration::ZERO);
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+                let hb = probe();
+                if hb != last {
+                    worst = worst.max(since.elapsed());
+                    (last, since) = (hb, Instant::now());
+                }
+            }
+            worst.max(since.elapsed()).as_secs_f64() * 1e3
+        });
         let dst_cfg = cfg.clone();
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
@@ -449,7 +468,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                 )
             });
         let dst = dest.join().unwrap_or(Err(MigrateError::WorkersGone));
-        (src, dst)
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        (src, dst, sampler.join().unwrap_or(f64::INFINITY))
     });
     let engine_heap_peak_bytes = alloc::peak_bytes().saturating_sub(heap_base) as u64;
     drop(tracker);
@@ -487,6 +507,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
                 destination_guest_ran: dst_guest.ran(),
                 source_memory_intact,
                 source_throttle_after: src_guest.throttle(),
+                source_heartbeat_max_gap_ms,
                 record,
             })));
         }
@@ -533,6 +554,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         ));
     }
 
+    // Before the verification, which pauses the destination's guest.
+    let destination_write_rate_pages_per_s = dst_guest.write_rate(WRITE_RATE_WINDOW);
     let t = Instant::now();
     let v = match (&mut src_guest, &mut dst_guest) {
         (Source::Synthetic(sg), Dest::Synthetic(dg)) => {
@@ -542,7 +565,6 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         _ => return Err(DemoError::Setup("source and destination guests differ".into())),
     };
     let verified = v.verified;
-    let destination_write_rate_pages_per_s = dst_guest.write_rate(WRITE_RATE_WINDOW);
     // Non-repudiation: the source signs what it sent; the destination checks
     // it against its own transcript and signs a receipt.
     let manifest = Manifest {
@@ -736,6 +758,20 @@ impl Source {
         match self {
             Source::Synthetic(g) => g.heartbeat(),
             Source::Kvm(vm) => vm.guest_writes(),
+        }
+    }
+
+    /// Reads the heartbeat from another thread.
+    fn heartbeat_probe(&self) -> Box<dyn Fn() -> u64 + Send + Sync> {
+        match self {
+            Source::Synthetic(g) => {
+                let p = g.heartbeat_probe();
+                Box::new(move || p.heartbeat())
+            }
+            Source::Kvm(vm) => match vm.monitor() {
+                Some(m) => Box::new(move || m.heartbeat()),
+                None => Box::new(|| 0),
+            },
         }
     }
 

@@ -131,6 +131,7 @@ impl DemoArgs {
                         "source_guest_running": f.source_guest_running,
                         "destination_guest_ran": f.destination_guest_ran,
                         "source_throttle_after": f.source_throttle_after,
+                        "source_heartbeat_max_gap_ms": f.source_heartbeat_max_gap_ms,
                         "rounds": f.record.rounds.len(),
                         "round_detail": f.record.rounds,
                     });

@@ -198,24 +198,19 @@ fn paused_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
 }
 
 /// What a round costs besides moving its bytes (dispatch, the last
-/// acknowledgement's round trip), in milliseconds: the median over the
-/// rounds after the first of each round's duration minus its bytes over the
-/// largest round's bandwidth (never negative). The paused round pays it too,
-/// however few pages it sends. 0 until there are two rounds.
+/// acknowledgement's round trip, a paced batch), in milliseconds: the
+/// smallest round after the first (the latest of equals) is the one most
+/// like a paused round of few pages; its duration minus its bytes over the
+/// largest round's bandwidth (never negative). The paused round pays it
+/// too, however few pages it sends. 0 until there are two rounds.
 pub fn round_latency_ms(rounds: &[RoundOutcome]) -> f64 {
     let Some(bw) = largest_round_bandwidth(rounds).filter(|b| *b > 0.0) else {
         return 0.0;
     };
-    let mut residuals: Vec<f64> = rounds
-        .iter()
-        .skip(1)
-        .map(|r| (r.duration_ms - r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / bw * 1e3).max(0.0))
-        .collect();
-    if residuals.is_empty() {
-        return 0.0;
-    }
-    residuals.sort_by(f64::total_cmp);
-    residuals[residuals.len() / 2]
+    let smallest = rounds.iter().skip(1).rev().min_by_key(|r| r.pages_sent);
+    smallest.map_or(0.0, |r| {
+        (r.duration_ms - r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / bw * 1e3).max(0.0)
+    })
 }
 
 fn largest_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
@@ -460,16 +455,19 @@ mod tests {
     }
 
     #[test]
-    fn round_latency_is_the_median_residual_after_the_first_round() {
+    fn round_latency_is_the_smallest_later_rounds_residual() {
         assert_eq!(round_latency_ms(&[]), 0.0);
         assert_eq!(round_latency_ms(&[r(1000, 10.0, 100)]), 0.0);
-        // 100 pages/ms. Residuals 0.5, 3, 0 (clamped from -0.5): median 0.5.
-        let rounds = [r(1000, 10.0, 0), r(100, 1.5, 0), r(100, 4.0, 0), r(100, 0.5, 0)];
+        // 100 pages/ms. The smallest later round: 50 pages (0.5 ms) in 1 ms.
+        let rounds = [r(1000, 10.0, 0), r(100, 1.5, 0), r(50, 1.0, 0), r(100, 4.0, 0)];
         assert!(
             (round_latency_ms(&rounds) - 0.5).abs() < 1e-9,
             "{}",
             round_latency_ms(&rounds)
         );
+        // Of equals the latest; never negative.
+        let rounds = [r(1000, 10.0, 0), r(50, 3.0, 0), r(50, 0.2, 0)];
+        assert_eq!(round_latency_ms(&rounds), 0.0);
     }
 
     #[test]

@@ -178,6 +178,23 @@ struct Ctl {
     throttle: f64,
 }
 
+/// Reads a synthetic guest's heartbeat (see [`SyntheticGuest::heartbeat_probe`]).
+#[derive(Clone)]
+pub struct HeartbeatProbe(Arc<Shared>);
+
+impl std::fmt::Debug for HeartbeatProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("HeartbeatProbe").finish()
+    }
+}
+
+impl HeartbeatProbe {
+    /// Writes done so far.
+    pub fn heartbeat(&self) -> u64 {
+        self.0.ctl.lock().map_or(0, |c| c.state.writes)
+    }
+}
+
 /// A running (or paused) synthetic guest.
 pub struct SyntheticGuest {
     shared: Arc<Shared>,
@@ -256,6 +273,12 @@ impl SyntheticGuest {
     /// Writes done so far (the guest's heartbeat).
     pub fn heartbeat(&self) -> u64 {
         self.ctl().state.writes
+    }
+
+    /// A handle that reads the heartbeat from another thread while the
+    /// guest is borrowed (by a migration, say).
+    pub fn heartbeat_probe(&self) -> HeartbeatProbe {
+        HeartbeatProbe(self.shared.clone())
     }
 
     /// The throttle in force (0: none).

@@ -354,7 +354,7 @@ impl KvmVm {
                 checksum: None,
                 filled: false,
                 parked_at: None,
-                throttled: false,
+                throttle: throttle::VcpuThrottle::default(),
             }),
             cv: Condvar::new(),
             heartbeat: AtomicU64::new(0),

@@ -1,7 +1,7 @@
 //! Tests on real KVM (each prints a SKIPPED line where /dev/kvm is missing).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 use ferry_engine::bitmap::DirtyBitmap;
@@ -205,4 +205,43 @@ fn bad_configurations_are_refused_with_the_reason() {
     let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
     let e = KvmVm::boot(mem, 0, &GuestProgram::default()).unwrap_err();
     assert!(e.to_string().contains("vCPUs must be"), "{e}");
+}
+
+#[test]
+fn a_throttle_slows_the_guest_and_comes_off_again() {
+    if !kvm_here("a_throttle_slows_the_guest") {
+        return;
+    }
+    let mut vm = booted(
+        16 << 20,
+        GuestProgram {
+            hot_set_bytes: 4 << 20,
+            writes_per_s: 10_000_000,
+            ..Default::default()
+        },
+    );
+    let rate = |vm: &KvmVm| {
+        let (w, t) = (vm.guest_writes(), Instant::now());
+        std::thread::sleep(Duration::from_millis(400));
+        (vm.guest_writes() - w) as f64 / t.elapsed().as_secs_f64()
+    };
+    let free = rate(&vm);
+    assert!(free > 0.0, "the guest writes");
+    vm.set_throttle(0.9).unwrap();
+    assert_eq!(vm.throttle(), 0.9);
+    let throttled = rate(&vm);
+    vm.set_throttle(0.0).unwrap();
+    assert_eq!(vm.throttle(), 0.0);
+    let after = rate(&vm);
+    eprintln!("guest writes/s: free {free:.0}, throttled 90 % {throttled:.0}, after {after:.0}");
+    // 10 % of its time: well under half its free rate; all of it again after.
+    assert!(throttled < free * 0.5, "throttled {throttled} vs free {free}");
+    assert!(after > free * 0.5, "after {after} vs free {free}");
+    // A pause and resume work under a throttle.
+    vm.set_throttle(0.5).unwrap();
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    assert!(vm.set_throttle(1.0).is_err());
+    vm.set_throttle(0.0).unwrap();
+    assert!(rate(&vm) > 0.0);
 }

@@ -46,8 +46,8 @@ pub(super) struct Ctl {
     pub(super) filled: bool,
     /// When the vCPU last parked.
     pub(super) parked_at: Option<Instant>,
-    /// Held out of the guest by the throttle (not a pause: not parked).
-    pub(super) throttled: bool,
+    /// The migration's throttle (a wait is not a pause: not parked).
+    pub(super) throttle: super::throttle::VcpuThrottle,
 }
 
 pub(super) struct Shared {
@@ -208,10 +208,8 @@ pub(super) fn vcpu_thread(sh: &Shared, fd: &Mutex<VcpuFd>, core: &Core) {
                         }
                         c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
                     }
-                    // The throttle's share of the period: wait in the VMM.
-                    Want::Run if c.throttled => {
-                        c = sh.cv.wait(c).unwrap_or_else(std::sync::PoisonError::into_inner);
-                    }
+                    // Kicked by the throttle: wait its share in the VMM.
+                    Want::Run if c.throttle.due => c = super::throttle::wait_share(sh, c),
                     Want::Run => break,
                 }
             }
