@@ -268,3 +268,38 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
     // The destination's guest went on (no throttle moves with the state).
     assert!(r.heartbeat_after > r.heartbeat_before);
 }
+
+#[test]
+fn the_estimate_predicts_what_the_migration_then_does() {
+    if !common::host_ready("the_estimate_predicts") {
+        return;
+    }
+    let estimate = Some(demo::EstimateOptions {
+        seconds: 1.0,
+        bandwidth_bytes_per_s: None,
+    });
+    // The heavy writer under a 40 MB/s cap: predicted not to converge, and
+    // it does not; with the needed throttle it would.
+    let mut o = heavy(Converge::Abort);
+    o.estimate = estimate;
+    let f = failure(demo::run(&o, |l| eprintln!("{l}")));
+    assert!(matches!(f.source_error, Some(MigrateError::WontConverge(_))));
+    let p = f
+        .record
+        .convergence
+        .as_ref()
+        .and_then(|c| c.prediction.clone())
+        .expect("the prediction is in the record");
+    assert_eq!(p["converges"], false, "{p}");
+    assert!(p["throttle_needed"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+    // An idle guest: predicted to converge, and it does.
+    let mut o = common::small(64 << 20, 2);
+    o.dirty_rate_pages_per_s = 0;
+    o.migration.max_bandwidth = Some(CAP_BYTES_PER_S);
+    o.estimate = estimate;
+    let r = demo::run(&o, |l| eprintln!("{l}")).expect("migration");
+    let p = r.prediction.as_ref().expect("prediction");
+    assert!(p.converges && r.verified && !r.downtime_exceeded, "{p:?}");
+    assert_eq!(p.throttle_needed, Some(0.0));
+    assert!(r.record().convergence.unwrap().prediction.is_some());
+}

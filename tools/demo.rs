@@ -18,7 +18,8 @@ use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::{AeadBackend, SessionKeys};
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
-use ferry_engine::migrate::convergence::Converge;
+use ferry_engine::migrate::convergence::{Converge, GiveUp, Limits, Policy};
+use ferry_engine::migrate::estimate::{measure, predict, Prediction};
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::progress::Hooks;
@@ -132,6 +133,100 @@ pub struct DemoOptions {
     pub interpose: Option<Interpose>,
     /// The source side's progress callback and cancel switch.
     pub hooks: Hooks,
+    /// Measure the guest's dirty rate and predict pre-copy before migrating.
+    pub estimate: Option<EstimateOptions>,
+}
+
+/// `estimate`'s settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EstimateOptions {
+    /// How long to watch the guest.
+    pub seconds: f64,
+    /// The bandwidth to predict for (bytes/s; default: the cap).
+    pub bandwidth_bytes_per_s: Option<u64>,
+}
+
+/// Watches the guest's writes for a few seconds (nothing is sent) and
+/// predicts pre-copy under `cfg` at the given bandwidth.
+pub fn estimate(
+    est: &EstimateOptions,
+    cfg: &MigrationConfig,
+    tracker: &mut dyn DirtyTracker,
+    guest: &mut dyn GuestControl,
+    mem: &GuestMemory,
+    say: &mut dyn FnMut(&str),
+) -> Result<Prediction, DemoError> {
+    let bw = est.bandwidth_bytes_per_s.or(cfg.max_bandwidth).ok_or_else(|| {
+        DemoError::Setup(
+            "an estimate needs the link's bandwidth (ferry cannot know it without sending): give --estimate-bandwidth or --max-bandwidth"
+                .into(),
+        )
+    })?;
+    let curve = measure(
+        tracker,
+        mem.pages(),
+        Duration::from_secs_f64(est.seconds.clamp(0.2, 600.0)),
+        ESTIMATE_SLICE,
+        || false,
+    )
+    .map_err(|e| DemoError::Setup(format!("measuring the dirty rate: {e}")))?;
+    let limits = Limits {
+        state_bytes: guest.device_state_bytes_hint() as u64,
+        paused_cap_bytes_per_s: cfg.max_bandwidth_paused.or(cfg.max_bandwidth).map(|c| c as f64),
+        ..Limits::new(cfg.downtime_ms_max, cfg.max_rounds)
+    };
+    let policy = Policy {
+        converge: cfg.converge,
+        can_throttle: guest.can_throttle(),
+        throttle: 0.0,
+        throttle_max: cfg.throttle_max,
+    };
+    let p = predict(&curve, bw as f64, limits, policy);
+    say(&prediction_line(&p));
+    Ok(p)
+}
+
+/// How often `estimate` samples the dirty set.
+const ESTIMATE_SLICE: Duration = Duration::from_millis(100);
+
+/// A prediction for people.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn prediction_line(p: &Prediction) -> String {
+    let verdict = if p.converges {
+        format!(
+            "converges in {} rounds, {:.1} s, downtime ~{:.1} ms",
+            p.rounds, p.total_s, p.expected_downtime_ms
+        )
+    } else if p.forced_past_target {
+        format!(
+            "does not converge: policy force would switch over after {} rounds with ~{:.0} ms of downtime",
+            p.rounds, p.expected_downtime_ms
+        )
+    } else {
+        format!(
+            "does NOT converge ({}): the paused round would take ~{:.0} ms",
+            p.give_up.map_or("?", GiveUp::as_str),
+            p.expected_downtime_ms
+        )
+    };
+    let needed = match p.throttle_needed {
+        Some(t) if t > 0.0 => format!("; it would need a throttle of {:.0} %", t * 100.0),
+        Some(_) => String::new(),
+        None => "; not even the highest throttle would make it fit".into(),
+    };
+    format!(
+        "estimate: the guest dirties {:.0} pages/s (working set {} pages seen); at {} with a {} ms target, policy {}: {verdict}{}{needed}",
+        p.dirty_rate_pages_per_s,
+        p.working_set_pages,
+        crate::size::human_rate(p.bandwidth_bytes_per_s as u64),
+        p.downtime_target_ms,
+        p.converge,
+        if p.throttle > 0.0 {
+            format!(" (throttled {:.0} %)", p.throttle * 100.0)
+        } else {
+            String::new()
+        }
+    )
 }
 
 impl std::fmt::Debug for DemoOptions {
@@ -159,6 +254,7 @@ impl Default for DemoOptions {
             migration: MigrationConfig::default(),
             interpose: None,
             hooks: Hooks::new(),
+            estimate: None,
         }
     }
 }
@@ -270,6 +366,8 @@ pub struct DemoReport {
     /// Synthetic guest: its write rate at the destination after the resume
     /// (unthrottled: the configured rate).
     pub destination_write_rate_pages_per_s: Option<f64>,
+    /// What `estimate` predicted before the migration, if asked.
+    pub prediction: Option<Prediction>,
     /// The convergence policy (throttle, abort, force).
     pub converge: Converge,
     /// converged or forced-past-target.
@@ -362,6 +460,17 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let (kind, guest_note) = resolve_guest(opts)?;
     let src_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
     let (mut src_guest, mut tracker) = start_source(opts, kind, &src_mem, t, &mut say)?;
+    let prediction = match opts.estimate {
+        Some(est) => Some(estimate(
+            &est,
+            &cfg,
+            tracker.as_mut(),
+            src_guest.control(),
+            &src_mem,
+            &mut say,
+        )?),
+        None => None,
+    };
     let dst_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
     let t = Instant::now();
     if opts.prefault_destination {
@@ -487,7 +596,9 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
             record.steps = lab.steps.clone();
             let err = s.as_ref().err().or(d.as_ref().err());
             if let Some(e) = err {
-                record.convergence = Some(crate::record::Convergence::of_failure(&cfg, e, caps));
+                let mut c = crate::record::Convergence::of_failure(&cfg, e, caps);
+                c.prediction = prediction.as_ref().and_then(|p| serde_json::to_value(p).ok());
+                record.convergence = Some(c);
                 record.error = Some(e.to_string());
                 record.outcome = match e {
                     MigrateError::WontConverge(n) => {
@@ -539,7 +650,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination resumed: downtime {downtime_ms:.2} ms",
         src.device_state_bytes
     ));
-    let convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);
+    let mut convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);
+    convergence.prediction = prediction.as_ref().and_then(|p| serde_json::to_value(p).ok());
     say(convergence.line(Some(downtime_ms)).trim());
     if convergence.downtime_exceeded {
         say(&format!(
@@ -684,6 +796,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         source_holes_filled,
         engine_heap_peak_bytes,
         destination_write_rate_pages_per_s,
+        prediction,
         converge: src.converge,
         outcome: convergence.outcome.clone(),
         throttle_max: src.throttle_max,

@@ -45,6 +45,14 @@ pub(crate) struct DemoArgs {
     max_rounds: u32,
     #[command(flatten)]
     converge: ConvergeArgs,
+    /// First watch the guest's writes for this many seconds (nothing is
+    /// sent) and predict pre-copy; the record then holds the prediction
+    /// next to what happened.
+    #[arg(long, value_name = "SECONDS")]
+    estimate_s: Option<f64>,
+    /// The bandwidth the estimate assumes (default: --max-bandwidth).
+    #[arg(long, value_name = "RATE", value_parser = ferry::size::parse_rate)]
+    estimate_bandwidth: Option<u64>,
     /// Dirty tracker of the synthetic guest: uffd (write-protect +
     /// PAGEMAP_SCAN, the default) or bitmap (guest-marked). A KVM guest is
     /// always tracked by KVM's dirty log.
@@ -101,6 +109,10 @@ impl DemoArgs {
             migration,
             interpose: None,
             hooks: ferry_engine::progress::Hooks::new(),
+            estimate: a.estimate_s.map(|seconds| ferry::demo::EstimateOptions {
+                seconds,
+                bandwidth_bytes_per_s: a.estimate_bandwidth,
+            }),
         };
         if a.shape.memory == 0 || a.shape.memory % 4096 != 0 {
             return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.shape.memory).into());

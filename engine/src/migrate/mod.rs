@@ -23,6 +23,7 @@ mod config;
 pub mod convergence;
 mod destination;
 mod error;
+pub mod estimate;
 pub mod inbox;
 mod report;
 mod source;
