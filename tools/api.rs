@@ -6,6 +6,8 @@
 //! ```text
 //! {"op":"status"}                                  → {"event":"status","state":"running",...}
 //! {"op":"cancel"}                                  → {"event":"cancel","cancelled":true}
+//! {"op":"estimate","seconds":5,"bandwidth":1250000000}
+//!                                                  → {"event":"estimate","converges":true,"rounds":3,...}
 //! {"op":"set-bandwidth","max_bandwidth":200000000} → {"event":"bandwidth","max_bandwidth_bytes_per_s":200000000,...}
 //! {"op":"migrate","to":"10.0.0.2:7700","dest_host":"dst"}
 //!   (optional: "downtime_ms_max", "converge", "max_bandwidth", "max_bandwidth_paused", "timeout_s")
@@ -45,7 +47,7 @@ pub const MAX_CLIENTS: usize = 16;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One request.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Migrate the VM to a destination daemon; the reply streams progress.
@@ -69,6 +71,22 @@ pub enum Request {
         /// Total time limit in seconds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_s: Option<u64>,
+    },
+    /// Watch the guest's writes for `seconds` (nothing is sent) and predict
+    /// pre-copy at `bandwidth` under the VMM's settings (or these).
+    Estimate {
+        /// How long to watch (0.2..=600).
+        #[serde(default = "default_estimate_s")]
+        seconds: f64,
+        /// The link's bandwidth, bytes/s (default: the VMM's cap).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bandwidth: Option<u64>,
+        /// Downtime target (default: the VMM's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        downtime_ms_max: Option<u64>,
+        /// Policy (default: the VMM's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        converge: Option<Converge>,
     },
     /// Change the running migration's bandwidth caps.
     SetBandwidth {
@@ -110,6 +128,8 @@ pub enum ApiReply {
         /// What happens next.
         note: String,
     },
+    /// What `estimate` predicts.
+    Estimate(Box<ferry_engine::migrate::estimate::Prediction>),
     /// The running migration's caps, after a `set-bandwidth`.
     Bandwidth {
         /// The live rounds' cap, bytes/s (null: unlimited).
@@ -211,6 +231,10 @@ pub struct Migrated {
     /// The migration's record.
     #[serde(default)]
     pub record: Option<crate::record::Record>,
+}
+
+fn default_estimate_s() -> f64 {
+    5.0
 }
 
 /// One migration's settings over the host's (`None`: the host's).

@@ -363,6 +363,35 @@ pub fn cancel(path: &Path, json: bool) -> Result<ExitCode, String> {
     }
 }
 
+/// `ferry estimate`: the VMM watches its guest's writes (nothing is sent)
+/// and predicts pre-copy. Exit 0 when it would converge under the policy,
+/// 2 when it would not.
+pub fn estimate(path: &Path, req: &Request, seconds: f64, json: bool) -> Result<ExitCode, String> {
+    let mut got = None;
+    api::call(path, req, Duration::from_secs_f64(seconds + 40.0), |v| {
+        got = Some(v);
+        false
+    })?;
+    let v = got.ok_or("the VMM closed the connection without a reply")?;
+    if json {
+        println!("{}", json_line(&v));
+    }
+    match v {
+        Reply::Api(ApiReply::Estimate(p)) => {
+            if !json {
+                println!("{}", crate::demo::prediction_line(&p));
+            }
+            Ok(if p.converges {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Reply::Api(ApiReply::Error { error }) => Err(error),
+        other => Err(format!("the VMM answered estimate with {other:?}")),
+    }
+}
+
 /// `ferry set-bandwidth`: changes the running migration's caps.
 pub fn set_bandwidth(path: &Path, live: Option<u64>, paused: Option<u64>, json: bool) -> Result<ExitCode, String> {
     let v = one(

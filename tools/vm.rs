@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use ferry_control::audit::AuditLog;
 use ferry_control::pki::{Identity, Role};
+use ferry_engine::migrate::estimate::Prediction;
 use ferry_engine::migrate::{MigrationConfig, RoundStats};
 use ferry_engine::progress::{Hooks, Progress};
 use ferry_engine::GuestMemory;
@@ -113,7 +114,26 @@ struct Shared {
     last_error: Option<String>,
     /// Rounds of the running migration (for a failed one's record).
     rounds: Vec<RoundStats>,
+    /// The last estimate and when it was made.
+    prediction: Option<(Instant, Prediction)>,
 }
+
+/// Work for the main thread, which owns the VM.
+enum Work {
+    Migrate(Job),
+    Estimate(EstimateJob),
+}
+
+/// An estimate: watch the guest's writes and predict pre-copy.
+struct EstimateJob {
+    seconds: f64,
+    bandwidth: Option<u64>,
+    tuning: api::Tuning,
+    reply: Sender<Reply>,
+}
+
+/// How long an estimate is kept for the next migration's record.
+const PREDICTION_KEPT: Duration = Duration::from_secs(600);
 
 /// A migration for the main thread, which owns the VM.
 struct Job {
@@ -136,7 +156,7 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
         state: "running",
         ..Shared::default()
     }));
-    let (jobs_tx, jobs_rx) = bounded::<Job>(1);
+    let (jobs_tx, jobs_rx) = bounded::<Work>(1);
     let _api = match &o.api {
         Some(path) => Some(api::serve(path, api_handler(o, &shared, &mon, &jobs_tx))?),
         None => None,
@@ -164,11 +184,11 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
         let (jobs, to, after) = (jobs_tx.clone(), to.clone(), *after);
         std::thread::spawn(move || {
             std::thread::sleep(after);
-            let _ = jobs.send(Job {
+            let _ = jobs.send(Work::Migrate(Job {
                 to,
                 events: None,
                 delivered: None,
-            });
+            }));
         });
     }
     let started = Instant::now();
@@ -177,7 +197,8 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
             .run_for
             .map_or(Duration::from_secs(3600), |d| d.saturating_sub(started.elapsed()));
         match jobs_rx.recv_timeout(wait) {
-            Ok(job) => {
+            Ok(Work::Estimate(job)) => run_estimate(o, &mut vm, &mem, &shared, job),
+            Ok(Work::Migrate(job)) => {
                 if run_job(o, &mut vm, &mem, &mon, &shared, job) {
                     // The destination owns the guest now: this VM never runs again.
                     stop.store(true, Ordering::SeqCst);
@@ -201,7 +222,35 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: &Sender<Job>) -> Arc<api::Handler> {
+/// Runs an estimate on the main thread and answers it.
+fn run_estimate(o: &VmOptions, vm: &mut KvmVm, mem: &GuestMemory, shared: &Arc<Mutex<Shared>>, job: EstimateJob) {
+    let reply = match &o.source {
+        None => Reply::error(
+            "this VM was started without source settings: it cannot migrate, so there is nothing to estimate",
+        ),
+        Some(host) => {
+            let mut cfg = host.migration.clone();
+            job.tuning.apply(&mut cfg);
+            let est = crate::demo::EstimateOptions {
+                seconds: job.seconds,
+                bandwidth_bytes_per_s: job.bandwidth,
+            };
+            let mut tracker = vm.dirty_tracker();
+            let mut say = |l: &str| event(&serde_json::json!({"event": "estimate-line", "line": l}));
+            match crate::demo::estimate(&est, &cfg, &mut tracker, vm, mem, &mut say) {
+                Ok(p) => {
+                    lock(shared).prediction = Some((Instant::now(), p.clone()));
+                    Reply::Api(ApiReply::Estimate(Box::new(p)))
+                }
+                Err(e) => Reply::error(e.to_string()),
+            }
+        }
+    };
+    lock(shared).state = "running";
+    let _ = job.reply.send_timeout(reply, Duration::from_secs(2));
+}
+
+fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: &Sender<Work>) -> Arc<api::Handler> {
     let (shared, mon, jobs) = (shared.clone(), mon.clone(), jobs.clone());
     let (vm_id, memory_bytes, vcpus, can_migrate) = (o.vm_id.clone(), o.memory_bytes, o.vcpus, o.source.is_some());
     Arc::new(move |req, send| match req {
@@ -249,6 +298,57 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                             ""
                         }
                     )));
+                }
+            }
+        }
+        Request::Estimate {
+            seconds,
+            bandwidth,
+            downtime_ms_max,
+            converge,
+        } => {
+            if !(0.2..=600.0).contains(&seconds) {
+                send(&Reply::error("seconds must be 0.2..=600"));
+                return;
+            }
+            let refused = {
+                let mut s = lock(&shared);
+                let was = s.state;
+                if was == "running" {
+                    s.state = "estimating";
+                }
+                (was != "running").then_some(was)
+            };
+            if let Some(state) = refused {
+                send(&Reply::error(format!(
+                    "the VM is {state}: an estimate needs a running VM with no migration under way"
+                )));
+                return;
+            }
+            let (tx, rx) = bounded::<Reply>(1);
+            let job = EstimateJob {
+                seconds,
+                bandwidth,
+                tuning: api::Tuning {
+                    downtime_ms_max,
+                    converge,
+                    ..api::Tuning::default()
+                },
+                reply: tx,
+            };
+            if jobs.try_send(Work::Estimate(job)).is_err() {
+                lock(&shared).state = "running";
+                send(&Reply::error("a migration is about to start: try again when it ends"));
+                return;
+            }
+            match rx.recv_timeout(Duration::from_secs_f64(seconds + 30.0)) {
+                Ok(line) => {
+                    send(&line);
+                }
+                Err(_) => {
+                    send(&Reply::error(
+                        "the estimate did not finish (the VM's main thread is busy)",
+                    ));
                 }
             }
         }
@@ -324,7 +424,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 )));
                 return;
             }
-            if jobs.try_send(job).is_err() {
+            if jobs.try_send(Work::Migrate(job)).is_err() {
                 lock(&shared).state = "running";
                 send(&Reply::error(
                     "a migration is about to start (--migrate-to): try again when it ends",
@@ -473,6 +573,15 @@ fn run_job(
     };
     if record.rounds.is_empty() {
         record.rounds = std::mem::take(&mut lock(shared).rounds);
+    }
+    // The estimate made before this migration, next to what happened.
+    let recent = lock(shared)
+        .prediction
+        .take()
+        .filter(|(at, _)| at.elapsed() < PREDICTION_KEPT)
+        .map(|(_, p)| p);
+    if let (Some(c), Some(p)) = (record.convergence.as_mut(), recent) {
+        c.prediction = serde_json::to_value(p).ok();
     }
     lock(shared).hooks = None;
     if let Some(path) = &job.to.record {

@@ -33,7 +33,7 @@ use self::common::ConvergeArgs;
 use self::common::{parse_port_range, GuestShape, HostArgs};
 use self::demo::DemoArgs;
 use self::error::CliError;
-use self::ops::{ApiArgs, MigrateArgs, ReportArgs, SetBandwidthArgs, MIGRATE_EXAMPLES};
+use self::ops::{ApiArgs, EstimateArgs, MigrateArgs, ReportArgs, SetBandwidthArgs, MIGRATE_EXAMPLES};
 use self::pki::PkiCmd;
 use self::receive::ReceiveArgs;
 use self::serve::ServeCmd;
@@ -119,6 +119,10 @@ enum Cmd {
     /// Change the bandwidth cap of the migration a VMM runs now (it takes
     /// effect from the next batch sent).
     SetBandwidth(SetBandwidthArgs),
+    /// Watch a running VM's writes for a few seconds (nothing is sent) and
+    /// predict whether pre-copy converges at a bandwidth and target, in how
+    /// many rounds, or what throttle it would need. Exit 2: it would not.
+    Estimate(EstimateArgs),
     /// Summarise a migration record and draw its timeline as SVG.
     #[command(
         after_help = "Examples:\n  ferry report run.json\n  ferry report /var/lib/ferry/runs/web-1-1700000000000.json --svg web-1.svg"
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => a.status(),
         Cmd::Cancel(a) => a.cancel(),
         Cmd::SetBandwidth(a) => a.run(),
+        Cmd::Estimate(a) => a.run(),
         Cmd::Report(a) => a.run(),
         Cmd::Serve(a) => a.run(),
         Cmd::Vm(a) => a.run(),

@@ -51,6 +51,38 @@ pub(crate) struct MigrateArgs {
     idle_timeout_s: u64,
 }
 
+/// `ferry estimate`'s arguments.
+#[derive(Args)]
+pub(crate) struct EstimateArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// How long to watch the guest's writes.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// The link's bandwidth (10Gbit, 1.5GB/s; default: the VMM's cap).
+    #[arg(long, value_name = "RATE", value_parser = ferry::size::parse_rate)]
+    bandwidth: Option<u64>,
+    /// Downtime target in milliseconds (default: the VMM's).
+    #[arg(long)]
+    downtime_ms_max: Option<u64>,
+    /// Policy to predict for (default: the VMM's).
+    #[arg(long, value_name = "POLICY")]
+    converge: Option<ferry_engine::migrate::convergence::Converge>,
+}
+
+impl EstimateArgs {
+    /// Runs `ferry estimate`.
+    pub(crate) fn run(self) -> Result<ExitCode, CliError> {
+        let req = ferry::api::Request::Estimate {
+            seconds: self.seconds,
+            bandwidth: self.bandwidth,
+            downtime_ms_max: self.downtime_ms_max,
+            converge: self.converge,
+        };
+        Ok(ferry::ops::estimate(&self.api.api, &req, self.seconds, self.api.json)?)
+    }
+}
+
 /// `ferry set-bandwidth`'s arguments.
 #[derive(Args)]
 pub(crate) struct SetBandwidthArgs {
