@@ -30,6 +30,9 @@ all=(
   "kvm-hot64MiB-20kpps-1GiB|--guest kvm --memory 1GiB --hot-set 64MiB --dirty-rate 20000"
   "kvm-idle-1GiB-kick|--guest kvm --memory 1GiB --dirty-rate 0 --kick-pause"
   "kvm-hot64MiB-20kpps-1GiB-kick|--guest kvm --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --kick-pause"
+  "syn-heavy-768MiB-400kpps-throttle|--guest synthetic --memory 1GiB --hot-set 768MiB --dirty-rate 400000 --downtime-ms-max 50 --converge throttle"
+  "kvm-hot32MiB-flatout-5ms-throttle|--guest kvm --memory 256MiB --hot-set 32MiB --dirty-rate 1000000 --downtime-ms-max 5 --converge throttle"
+  "syn-idle-1GiB-cap200MB|--guest synthetic --memory 1GiB --dirty-rate 0 --max-bandwidth 200MB/s"
 )
 configs=()
 for c in "${all[@]}"; do
@@ -76,6 +79,11 @@ print(f"{name}: n={len(runs)} guest={runs[0]['guest']} throughput_gbps={fig('thr
       f"downtime_ms={fig('downtime_ms')} guest_stop_ms={fig('guest_stop_ms')} total_ms={fig('total_ms')} "
       f"rounds={fig('rounds')} dirty_scan_ms(live rounds)={show(live)} dirty_scan_ms(final)={show(final)} "
       f"engine_heap_MiB={fig('engine_heap_peak_bytes', 1/2**20)} wire_GiB={fig('bytes_on_wire', 1/2**30)}")
+if "throttle_max" in runs[0]:
+    first = [r["round_detail"][0] for r in runs]
+    wire_rate = [x["bytes_on_wire"] / (x["duration_ms"] / 1e3) / 1e6 for x in first]
+    print(f"  convergence: throttle_max={fig('throttle_max')} expected_downtime_ms={fig('expected_downtime_ms')} "
+          f"exceeded={sum(r['downtime_exceeded'] for r in runs)}/{len(runs)} first_round_wire_MB_per_s={show(wire_rate)}")
 PY
   done
 done

@@ -12,23 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::procs::{ready, s, Proc, SourceDomain};
-
-fn ferry(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env("FERRY_STATE_DIR", env!("CARGO_TARGET_TMPDIR"))
-        .output()
-        .unwrap()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::procs::{ferry, ready, s, text, Proc, SourceDomain};
 
 fn status(api: &str) -> serde_json::Value {
     let o = ferry(&["status", "--api", api, "--json"]);

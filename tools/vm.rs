@@ -222,6 +222,17 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Moves a running VM to `state` under the lock (of two clients asking at
+/// once, one wins); otherwise the state it is in.
+fn claim(shared: &Mutex<Shared>, state: &'static str) -> Result<(), &'static str> {
+    let mut s = lock(shared);
+    if s.state != "running" {
+        return Err(s.state);
+    }
+    s.state = state;
+    Ok(())
+}
+
 /// Runs an estimate on the main thread and answers it.
 fn run_estimate(o: &VmOptions, vm: &mut KvmVm, mem: &GuestMemory, shared: &Arc<Mutex<Shared>>, job: EstimateJob) {
     let reply = match &o.source {
@@ -311,15 +322,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 send(&Reply::error("seconds must be 0.2..=600"));
                 return;
             }
-            let refused = {
-                let mut s = lock(&shared);
-                let was = s.state;
-                if was == "running" {
-                    s.state = "estimating";
-                }
-                (was != "running").then_some(was)
-            };
-            if let Some(state) = refused {
+            if let Err(state) = claim(&shared, "estimating") {
                 send(&Reply::error(format!(
                     "the VM is {state}: an estimate needs a running VM with no migration under way"
                 )));
@@ -409,16 +412,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 events: Some(tx),
                 delivered: Some(done_rx),
             };
-            // Claimed under the lock: of two clients asking at once, one wins.
-            let refused = {
-                let mut s = lock(&shared);
-                let was = s.state;
-                if was == "running" {
-                    s.state = "migrating";
-                }
-                (was != "running").then_some(was)
-            };
-            if let Some(state) = refused {
+            if let Err(state) = claim(&shared, "migrating") {
                 send(&Reply::error(format!(
                     "the VM is {state}: only a running VM with no migration under way can migrate"
                 )));

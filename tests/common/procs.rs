@@ -156,3 +156,21 @@ impl SourceDomain {
         }
     }
 }
+
+/// Runs the `ferry` binary to completion, with the tests' state directory.
+pub fn ferry(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_STATE_DIR", env!("CARGO_TARGET_TMPDIR"))
+        .output()
+        .unwrap()
+}
+
+/// A finished command's stdout and stderr, for messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
