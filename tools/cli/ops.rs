@@ -7,6 +7,10 @@ pub(crate) const MIGRATE_EXAMPLES: &str = "Examples:
   # live progress on a terminal, one line per round on a pipe
   ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst
 
+  # a busy guest: slow it down until the rest fits 20 ms, on at most 10 Gbit/s
+  ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst \\
+      --downtime-ms-max 20 --converge throttle --max-bandwidth 10Gbit
+
   # every event as a JSON line, the record in a chosen file
   ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst --json --record web-1.json
 
