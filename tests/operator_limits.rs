@@ -90,6 +90,9 @@ fn an_operator_estimates_throttles_and_changes_the_cap_mid_migration() {
     let o = ferry(&["estimate", "--api", api, "--seconds", "0.5"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("bandwidth"), "no bandwidth known: {}", text(&o));
+    // A cap too low to keep the peer's timeouts quiet is refused.
+    let o = ferry(&["set-bandwidth", "--api", api, "--max-bandwidth", "100kB/s"]);
+    assert!(!o.status.success() && text(&o).contains("at least"), "{}", text(&o));
     // Nothing to set while no migration runs.
     let o = ferry(&["set-bandwidth", "--api", api, "--max-bandwidth", "1GB/s"]);
     assert!(

@@ -363,6 +363,17 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 let s = lock(&shared);
                 (s.state == "migrating").then(|| s.hooks.clone()).flatten()
             };
+            let floor = ferry_engine::pace::MIN_CAP_BYTES_PER_S;
+            if [max_bandwidth, max_bandwidth_paused]
+                .iter()
+                .flatten()
+                .any(|c| *c < floor)
+            {
+                send(&Reply::error(format!(
+                    "a bandwidth cap must be at least {floor} B/s (1 MB/s); use null for unlimited"
+                )));
+                return;
+            }
             match hooks {
                 Some(h) => {
                     h.set_max_bandwidth(max_bandwidth, max_bandwidth_paused.map(Some));
