@@ -242,7 +242,7 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
     {
         return;
     }
-    // The guest writes a 16 MiB hot set flat out; 5 ms is out of reach
+    // The guest writes a 16 MiB hot set flat out; 10 ms is out of reach
     // unthrottled (on a shadow MMU too, where it writes slower: the cap
     // keeps the link slow).
     let kvm = |converge| {
@@ -250,10 +250,10 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
         o.guest = GuestKind::Kvm;
         o.hot_set_bytes = 16 << 20;
         o.dirty_rate_pages_per_s = 1_000_000;
-        o.migration.downtime_ms_max = 5;
+        o.migration.downtime_ms_max = 10;
         o.migration.max_bandwidth = Some(100_000_000);
         // Small batches: under a cap, a round pays for its last batch, and
-        // 1 MiB at 100 MB/s alone would be twice the target.
+        // 1 MiB at 100 MB/s alone is the whole target.
         o.migration.batch_bytes = 64 << 10;
         o.migration.converge = converge;
         o
@@ -264,7 +264,7 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
     let r = demo::run(&kvm(Converge::Throttle), |l| eprintln!("{l}")).expect("migration");
     assert!(r.verified, "not verified");
     assert!(r.throttle_max > 0.0);
-    assert!(r.downtime_ms <= 5.0, "downtime {} ms", r.downtime_ms);
+    assert!(r.downtime_ms <= 10.0, "downtime {} ms", r.downtime_ms);
     // The destination's guest went on (no throttle moves with the state).
     assert!(r.heartbeat_after > r.heartbeat_before);
 }
