@@ -32,26 +32,8 @@ fn an_operator_migrates_cancels_and_reports_with_the_cli() {
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
     let d = dom.dir.path();
-    let dst = Proc::start(
-        None,
-        &[
-            "vm",
-            "--incoming",
-            "--pki",
-            s(&dom.pki),
-            "--name",
-            "dst",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            s(&dom.policy),
-            "--state-dir",
-            s(&d.join("dst")),
-            // As behind a firewall: data streams only on these ports.
-            "--data-ports",
-            "47100-47199",
-        ],
-    );
+    // As behind a firewall: data streams only on these ports.
+    let dst = dom.incoming_vm(&["--data-ports", "47100-47199"]);
     let dst_addr = dst.listening().to_string();
 
     // The source VMM's settings live in a config file, as on a host; the

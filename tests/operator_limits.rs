@@ -20,23 +20,7 @@ fn an_operator_estimates_throttles_and_changes_the_cap_mid_migration() {
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
     let d = dom.dir.path();
-    let dst = Proc::start(
-        None,
-        &[
-            "vm",
-            "--incoming",
-            "--pki",
-            s(&dom.pki),
-            "--name",
-            "dst",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            s(&dom.policy),
-            "--state-dir",
-            s(&d.join("dst")),
-        ],
-    );
+    let dst = dom.incoming_vm(&[]);
     let dst_addr = dst.listening().to_string();
     let api = d.join("vm.sock");
     let (authn, authz) = (dom.authn_addr.to_string(), dom.authz_addr.to_string());

@@ -201,26 +201,9 @@ fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let lo = "127.0.0.1:0";
-    let (d, pki, policy) = (dom.dir.path(), &dom.pki, &dom.policy);
+    let pki = &dom.pki;
     let (authn_addr, authz_addr) = (&dom.authn_addr, &dom.authz_addr);
-    let mut dst = Proc::start(
-        None,
-        &[
-            "vm",
-            "--incoming",
-            "--pki",
-            s(pki),
-            "--name",
-            "dst",
-            "--listen",
-            lo,
-            "--policy",
-            s(policy),
-            "--state-dir",
-            s(&d.join("dst")),
-        ],
-    );
+    let mut dst = dom.incoming_vm(&[]);
     let dst_addr = dst.listening().to_string();
     // A guest that never converges (a 1 ms target under 50k writes/s), so
     // the migration is still in its rounds when the destination dies.

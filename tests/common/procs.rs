@@ -157,6 +157,31 @@ impl SourceDomain {
     }
 }
 
+impl SourceDomain {
+    /// A destination `ferry vm --incoming` named "dst" on loopback, with
+    /// this domain's PKI and policy, its state under `dst/`, and `extra`
+    /// options.
+    pub fn incoming_vm(&self, extra: &[&str]) -> Proc {
+        let state = self.dir.path().join("dst");
+        let mut args = vec![
+            "vm",
+            "--incoming",
+            "--pki",
+            s(&self.pki),
+            "--name",
+            "dst",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            s(&self.policy),
+            "--state-dir",
+            s(&state),
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(None, &args)
+    }
+}
+
 /// Runs the `ferry` binary to completion, with the tests' state directory.
 pub fn ferry(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
