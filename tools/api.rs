@@ -341,10 +341,44 @@ impl Drop for ApiSocket {
     }
 }
 
+/// Binds the socket inside a fresh 0700 directory, makes it 0600, then
+/// links it to `path` (failing if anything appeared there meanwhile): the
+/// socket is never reachable with the umask's permissions.
+fn bind_private(path: &Path, dir: &Path) -> Result<UnixListener, String> {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let private = dir.join(format!(".ferry-api-{}-{nonce}", std::process::id()));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&private)
+        .map_err(|e| format!("cannot create {}: {e}", private.display()))?;
+    let tmp = private.join("sock");
+    let bound = UnixListener::bind(&tmp)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+            std::fs::hard_link(&tmp, path).map_err(|e| format!("cannot put the socket at {}: {e}", path.display()))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 /// Binds `path` (mode 0600; a stale socket file left by a dead VMM is
-/// replaced, a live one is an error) and serves requests on a thread.
+/// replaced, a live one is an error, anything else at the path is left
+/// alone and refused) and serves requests on a thread.
 pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a stale socket is replaced: a regular file, a link or a
+        // directory at the path is somebody's and stays.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(format!(
+                "{} exists and is not a socket: ferry replaces only a stale socket; remove it or give another --api path",
+                path.display()
+            ));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(format!(
                 "{} is already served by another process: give this VM its own --api path",
@@ -353,12 +387,12 @@ pub fn serve(path: &Path, handler: Arc<Handler>) -> Result<ApiSocket, String> {
         }
         std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let listener = bind_private(path, dir)?;
     let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ferry-api".into())
