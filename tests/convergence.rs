@@ -96,7 +96,7 @@ fn abort_gives_up_before_pausing_and_names_the_rates() {
     assert_eq!(f.record.outcome, "aborted");
     let c = f.record.convergence.as_ref().expect("convergence in the record");
     assert_eq!(c.outcome, "aborted: won't converge");
-    assert_eq!(c.converge, "abort");
+    assert_eq!(c.converge, Converge::Abort);
     assert!(!f.record.rounds.is_empty());
     assert!(
         f.record.summary().contains("aborted: won't converge"),
@@ -120,18 +120,18 @@ fn throttle_converges_within_the_target_and_the_destination_runs_unthrottled() {
     });
     let r = demo::run(&o, |l| eprintln!("{l}")).expect("migration");
     assert!(r.verified, "not verified");
-    assert_eq!(r.converge, Converge::Throttle);
-    assert_eq!(r.outcome, "converged");
+    assert_eq!(r.convergence.converge, Converge::Throttle);
+    assert_eq!(r.convergence.outcome, "converged");
     assert!(
-        r.downtime_ms <= 50.0 && !r.downtime_exceeded,
+        r.downtime_ms <= 50.0 && !r.convergence.downtime_exceeded,
         "downtime {} ms",
         r.downtime_ms
     );
-    assert!(r.throttle_max > 0.0, "a throttle was needed");
+    assert!(r.convergence.throttle_max > 0.0, "a throttle was needed");
     // Raised in steps, never lowered; shown per round.
     let steps = throttles.lock().unwrap().clone();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    assert_eq!(steps.last().copied(), Some(r.throttle_max));
+    assert_eq!(steps.last().copied(), Some(r.convergence.throttle_max));
     let live: Vec<f64> = r
         .round_detail
         .iter()
@@ -164,9 +164,13 @@ fn force_switches_over_and_every_output_says_the_target_was_exceeded() {
     let r = demo::run(&o, |l| lines.push(l.to_string())).expect("migration");
     assert!(r.verified);
     assert_eq!(*warned.lock().unwrap(), Some(true), "the paused event says so");
-    assert!(r.downtime_exceeded && r.downtime_ms > 50.0, "{} ms", r.downtime_ms);
-    assert_eq!(r.outcome, "forced-past-target");
-    assert!(r.expected_downtime_ms > 50.0);
+    assert!(
+        r.convergence.downtime_exceeded && r.downtime_ms > 50.0,
+        "{} ms",
+        r.downtime_ms
+    );
+    assert_eq!(r.convergence.outcome, "forced-past-target");
+    assert!(r.convergence.expected_downtime_ms.is_some_and(|ms| ms > 50.0));
     assert!(lines.iter().any(|l| l.contains("EXCEEDED")), "{lines:#?}");
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["downtime_exceeded"], true);
@@ -182,15 +186,22 @@ fn a_bandwidth_cap_holds_and_a_change_takes_effect_within_the_round() {
         return;
     }
     // An idle 64 MiB guest at 20 MB/s would take ~3.4 s for its first round;
-    // half a second in, the cap goes to 400 MB/s.
+    // half a second into it (by the migration's own clock, not counting the
+    // setup before), the cap goes to 400 MB/s.
     let mut o = common::small(64 << 20, 2);
     o.dirty_rate_pages_per_s = 0;
     o.migration.max_bandwidth = Some(20_000_000);
-    let hooks = Hooks::new();
+    let (half_a_second_in, wait) = std::sync::mpsc::sync_channel::<()>(1);
+    let hooks = Hooks::new().on_progress(move |e| {
+        if matches!(e, Progress::Sending { round: 1, elapsed_ms, .. } if *elapsed_ms >= 500.0) {
+            let _ = half_a_second_in.try_send(());
+        }
+    });
     o.hooks = hooks.clone();
     let raise = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        hooks.set_max_bandwidth(Some(400_000_000), None);
+        wait.recv_timeout(Duration::from_secs(30))
+            .expect("round 1 reached half a second");
+        hooks.set_max_bandwidth(Some(400_000_000), None).expect("a valid cap");
     });
     let t = Instant::now();
     let r = demo::run(&o, |l| eprintln!("{l}")).expect("migration");
@@ -212,7 +223,7 @@ fn a_bandwidth_cap_holds_and_a_change_takes_effect_within_the_round() {
         "the first cap did not hold: {} ms",
         first.duration_ms
     );
-    assert_eq!(r.max_bandwidth_bytes_per_s, Some(400_000_000));
+    assert_eq!(r.convergence.max_bandwidth_bytes_per_s, Some(400_000_000));
     eprintln!("whole demo {:?}", t.elapsed());
 
     // A steady cap: never above it by more than one batch per stream.
@@ -263,7 +274,7 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
     assert!(f.source_guest_running && f.source_memory_intact == Some(true), "{f}");
     let r = demo::run(&kvm(Converge::Throttle), |l| eprintln!("{l}")).expect("migration");
     assert!(r.verified, "not verified");
-    assert!(r.throttle_max > 0.0);
+    assert!(r.convergence.throttle_max > 0.0);
     assert!(r.downtime_ms <= 10.0, "downtime {} ms", r.downtime_ms);
     // The destination's guest went on (no throttle moves with the state).
     assert!(r.heartbeat_after > r.heartbeat_before);
@@ -290,16 +301,16 @@ fn the_estimate_predicts_what_the_migration_then_does() {
         .as_ref()
         .and_then(|c| c.prediction.clone())
         .expect("the prediction is in the record");
-    assert_eq!(p["converges"], false, "{p}");
-    assert!(p["throttle_needed"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+    assert!(!p.converges, "{p:?}");
+    assert!(p.throttle_needed.is_some_and(|t| t > 0.0), "{p:?}");
     // An idle guest: predicted to converge, and it does.
     let mut o = common::small(64 << 20, 2);
     o.dirty_rate_pages_per_s = 0;
     o.migration.max_bandwidth = Some(CAP_BYTES_PER_S);
     o.estimate = estimate;
     let r = demo::run(&o, |l| eprintln!("{l}")).expect("migration");
-    let p = r.prediction.as_ref().expect("prediction");
-    assert!(p.converges && r.verified && !r.downtime_exceeded, "{p:?}");
+    let p = r.convergence.prediction.as_ref().expect("prediction");
+    assert!(p.converges && r.verified && !r.convergence.downtime_exceeded, "{p:?}");
     assert_eq!(p.throttle_needed, Some(0.0));
     assert!(r.record().convergence.unwrap().prediction.is_some());
 }

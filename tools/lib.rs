@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod destination;
+pub mod estimate;
 pub mod lab;
 pub mod ops;
 pub mod record;

@@ -148,11 +148,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                         bw_bytes_per_s / 1e9,
                         dirty_rate,
                         expected_ms,
-                        if r.throttle > 0.0 {
-                            format!(" | throttle {:.0} %", r.throttle * 100.0)
-                        } else {
-                            String::new()
-                        }
+                        crate::size::throttle_note(" | throttle ", r.throttle)
                     ));
                 }
                 show.line(&format!(
@@ -165,11 +161,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                     human(r.dirty_pages_after * PAGE),
                     r.dirty_rate_pages_per_s,
                     r.expected_downtime_ms,
-                    if r.throttle > 0.0 {
-                        format!(", throttle {:.0} %", r.throttle * 100.0)
-                    } else {
-                        String::new()
-                    }
+                    crate::size::throttle_note(", throttle ", r.throttle)
                 ));
             }
             Reply::Progress(Progress::Paused {
@@ -257,9 +249,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
                         c.downtime_target_ms,
                         c.expected_downtime_ms.unwrap_or(f64::NAN)
                     );
-                    if c.throttle_max > 0.0 {
-                        t += &format!(", throttled up to {:.0} %", c.throttle_max * 100.0);
-                    }
+                    t += &crate::size::throttle_note(", throttled up to ", c.throttle_max);
                     if c.downtime_exceeded {
                         t += &format!(
                             " -- DOWNTIME TARGET EXCEEDED by {:.2} ms (policy {})",
@@ -379,7 +369,7 @@ pub fn estimate(path: &Path, req: &Request, seconds: f64, json: bool) -> Result<
     match v {
         Reply::Api(ApiReply::Estimate(p)) => {
             if !json {
-                println!("{}", crate::demo::prediction_line(&p));
+                println!("{}", crate::estimate::prediction_line(&p));
             }
             Ok(if p.converges {
                 ExitCode::SUCCESS

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ferry_engine::migrate::convergence::Converge;
+use ferry_engine::migrate::estimate::Prediction;
 use ferry_engine::migrate::{MigrateError, MigrationConfig, RoundStats, SourceReport};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -68,7 +70,7 @@ pub struct Record {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Convergence {
     /// The policy: throttle, abort, force (postcopy is refused).
-    pub converge: String,
+    pub converge: Converge,
     /// converged, forced-past-target, aborted: won't converge, timed-out,
     /// or another failure.
     pub outcome: String,
@@ -89,7 +91,7 @@ pub struct Convergence {
     pub max_bandwidth_paused_bytes_per_s: Option<u64>,
     /// The estimate made before the migration (`ferry estimate`), if one was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prediction: Option<serde_json::Value>,
+    pub prediction: Option<Prediction>,
 }
 
 impl Convergence {
@@ -98,7 +100,7 @@ impl Convergence {
     pub fn of_report(rep: &SourceReport, downtime_ms: f64, caps: (Option<u64>, Option<u64>)) -> Convergence {
         let exceeded = rep.downtime_exceeded(downtime_ms);
         Convergence {
-            converge: rep.converge.as_str().into(),
+            converge: rep.converge,
             outcome: if rep.forced_past_target {
                 "forced-past-target"
             } else {
@@ -124,7 +126,7 @@ impl Convergence {
             _ => ("failed", None, 0.0),
         };
         Convergence {
-            converge: cfg.converge.as_str().into(),
+            converge: cfg.converge,
             outcome: outcome.into(),
             downtime_target_ms: cfg.downtime_ms_max,
             expected_downtime_ms: expected,
@@ -152,9 +154,7 @@ impl Convergence {
                 downtime_ms.unwrap_or(0.0) - self.downtime_target_ms as f64
             );
         }
-        if self.throttle_max > 0.0 {
-            l += &format!("; throttle up to {:.0} %", self.throttle_max * 100.0);
-        }
+        l += &crate::size::throttle_note("; throttle up to ", self.throttle_max);
         if let Some(c) = self.max_bandwidth_bytes_per_s {
             l += &format!("; cap {}", crate::size::human_rate(c));
         }
@@ -238,11 +238,7 @@ impl Record {
                 r.throughput_gbps,
                 r.dirty_pages_after,
                 r.dirty_rate_pages_per_s,
-                if r.throttle > 0.0 {
-                    format!("  throttle {:.0} %", r.throttle * 100.0)
-                } else {
-                    String::new()
-                }
+                crate::size::throttle_note("  throttle ", r.throttle)
             );
         }
         out

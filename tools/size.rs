@@ -100,6 +100,16 @@ pub fn parse_rate(s: &str) -> Result<u64, RateError> {
     Ok(v as u64)
 }
 
+/// `label` and the throttle as a percentage (`", throttle 80 %"`), or
+/// nothing when there was none.
+pub fn throttle_note(label: &str, throttle: f64) -> String {
+    if throttle > 0.0 {
+        format!("{label}{:.0} %", throttle * 100.0)
+    } else {
+        String::new()
+    }
+}
+
 /// A rate for people: `1.50 GB/s (12.0 Gbit/s)`.
 pub fn human_rate(bytes_per_s: u64) -> String {
     let b = bytes_per_s as f64;

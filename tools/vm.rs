@@ -242,14 +242,14 @@ fn run_estimate(o: &VmOptions, vm: &mut KvmVm, mem: &GuestMemory, shared: &Arc<M
         Some(host) => {
             let mut cfg = host.migration.clone();
             job.tuning.apply(&mut cfg);
-            let est = crate::demo::EstimateOptions {
+            let est = crate::estimate::EstimateOptions {
                 seconds: job.seconds,
                 bandwidth_bytes_per_s: job.bandwidth,
             };
             let mut tracker = vm.dirty_tracker();
-            let mut say = |l: &str| event(&serde_json::json!({"event": "estimate-line", "line": l}));
-            match crate::demo::estimate(&est, &cfg, &mut tracker, vm, mem, &mut say) {
+            match crate::estimate::run(&est, &cfg, &mut tracker, vm, mem) {
                 Ok(p) => {
+                    event(&serde_json::json!({"event": "estimate", "line": crate::estimate::prediction_line(&p)}));
                     lock(shared).prediction = Some((Instant::now(), p.clone()));
                     Reply::Api(ApiReply::Estimate(Box::new(p)))
                 }
@@ -359,24 +359,23 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
             max_bandwidth,
             max_bandwidth_paused,
         } => {
+            if let Err(e) = [max_bandwidth, max_bandwidth_paused]
+                .into_iter()
+                .try_for_each(ferry_engine::pace::check_cap)
+            {
+                send(&Reply::error(e.to_string()));
+                return;
+            }
             let hooks = {
                 let s = lock(&shared);
                 (s.state == "migrating").then(|| s.hooks.clone()).flatten()
             };
-            let floor = ferry_engine::pace::MIN_CAP_BYTES_PER_S;
-            if [max_bandwidth, max_bandwidth_paused]
-                .iter()
-                .flatten()
-                .any(|c| *c < floor)
-            {
-                send(&Reply::error(format!(
-                    "a bandwidth cap must be at least {floor} B/s (1 MB/s); use null for unlimited"
-                )));
-                return;
-            }
             match hooks {
                 Some(h) => {
-                    h.set_max_bandwidth(max_bandwidth, max_bandwidth_paused.map(Some));
+                    if let Err(e) = h.set_max_bandwidth(max_bandwidth, max_bandwidth_paused.map(Some)) {
+                        send(&Reply::error(e.to_string()));
+                        return;
+                    }
                     let cap = h.bandwidth_cap();
                     send(&Reply::Api(ApiReply::Bandwidth {
                         max_bandwidth_bytes_per_s: cap.live(),
@@ -586,7 +585,7 @@ fn run_job(
         .filter(|(at, _)| at.elapsed() < PREDICTION_KEPT)
         .map(|(_, p)| p);
     if let (Some(c), Some(p)) = (record.convergence.as_mut(), recent) {
-        c.prediction = serde_json::to_value(p).ok();
+        c.prediction = Some(p);
     }
     lock(shared).hooks = None;
     if let Some(path) = &job.to.record {

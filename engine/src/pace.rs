@@ -23,6 +23,19 @@ use std::time::{Duration, Instant};
 /// takes seconds and the peer's silence timeouts would fire.
 pub const MIN_CAP_BYTES_PER_S: u64 = 1_000_000;
 
+/// A cap below [`MIN_CAP_BYTES_PER_S`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a bandwidth cap must be at least {MIN_CAP_BYTES_PER_S} B/s (1 MB/s), not {0} B/s; use none for unlimited")]
+pub struct CapTooLow(pub u64);
+
+/// Checks a cap (`None`: unlimited, always fine).
+pub fn check_cap(cap: Option<u64>) -> Result<(), CapTooLow> {
+    match cap {
+        Some(c) if c < MIN_CAP_BYTES_PER_S => Err(CapTooLow(c)),
+        _ => Ok(()),
+    }
+}
+
 /// Longest single sleep while waiting for a slot: cancels are seen within it.
 const SLEEP_SLICE: Duration = Duration::from_millis(20);
 
@@ -62,8 +75,9 @@ fn decode(v: u64) -> Option<u64> {
 impl BandwidthCap {
     /// Sets the live rounds' cap (`None`: unlimited) and, with
     /// `paused: Some(..)`, the paused round's (`Some(None)`: the paused round
-    /// is unlimited; `None`: it keeps its setting).
-    pub fn set(&self, live: Option<u64>, paused: Option<Option<u64>>) {
+    /// is unlimited; `None`: it keeps its setting). Checked by the caller
+    /// ([`crate::progress::Hooks::set_max_bandwidth`]).
+    pub(crate) fn set(&self, live: Option<u64>, paused: Option<Option<u64>>) {
         self.overridden.store(true, Ordering::SeqCst);
         self.live.store(encode(live), Ordering::SeqCst);
         if let Some(p) = paused {

@@ -146,10 +146,17 @@ impl Hooks {
     /// with `paused: Some(..)`, of the paused round, in bytes per second; a
     /// running migration obeys it from its next batch (within a round). Set
     /// before the migration starts, it replaces the configuration's caps.
-    /// Caps below [`crate::pace::MIN_CAP_BYTES_PER_S`] are raised to it.
-    pub fn set_max_bandwidth(&self, live: Option<u64>, paused: Option<Option<u64>>) {
-        let floor = |c: Option<u64>| c.map(|b| b.max(crate::pace::MIN_CAP_BYTES_PER_S));
-        self.cap.set(floor(live), paused.map(floor));
+    /// A cap below [`crate::pace::MIN_CAP_BYTES_PER_S`] is refused and
+    /// changes nothing.
+    pub fn set_max_bandwidth(
+        &self,
+        live: Option<u64>,
+        paused: Option<Option<u64>>,
+    ) -> Result<(), crate::pace::CapTooLow> {
+        crate::pace::check_cap(live)?;
+        crate::pace::check_cap(paused.flatten())?;
+        self.cap.set(live, paused);
+        Ok(())
     }
 
     /// The caps in force.
@@ -217,6 +224,12 @@ mod tests {
         assert!(!hooks.is_cancelled());
         other.cancel();
         assert!(hooks.is_cancelled());
+        // Clones share the caps too; one too low is refused and changes nothing.
+        other.set_max_bandwidth(Some(5_000_000), None).unwrap();
+        assert_eq!(hooks.bandwidth_cap().live(), Some(5_000_000));
+        assert!(other.set_max_bandwidth(Some(10), None).is_err());
+        assert!(other.set_max_bandwidth(None, Some(Some(10))).is_err());
+        assert_eq!(hooks.bandwidth_cap().live(), Some(5_000_000));
         other.emit(&Progress::Committed { elapsed_ms: 1.5 });
         assert_eq!(
             *seen.lock().unwrap(),

@@ -2,6 +2,7 @@
 //! frame-aware TCP relay that can attack the source→destination direction.
 #![allow(dead_code)]
 
+pub mod control;
 pub mod procs;
 
 use std::io::{Read, Write};

@@ -129,17 +129,11 @@ impl DemoArgs {
                 // The failed migration's record, and in JSON what happened.
                 let recorded = f.record.write(&record_path);
                 if json {
-                    let c = f.record.convergence.clone().unwrap_or_default();
                     let v = serde_json::json!({
                         "verified": false,
                         "outcome": f.record.outcome,
                         "error": f.record.error,
-                        "converge": c.converge,
-                        "convergence_outcome": c.outcome,
-                        "downtime_target_ms": c.downtime_target_ms,
-                        "expected_downtime_ms": c.expected_downtime_ms,
-                        "throttle_max": c.throttle_max,
-                        "max_bandwidth_bytes_per_s": c.max_bandwidth_bytes_per_s,
+                        "convergence": f.record.convergence,
                         "source_guest_running": f.source_guest_running,
                         "destination_guest_ran": f.destination_guest_ran,
                         "source_throttle_after": f.source_throttle_after,
@@ -182,8 +176,8 @@ impl DemoArgs {
                 human(report.bytes_on_wire),
                 report.zero_pages,
                 report.downtime_ms,
-                report.downtime_target_ms,
-                if report.downtime_exceeded {
+                report.convergence.downtime_target_ms,
+                if report.convergence.downtime_exceeded {
                     ", EXCEEDED"
                 } else {
                     ""

@@ -18,8 +18,6 @@ use ferry_engine::bitmap::AtomicBitmap;
 use ferry_engine::crypto::{AeadBackend, SessionKeys};
 use ferry_engine::dirty::{BitmapTracker, DirtyTracker, UffdWpTracker};
 use ferry_engine::guest::GuestControl;
-use ferry_engine::migrate::convergence::{Converge, GiveUp, Limits, Policy};
-use ferry_engine::migrate::estimate::{measure, predict, Prediction};
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::progress::Hooks;
@@ -32,13 +30,12 @@ use serde::Serialize;
 
 use crate::lab;
 
-mod estimate;
 mod guests;
 mod verify;
 
-pub use self::estimate::{estimate, prediction_line, EstimateOptions};
 use self::guests::{resolve_guest, start_source, Dest, Source};
 use self::verify::{verify_kvm, verify_synthetic};
+pub use crate::estimate::EstimateOptions;
 
 /// How long the destination's write rate is measured after the resume.
 const WRITE_RATE_WINDOW: Duration = Duration::from_millis(300);
@@ -282,27 +279,13 @@ pub struct DemoReport {
     /// Synthetic guest: its write rate at the destination after the resume
     /// (unthrottled: the configured rate).
     pub destination_write_rate_pages_per_s: Option<f64>,
-    /// What `estimate` predicted before the migration, if asked.
-    pub prediction: Option<Prediction>,
-    /// The convergence policy (throttle, abort, force).
-    pub converge: Converge,
-    /// converged or forced-past-target.
-    pub outcome: String,
-    /// The highest throttle applied (0..1).
-    pub throttle_max: f64,
-    /// The operator's downtime target.
-    pub downtime_target_ms: u64,
-    /// What the paused round was expected to take when pre-copy ended.
-    pub expected_downtime_ms: f64,
-    /// The measured downtime was over the target.
-    pub downtime_exceeded: bool,
-    /// The live rounds' bandwidth cap in force at the end (bytes/s; null:
-    /// unlimited).
-    pub max_bandwidth_bytes_per_s: Option<u64>,
-    /// The paused round's cap.
-    pub max_bandwidth_paused_bytes_per_s: Option<u64>,
-    /// The same, as the record holds it.
-    #[serde(skip)]
+    /// The policy (`converge`), `outcome` (converged or
+    /// forced-past-target), `downtime_target_ms`, `expected_downtime_ms`,
+    /// `downtime_exceeded`, `throttle_max`, the caps in force at the end
+    /// (`max_bandwidth_bytes_per_s`, `..._paused_...`) and the `prediction`
+    /// of `--estimate-s`: the record's convergence block, at the top level
+    /// of the JSON.
+    #[serde(flatten)]
     pub convergence: crate::record::Convergence,
     /// Per-round detail.
     pub round_detail: Vec<RoundStats>,
@@ -377,14 +360,12 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let src_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
     let (mut src_guest, mut tracker) = start_source(opts, kind, &src_mem, t, &mut say)?;
     let prediction = match opts.estimate {
-        Some(est) => Some(estimate(
-            &est,
-            &cfg,
-            tracker.as_mut(),
-            src_guest.control(),
-            &src_mem,
-            &mut say,
-        )?),
+        Some(est) => {
+            let p = crate::estimate::run(&est, &cfg, tracker.as_mut(), src_guest.control(), &src_mem)
+                .map_err(|e| setup(&e))?;
+            say(&crate::estimate::prediction_line(&p));
+            Some(p)
+        }
         None => None,
     };
     let dst_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
@@ -513,7 +494,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
             let err = s.as_ref().err().or(d.as_ref().err());
             if let Some(e) = err {
                 let mut c = crate::record::Convergence::of_failure(&cfg, e, caps);
-                c.prediction = prediction.as_ref().and_then(|p| serde_json::to_value(p).ok());
+                c.prediction = prediction.clone();
                 record.convergence = Some(c);
                 record.error = Some(e.to_string());
                 record.outcome = match e {
@@ -567,7 +548,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         src.device_state_bytes
     ));
     let mut convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);
-    convergence.prediction = prediction.as_ref().and_then(|p| serde_json::to_value(p).ok());
+    convergence.prediction = prediction;
     say(convergence.line(Some(downtime_ms)).trim());
     if convergence.downtime_exceeded {
         say(&format!(
@@ -712,15 +693,6 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         source_holes_filled,
         engine_heap_peak_bytes,
         destination_write_rate_pages_per_s,
-        prediction,
-        converge: src.converge,
-        outcome: convergence.outcome.clone(),
-        throttle_max: src.throttle_max,
-        downtime_target_ms: src.downtime_target_ms,
-        expected_downtime_ms: src.expected_downtime_ms,
-        downtime_exceeded: convergence.downtime_exceeded,
-        max_bandwidth_bytes_per_s: caps.0,
-        max_bandwidth_paused_bytes_per_s: caps.1,
         convergence,
         round_detail: src.rounds,
     })

@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::convergence::{Converge, THROTTLE_CEILING};
 use super::MigrateError;
 use crate::crypto::AeadBackend;
-use crate::pace::MIN_CAP_BYTES_PER_S;
+use crate::pace::check_cap;
 use crate::pipeline::Integrity;
 use crate::wire;
 
@@ -116,12 +116,8 @@ impl MigrationConfig {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout must be positive (or none)");
         }
-        for cap in [self.max_bandwidth, self.max_bandwidth_paused].into_iter().flatten() {
-            if cap < MIN_CAP_BYTES_PER_S {
-                return Err(MigrateError::Config(format!(
-                    "a bandwidth cap of {cap} B/s is below the lowest accepted, {MIN_CAP_BYTES_PER_S} B/s (1 MB/s)"
-                )));
-            }
+        for cap in [self.max_bandwidth, self.max_bandwidth_paused] {
+            check_cap(cap).map_err(|e| MigrateError::Config(e.to_string()))?;
         }
         Ok(())
     }

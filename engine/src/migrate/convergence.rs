@@ -11,6 +11,8 @@
 //! reads a clock or touches the guest, so every branch is tested below by
 //! table.
 
+use super::MigrationConfig;
+use crate::guest::GuestControl;
 use crate::memory::PAGE_SIZE_U64;
 
 /// A round that leaves at least `STALL_KEEP_NUM / STALL_KEEP_DEN` (95 %) of
@@ -133,6 +135,18 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The limits `cfg` sets for `guest` (its device state, its last stop
+    /// time), with `paused_cap` the paused round's bandwidth cap in force.
+    pub fn of(cfg: &MigrationConfig, guest: &dyn GuestControl, paused_cap: Option<u64>) -> Limits {
+        Limits {
+            downtime_ms_max: cfg.downtime_ms_max,
+            max_rounds: cfg.max_rounds,
+            fixed_ms: guest.stop_latency().as_secs_f64() * 1e3,
+            state_bytes: guest.device_state_bytes_hint() as u64,
+            paused_cap_bytes_per_s: paused_cap.map(|c| c as f64),
+        }
+    }
+
     /// Only a target and a round limit (no fixed cost, no cap).
     pub fn new(downtime_ms_max: u64, max_rounds: u32) -> Limits {
         Limits {
@@ -182,14 +196,23 @@ pub enum Decision {
 /// so far (later rounds are small and dominated by latency); `None` before
 /// any round with a measurable duration.
 pub fn bandwidth_bytes_per_s(rounds: &[RoundOutcome]) -> Option<f64> {
-    largest_round_bandwidth(rounds)
+    let mut best: Option<(u64, f64)> = None;
+    for r in rounds {
+        if r.duration_ms > 0.0 && best.map_or(true, |(pages, _)| r.pages_sent >= pages) {
+            best = Some((
+                r.pages_sent,
+                r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / (r.duration_ms / 1e3),
+            ));
+        }
+    }
+    best.map(|(_, bw)| bw)
 }
 
 /// The rate a paused round of about the last round's size gets: the lower
 /// of the largest round's and the last round's (a small round runs slower
 /// than a large one: latency weighs more).
 fn paused_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
-    let best = largest_round_bandwidth(rounds)?;
+    let best = bandwidth_bytes_per_s(rounds)?;
     let last = rounds
         .last()
         .filter(|r| r.duration_ms > 0.0 && r.pages_sent > 0)
@@ -204,26 +227,13 @@ fn paused_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
 /// largest round's bandwidth (never negative). The paused round pays it
 /// too, however few pages it sends. 0 until there are two rounds.
 pub fn round_latency_ms(rounds: &[RoundOutcome]) -> f64 {
-    let Some(bw) = largest_round_bandwidth(rounds).filter(|b| *b > 0.0) else {
+    let Some(bw) = bandwidth_bytes_per_s(rounds).filter(|b| *b > 0.0) else {
         return 0.0;
     };
     let smallest = rounds.iter().skip(1).rev().min_by_key(|r| r.pages_sent);
     smallest.map_or(0.0, |r| {
         (r.duration_ms - r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / bw * 1e3).max(0.0)
     })
-}
-
-fn largest_round_bandwidth(rounds: &[RoundOutcome]) -> Option<f64> {
-    let mut best: Option<(u64, f64)> = None;
-    for r in rounds {
-        if r.duration_ms > 0.0 && best.map_or(true, |(pages, _)| r.pages_sent >= pages) {
-            best = Some((
-                r.pages_sent,
-                r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / (r.duration_ms / 1e3),
-            ));
-        }
-    }
-    best.map(|(_, bw)| bw)
 }
 
 /// What the paused round would take if it started after the last round:
@@ -283,6 +293,18 @@ pub struct Policy {
     pub throttle: f64,
     /// The highest throttle the operator allows (at most [`THROTTLE_CEILING`]).
     pub throttle_max: f64,
+}
+
+impl Policy {
+    /// `cfg`'s policy for `guest`, with `throttle` in force.
+    pub fn of(cfg: &MigrationConfig, guest: &dyn GuestControl, throttle: f64) -> Policy {
+        Policy {
+            converge: cfg.converge,
+            can_throttle: guest.can_throttle(),
+            throttle,
+            throttle_max: cfg.throttle_max,
+        }
+    }
 }
 
 /// Why pre-copy gave up without pausing the guest.

@@ -14,8 +14,10 @@
 use std::time::{Duration, Instant};
 
 use super::convergence::{plan, Converge, GiveUp, Limits, Policy, RoundOutcome, Step, THROTTLE_CEILING};
+use super::MigrationConfig;
 use crate::bitmap::DirtyBitmap;
 use crate::dirty::{DirtyError, DirtyTracker};
+use crate::guest::GuestControl;
 use crate::memory::PAGE_SIZE_U64;
 
 /// One point of a dirty curve.
@@ -110,6 +112,30 @@ pub fn measure(
     r?;
     stopped?;
     Ok(DirtyCurve { memory_pages, samples })
+}
+
+/// How often [`estimate`] samples the dirty set.
+pub const ESTIMATE_SLICE: Duration = Duration::from_millis(100);
+
+/// Watches `guest`'s writes through `tracker` for `duration` (nothing is
+/// sent) and predicts pre-copy under `cfg` at `bandwidth_bytes_per_s`, with
+/// the limits and policy a migration under `cfg` would apply.
+pub fn estimate(
+    tracker: &mut dyn DirtyTracker,
+    guest: &dyn GuestControl,
+    memory_pages: u64,
+    cfg: &MigrationConfig,
+    bandwidth_bytes_per_s: u64,
+    duration: Duration,
+) -> Result<Prediction, DirtyError> {
+    let curve = measure(tracker, memory_pages, duration, ESTIMATE_SLICE, || false)?;
+    let limits = Limits::of(cfg, guest, cfg.max_bandwidth_paused.or(cfg.max_bandwidth));
+    Ok(predict(
+        &curve,
+        bandwidth_bytes_per_s as f64,
+        limits,
+        Policy::of(cfg, guest, 0.0),
+    ))
 }
 
 /// What pre-copy would do.

@@ -268,13 +268,15 @@ impl SourceCtl<'_> {
     }
 
     /// Has every (idle) worker send the destination an Abort with `reason`;
-    /// shuts the streams down if a worker is gone.
+    /// shuts the streams down if a worker is gone or not idle (never
+    /// blocks: a worker between rounds has an empty command queue).
     fn tell_peer(&self, reason: &str) {
-        for i in 0..self.cmd_txs.len() {
-            if self.send(i, SrcCmd::Abort(reason.to_string())).is_err() {
-                self.abort();
-                return;
-            }
+        let told = self
+            .cmd_txs
+            .iter()
+            .all(|tx| tx.try_send(SrcCmd::Abort(reason.to_string())).is_ok());
+        if !told {
+            self.abort();
         }
     }
 
@@ -434,23 +436,12 @@ impl SourceCtl<'_> {
             });
             // Limits as they are now: the paused round's cap may have been
             // changed, and the guest's last stop measured.
-            let limits = Limits {
-                downtime_ms_max: self.cfg.downtime_ms_max,
-                max_rounds: self.cfg.max_rounds,
-                fixed_ms: guest.guest().stop_latency().as_secs_f64() * 1e3,
-                state_bytes: guest.guest().device_state_bytes_hint() as u64,
-                paused_cap_bytes_per_s: self.hooks.bandwidth_cap().paused().map(|c| c as f64),
-            };
+            let limits = Limits::of(self.cfg, guest.guest(), self.hooks.bandwidth_cap().paused());
             stats.expected_downtime_ms = convergence::expected_downtime_ms(&outcomes, &limits);
             if stats.duration_ms > 0.0 {
                 stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
             }
-            let policy = Policy {
-                converge: self.cfg.converge,
-                can_throttle: guest.guest().can_throttle(),
-                throttle,
-                throttle_max: self.cfg.throttle_max,
-            };
+            let policy = Policy::of(self.cfg, guest.guest(), throttle);
             let step = convergence::plan(&outcomes, limits, policy);
             tracing::info!(
                 round,

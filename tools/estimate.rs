@@ -1,58 +1,59 @@
-//! `estimate` in the demo: watch the source guest's writes (nothing is
-//! sent) and predict pre-copy before migrating.
+//! `estimate` for the front ends (`ferry estimate`, `ferry demo
+//! --estimate-s`): the bandwidth to assume, the engine's estimate, and its
+//! prediction in a line for people.
 
-use super::*;
+use std::time::Duration;
+
+use ferry_engine::dirty::{DirtyError, DirtyTracker};
+use ferry_engine::guest::GuestControl;
+use ferry_engine::migrate::convergence::GiveUp;
+use ferry_engine::migrate::estimate::Prediction;
+use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::GuestMemory;
+
 /// `estimate`'s settings.
 #[derive(Debug, Clone, Copy)]
 pub struct EstimateOptions {
-    /// How long to watch the guest.
+    /// How long to watch the guest (0.2..=600 s).
     pub seconds: f64,
     /// The bandwidth to predict for (bytes/s; default: the cap).
     pub bandwidth_bytes_per_s: Option<u64>,
 }
 
-/// Watches the guest's writes for a few seconds (nothing is sent) and
-/// predicts pre-copy under `cfg` at the given bandwidth.
-pub fn estimate(
+/// Why no prediction was made.
+#[derive(Debug, thiserror::Error)]
+pub enum EstimateError {
+    /// Neither a bandwidth nor a cap was given.
+    #[error("an estimate needs the link's bandwidth (ferry cannot know it without sending): give --bandwidth (ferry estimate), --estimate-bandwidth (ferry demo) or a --max-bandwidth")]
+    NoBandwidth,
+    /// The dirty tracker failed.
+    #[error("measuring the dirty rate: {0}")]
+    Measure(#[from] DirtyError),
+}
+
+/// Watches the guest's writes (nothing is sent) and predicts pre-copy under
+/// `cfg` at the given bandwidth, or the cap.
+pub fn run(
     est: &EstimateOptions,
     cfg: &MigrationConfig,
     tracker: &mut dyn DirtyTracker,
-    guest: &mut dyn GuestControl,
+    guest: &dyn GuestControl,
     mem: &GuestMemory,
-    say: &mut dyn FnMut(&str),
-) -> Result<Prediction, DemoError> {
-    let bw = est.bandwidth_bytes_per_s.or(cfg.max_bandwidth).ok_or_else(|| {
-        DemoError::Setup(
-            "an estimate needs the link's bandwidth (ferry cannot know it without sending): give --estimate-bandwidth or --max-bandwidth"
-                .into(),
-        )
-    })?;
-    let curve = measure(
+) -> Result<Prediction, EstimateError> {
+    let bw = est
+        .bandwidth_bytes_per_s
+        .or(cfg.max_bandwidth)
+        .ok_or(EstimateError::NoBandwidth)?;
+    let duration = Duration::from_secs_f64(est.seconds.clamp(0.2, 600.0));
+    Ok(ferry_engine::migrate::estimate::estimate(
         tracker,
+        guest,
         mem.pages(),
-        Duration::from_secs_f64(est.seconds.clamp(0.2, 600.0)),
-        ESTIMATE_SLICE,
-        || false,
-    )
-    .map_err(|e| DemoError::Setup(format!("measuring the dirty rate: {e}")))?;
-    let limits = Limits {
-        state_bytes: guest.device_state_bytes_hint() as u64,
-        paused_cap_bytes_per_s: cfg.max_bandwidth_paused.or(cfg.max_bandwidth).map(|c| c as f64),
-        ..Limits::new(cfg.downtime_ms_max, cfg.max_rounds)
-    };
-    let policy = Policy {
-        converge: cfg.converge,
-        can_throttle: guest.can_throttle(),
-        throttle: 0.0,
-        throttle_max: cfg.throttle_max,
-    };
-    let p = predict(&curve, bw as f64, limits, policy);
-    say(&prediction_line(&p));
-    Ok(p)
+        cfg,
+        bw,
+        duration,
+    )?)
 }
-
-/// How often `estimate` samples the dirty set.
-const ESTIMATE_SLICE: Duration = Duration::from_millis(100);
 
 /// A prediction for people.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
