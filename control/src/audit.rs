@@ -16,8 +16,66 @@ use thiserror::Error;
 
 use crate::pki::Identity;
 
-/// Longest line accepted when reading a log.
+/// Longest line accepted when reading a log; [`AuditLog::append`] never
+/// writes a longer one.
 const MAX_LINE: usize = 64 << 10;
+
+/// Longest string kept in an entry's detail, in characters: longer ones
+/// (which only a peer can make) are cut, saying how much was cut.
+const DETAIL_STR_MAX_CHARS: usize = 512;
+
+/// Most members of one object or array kept in an entry's detail.
+const DETAIL_MEMBERS_MAX: usize = 64;
+
+/// Deepest nesting kept in an entry's detail.
+const DETAIL_DEPTH_MAX: usize = 8;
+
+/// `v` with every string cut to [`DETAIL_STR_MAX_CHARS`], every object and
+/// array to [`DETAIL_MEMBERS_MAX`] members and nesting to
+/// [`DETAIL_DEPTH_MAX`]: what a peer put into a detail cannot make the line
+/// grow without bound. (JSON escaping keeps newlines and quotes inside the
+/// line; strings meant for a terminal are escaped by their makers, see
+/// [`crate::peer::PeerText`].)
+fn bounded(v: serde_json::Value, depth: usize) -> serde_json::Value {
+    use serde_json::Value;
+    let cut = |s: &str| -> String {
+        match s.char_indices().nth(DETAIL_STR_MAX_CHARS) {
+            Some((at, _)) => format!("{}...(+{} bytes)", &s[..at], s.len() - at),
+            None => s.to_string(),
+        }
+    };
+    if depth >= DETAIL_DEPTH_MAX {
+        return Value::String("...(nested too deep)".into());
+    }
+    match v {
+        Value::String(s) if s.len() > DETAIL_STR_MAX_CHARS => Value::String(cut(&s)),
+        Value::Array(a) => {
+            let n = a.len();
+            let mut out: Vec<Value> = a
+                .into_iter()
+                .take(DETAIL_MEMBERS_MAX)
+                .map(|x| bounded(x, depth + 1))
+                .collect();
+            if n > DETAIL_MEMBERS_MAX {
+                out.push(Value::String(format!("...(+{} more)", n - DETAIL_MEMBERS_MAX)));
+            }
+            Value::Array(out)
+        }
+        Value::Object(o) => {
+            let n = o.len();
+            let mut out: serde_json::Map<String, Value> = o
+                .into_iter()
+                .take(DETAIL_MEMBERS_MAX)
+                .map(|(k, x)| (cut(&k), bounded(x, depth + 1)))
+                .collect();
+            if n > DETAIL_MEMBERS_MAX {
+                out.insert("...".into(), Value::from(n - DETAIL_MEMBERS_MAX));
+            }
+            Value::Object(out)
+        }
+        other => other,
+    }
+}
 
 /// One audit entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +159,7 @@ pub struct AuditLog {
     path: PathBuf,
     actor: String,
     signer: Identity,
+    sealed: Option<Sealed>,
     state: Mutex<State>,
 }
 
@@ -112,17 +171,83 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// A log that did not verify when it was opened, kept aside read-only
+/// under a new name; the new segment's first entry names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// Its new file name, beside the log.
+    pub file: String,
+    /// SHA-256 (hex) of its bytes as found: any later change shows.
+    pub sha256: String,
+    /// The entries before the first broken line (those verified).
+    pub entries_verified: usize,
+    /// What was wrong, as `ferry audit verify` says it.
+    pub broken: String,
+}
+
+/// Moves the damaged log at `path` aside (`NAME.damaged-UNIXSECONDS`, made
+/// read-only) so that a new segment can start in its place.
+fn seal(path: &Path, line: usize, what: &str) -> Result<Sealed, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = std::fs::read(path).map_err(io)?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "audit".into(), |n| n.to_string_lossy().into_owned());
+    let stamp = crate::now_unix_s();
+    let mut aside = path.with_file_name(format!("{name}.damaged-{stamp}"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = path.with_file_name(format!("{name}.damaged-{stamp}-{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &aside).map_err(io)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o400)).map_err(io)?;
+    }
+    Ok(Sealed {
+        file: aside
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        sha256: line_hash(&bytes),
+        entries_verified: line.saturating_sub(1),
+        broken: format!("line {line}: {what}"),
+    })
+}
+
 impl AuditLog {
     /// Opens (or starts) the log at `path`, appending as `actor`, signing
-    /// with `signer`. An existing log is verified first.
+    /// with `signer`. An existing log is verified first; one that does not
+    /// verify (edited, cut, or by another signer) is sealed aside
+    /// ([`Sealed`]) and a new segment starts whose first entry names it,
+    /// so a damaged log costs its operator an investigation, never the
+    /// daemon. Failing to read or write the files is still an error.
     pub fn open(path: &Path, actor: &str, signer: Identity) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
         };
+        let mut sealed = None;
         let (prev, seq) = if path.exists() {
-            let (n, last) = verify_file(path, signer.cert())?;
-            (last, n as u64)
+            match verify_file(path, signer.cert()) {
+                Ok((n, last)) => (last, n as u64),
+                Err(AuditError::Broken { line, what, .. }) => {
+                    let s = seal(path, line, &what)?;
+                    tracing::error!(
+                        "audit log {} does not verify (line {line}: {what}); sealed it as {} and \
+                         started a new segment naming it. Investigate the sealed file: \
+                         ferry audit verify shows where it breaks",
+                        path.display(),
+                        s.file
+                    );
+                    sealed = Some(s);
+                    ("0".repeat(64), 0)
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             ("0".repeat(64), 0)
         };
@@ -131,11 +256,16 @@ impl AuditLog {
             path: path.to_path_buf(),
             actor: actor.into(),
             signer,
+            sealed,
             state: Mutex::new(State { file, prev, seq }),
         };
         if seq == 0 {
             let fp = log.signer.fingerprint();
-            log.append("open", serde_json::json!({ "signer_fingerprint": fp }))?;
+            let mut detail = serde_json::json!({ "signer_fingerprint": fp });
+            if let Some(s) = &log.sealed {
+                detail["previous_segment"] = serde_json::json!(s);
+            }
+            log.append("open", detail)?;
         }
         Ok(log)
     }
@@ -152,23 +282,43 @@ impl AuditLog {
             time: crate::now_unix_s(),
             actor: self.actor.clone(),
             event: event.into(),
-            detail,
+            detail: bounded(detail, 0),
             prev: st.prev.clone(),
             sig: String::new(),
         };
-        let sig = self.signer.sign(&unsigned_bytes(&e)).map_err(|e| AuditError::Broken {
-            path: self.path.clone(),
-            line: 0,
-            what: e.to_string(),
-        })?;
-        e.sig = B64.encode(sig);
-        let line = serde_json::to_vec(&e).expect("entries serialise");
+        let line = self.signed_line(&mut e)?;
+        // Bounded details cannot reach the limit with the entries ferry
+        // writes; should one still, the detail gives way, never the line:
+        // the writer must not produce what its own verifier rejects.
+        let line = if line.len() >= MAX_LINE {
+            e.detail = serde_json::json!({ "detail_too_large_bytes": line.len() });
+            self.signed_line(&mut e)?
+        } else {
+            line
+        };
         st.file.write_all(&line).map_err(io)?;
         st.file.write_all(b"\n").map_err(io)?;
         st.file.sync_data().map_err(io)?;
         st.prev = line_hash(&line);
         st.seq += 1;
         Ok(())
+    }
+
+    /// `e` signed, as its line (without the newline).
+    fn signed_line(&self, e: &mut Entry) -> Result<Vec<u8>, AuditError> {
+        e.sig = String::new();
+        let sig = self.signer.sign(&unsigned_bytes(e)).map_err(|err| AuditError::Broken {
+            path: self.path.clone(),
+            line: 0,
+            what: err.to_string(),
+        })?;
+        e.sig = B64.encode(sig);
+        Ok(serde_json::to_vec(e).expect("entries serialise"))
+    }
+
+    /// The damaged log this one replaced when it was opened, if it did.
+    pub fn sealed(&self) -> Option<&Sealed> {
+        self.sealed.as_ref()
     }
 
     /// The log's path.
@@ -344,5 +494,76 @@ mod tests {
         let other = Identity::load(d.path(), Role::Host, "other").unwrap();
         assert!(verify_file(&p, other.cert()).is_err());
         assert_eq!(verify_file(&p, &cert).unwrap().0, 5);
+    }
+
+    #[test]
+    fn no_detail_makes_a_line_the_verifier_rejects() {
+        let (d, p) = setup();
+        let id = Identity::load(d.path(), Role::Host, "h").unwrap();
+        let cert = id.cert().clone();
+        let log = AuditLog::open(&p, "test", id).unwrap();
+        // The attack's strings, escaped twice by JSON: 30,000 quotes.
+        log.append(
+            "refuse",
+            serde_json::json!({ "reason": "\"".repeat(30_000), "vm": "v".repeat(40_000) }),
+        )
+        .unwrap();
+        // Many members, each below the string bound.
+        let wide: serde_json::Map<String, serde_json::Value> = (0..10_000)
+            .map(|i| (format!("k{i}"), serde_json::json!("\"".repeat(500))))
+            .collect();
+        log.append("wide", serde_json::Value::Object(wide)).unwrap();
+        // Deep nesting.
+        let mut deep = serde_json::json!("x");
+        for _ in 0..100 {
+            deep = serde_json::json!([deep]);
+        }
+        log.append("deep", deep).unwrap();
+        // Bounded members that still add up past the line limit.
+        let big: Vec<serde_json::Value> = (0..64).map(|_| serde_json::json!("\"".repeat(512))).collect();
+        let many: Vec<serde_json::Value> = (0..64).map(|_| serde_json::json!(big.clone())).collect();
+        log.append("many", serde_json::json!(many)).unwrap();
+        assert_eq!(verify_file(&p, &cert).unwrap().0, 5);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.iter().all(|l| l.len() < MAX_LINE));
+        assert!(lines[1].contains("...(+29488 bytes)"), "{}", &lines[1][..300]);
+        assert!(lines[4].contains("detail_too_large_bytes"));
+    }
+
+    #[test]
+    fn a_damaged_log_is_sealed_and_a_linked_segment_starts() {
+        let (d, p) = setup();
+        let id = || Identity::load(d.path(), Role::Host, "h").unwrap();
+        let log = AuditLog::open(&p, "test", id()).unwrap();
+        for i in 0..3 {
+            log.append("e", serde_json::json!({ "i": i })).unwrap();
+        }
+        assert!(log.sealed().is_none());
+        drop(log);
+        let good = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, good.replace("{\"i\":1}", "{\"i\":9}")).unwrap();
+        let damaged = std::fs::read(&p).unwrap();
+        let log = AuditLog::open(&p, "test", id()).unwrap();
+        let s = log.sealed().unwrap().clone();
+        assert_eq!(s.entries_verified, 2, "{s:?}");
+        assert!(s.broken.contains("line 3") && s.broken.contains("signature"), "{s:?}");
+        assert_eq!(s.sha256, line_hash(&damaged));
+        // Kept aside, read-only, byte for byte.
+        let aside = d.path().join(&s.file);
+        assert_eq!(std::fs::read(&aside).unwrap(), damaged);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&aside).unwrap().permissions().mode() & 0o777, 0o400);
+        // The new segment verifies, and its first entry names the old one.
+        log.append("e", serde_json::json!({ "i": 10 })).unwrap();
+        drop(log);
+        assert_eq!(verify_file(&p, id().cert()).unwrap().0, 2);
+        let first: Entry = serde_json::from_str(std::fs::read_to_string(&p).unwrap().lines().next().unwrap()).unwrap();
+        let named: Sealed = serde_json::from_value(first.detail["previous_segment"].clone()).unwrap();
+        assert_eq!(named, s);
+        // A second damage gets its own name.
+        std::fs::write(&p, "junk\n").unwrap();
+        let log = AuditLog::open(&p, "test", id()).unwrap();
+        assert_ne!(log.sealed().unwrap().file, s.file);
     }
 }

@@ -405,7 +405,7 @@ impl Destination {
         let req: MigrationRequest = match ch.recv() {
             Ok(r) => r,
             Err(e) => {
-                let refusal = Refusal::Malformed(e.to_string());
+                let refusal = Refusal::Malformed(e.to_string().into());
                 let _ = ch.send(&RequestReply::Deny(refusal.to_wire()));
                 return Err(HandshakeError::Refused(refusal));
             }
@@ -534,7 +534,7 @@ impl TicketChecked {
         let claims = self.claims;
         if claims.dest_host != cfg.name {
             return Err(Refusal::WrongDestination {
-                ticket: claims.dest_host,
+                ticket: claims.dest_host.into(),
                 this: cfg.name.clone(),
             });
         }
@@ -543,8 +543,8 @@ impl TicketChecked {
         }
         if req.offer.vm != claims.vm {
             return Err(Refusal::WrongVm {
-                ticket: claims.vm,
-                offered: req.offer.vm.clone(),
+                ticket: claims.vm.into(),
+                offered: req.offer.vm.as_str().into(),
             });
         }
         let sig = B64.decode(&req.sig).map_err(|_| Refusal::BadSignature)?;
@@ -557,6 +557,7 @@ impl TicketChecked {
 
 impl RequestBound {
     fn admit(self, cfg: &DestinationConfig, req: &MigrationRequest) -> Result<Admissible, Refusal> {
+        crate::peer::check_name("VM id", &self.claims.vm)?;
         cfg.policy.admits(&self.claims.source_host, &self.claims.vm)?;
         if req.offer.streams == 0 || req.offer.streams > cfg.max_streams {
             return Err(Refusal::TooManyStreams {
@@ -634,7 +635,7 @@ pub fn request(
 ) -> Result<SourceSession, HandshakeError> {
     if claims.dest_host != dest_host {
         return Err(HandshakeError::Refused(Refusal::TicketNotForDestination {
-            ticket: claims.dest_host.clone(),
+            ticket: claims.dest_host.as_str().into(),
             asked: dest_host.into(),
         }));
     }

@@ -24,6 +24,7 @@ pub mod audit;
 pub mod handshake;
 pub mod manifest;
 pub mod modes;
+pub mod peer;
 pub mod pki;
 pub mod policy;
 pub mod refusal;

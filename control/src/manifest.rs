@@ -42,7 +42,7 @@ fn sign_blob<T: Serialize>(kind: &str, value: &T, id: &Identity) -> Result<Signe
 
 fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &'static str, cert: &[u8]) -> Result<T, Refusal> {
     if b.kind != kind || b.body.len() > crate::tls::MAX_MESSAGE {
-        return Err(Refusal::Malformed(format!("expected a {kind}")));
+        return Err(Refusal::Malformed(format!("expected a {kind}").into()));
     }
     let bad_sig = || Refusal::BadPeerSignature { what: kind };
     let sig = B64.decode(&b.sig).map_err(|_| bad_sig())?;
@@ -51,8 +51,8 @@ fn open_blob<T: serde::de::DeserializeOwned>(b: &SignedBlob, kind: &'static str,
     }
     let json = B64
         .decode(&b.body)
-        .map_err(|_| Refusal::Malformed(format!("the {kind}'s body is not base64url")))?;
-    serde_json::from_slice(&json).map_err(|e| Refusal::Malformed(format!("malformed {kind}: {e}")))
+        .map_err(|_| Refusal::Malformed(format!("the {kind}'s body is not base64url").into()))?;
+    serde_json::from_slice(&json).map_err(|e| Refusal::Malformed(format!("malformed {kind}: {e}").into()))
 }
 
 /// What the source says it sent, signed with its host key (non-repudiation).

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::modes::GuestKind;
+use crate::peer::{NameError, PeerText};
 use crate::policy::PolicyDenial;
 use crate::ticket::TicketError;
 
@@ -49,7 +50,7 @@ pub enum Refusal {
     #[error("authentication ticket is for {audience:?}, not this server")]
     WrongAudience {
         /// Its audience.
-        audience: String,
+        audience: PeerText,
     },
     /// A ticket presented by a host other than the one it names.
     #[error("{what} ticket presented by a client other than the one it names")]
@@ -65,7 +66,7 @@ pub enum Refusal {
     #[error("ticket is for destination {ticket:?}, this is {this:?}")]
     WrongDestination {
         /// The ticket's destination.
-        ticket: String,
+        ticket: PeerText,
         /// This destination.
         this: String,
     },
@@ -73,9 +74,9 @@ pub enum Refusal {
     #[error("ticket is for VM {ticket:?}, the request offers {offered:?}")]
     WrongVm {
         /// The ticket's VM.
-        ticket: String,
+        ticket: PeerText,
         /// The offered VM.
-        offered: String,
+        offered: PeerText,
     },
     /// The request's signature does not verify.
     #[error("request signature does not verify under the source's certificate")]
@@ -105,7 +106,10 @@ pub enum Refusal {
     Replay(crate::replay::ReplayError),
     /// The request could not be read.
     #[error("malformed request: {0}")]
-    Malformed(String),
+    Malformed(PeerText),
+    /// A VM id or host name outside the accepted set.
+    #[error(transparent)]
+    BadName(#[from] NameError),
     /// A request the server does not serve.
     #[error("this is {0}")]
     WrongServer(&'static str),
@@ -129,9 +133,9 @@ pub enum Refusal {
     #[error("the ticket is for destination {ticket:?}, not {asked:?}")]
     TicketNotForDestination {
         /// The ticket's destination.
-        ticket: String,
+        ticket: PeerText,
         /// The destination asked.
-        asked: String,
+        asked: PeerText,
     },
     /// The peer's answer is for another migration or manifest.
     #[error("{0}")]
@@ -200,6 +204,7 @@ impl Refusal {
             Refusal::UnsupportedGuest { .. } => "unsupported_guest",
             Refusal::Replay(_) => "replay",
             Refusal::Malformed(_) => "malformed",
+            Refusal::BadName(_) => "bad_name",
             Refusal::WrongServer(_) => "wrong_server",
             Refusal::Busy { .. } => "busy",
             Refusal::NoMemory { .. } => "no_memory",

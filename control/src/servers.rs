@@ -15,6 +15,7 @@ use ring::signature::Ed25519KeyPair;
 use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::peer::{check_name, PeerText};
 use crate::policy::Policy;
 use crate::refusal::{Refusal, WireRefusal};
 use crate::ticket::{self, AuthnClaims, AuthzClaims, SignedTicket};
@@ -157,6 +158,10 @@ impl AuthzServer {
     ) -> Result<(SignedTicket, AuthzClaims), Refusal> {
         let r = self.decide(presenter_cert, authn, vm, dest_host, now);
         let presenter = crate::fingerprint(presenter_cert);
+        // What the peer sent, as it may be shown (a refused name may be
+        // anything).
+        let (vm, dest_host) = (PeerText::new(vm), PeerText::new(dest_host));
+        let (vm, dest_host) = (vm.as_str(), dest_host.as_str());
         let (event, detail) = match &r {
             Ok((_, c)) => {
                 tracing::info!(principal = %c.principal, vm, dest_host, migration = c.migration_id, "authz: allow");
@@ -191,6 +196,8 @@ impl AuthzServer {
         dest_host: &str,
         now: u64,
     ) -> Result<(SignedTicket, AuthzClaims), Refusal> {
+        check_name("VM id", vm)?;
+        check_name("host name", dest_host)?;
         let a = ticket::verify_at::<AuthnClaims>(authn, "authn", &self.authn_key, now)
             .map_err(|source| Refusal::Ticket {
                 what: "authentication",
@@ -198,7 +205,7 @@ impl AuthzServer {
             })?
             .into_claims();
         if a.aud != AUTHZ_AUDIENCE {
-            return Err(Refusal::WrongAudience { audience: a.aud });
+            return Err(Refusal::WrongAudience { audience: a.aud.into() });
         }
         if a.client_fp != crate::fingerprint(presenter_cert) {
             return Err(Refusal::WrongPresenter { what: "authentication" });

@@ -76,14 +76,14 @@ pub enum TicketError {
     TooLarge(usize),
     /// Not base64url or not JSON of the right shape.
     #[error("malformed ticket: {0}")]
-    Malformed(String),
+    Malformed(crate::peer::PeerText),
     /// The kind is not the one expected.
     #[error("ticket of kind {got:?} where {want:?} was expected")]
     WrongKind {
         /// Expected kind.
         want: String,
         /// Kind presented.
-        got: String,
+        got: crate::peer::PeerText,
     },
     /// The signature does not verify under the trusted key.
     #[error("ticket signature does not verify under the trusted {0} key (forged or from another domain)")]
@@ -135,15 +135,19 @@ pub fn verify<T: DeserializeOwned>(t: &SignedTicket, kind: &str, public_key: &[u
     if t.kind != kind {
         return Err(TicketError::WrongKind {
             want: kind.into(),
-            got: t.kind.clone(),
+            got: t.kind.as_str().into(),
         });
     }
-    let sig = B64.decode(&t.sig).map_err(|e| TicketError::Malformed(e.to_string()))?;
+    let sig = B64
+        .decode(&t.sig)
+        .map_err(|e| TicketError::Malformed(e.to_string().into()))?;
     UnparsedPublicKey::new(&ED25519, public_key)
         .verify(&signed_message(kind, &t.body), &sig)
         .map_err(|_| TicketError::BadSignature(kind.into()))?;
-    let json = B64.decode(&t.body).map_err(|e| TicketError::Malformed(e.to_string()))?;
-    serde_json::from_slice(&json).map_err(|e| TicketError::Malformed(e.to_string()))
+    let json = B64
+        .decode(&t.body)
+        .map_err(|e| TicketError::Malformed(e.to_string().into()))?;
+    serde_json::from_slice(&json).map_err(|e| TicketError::Malformed(e.to_string().into()))
 }
 
 /// Claims with a validity window.

@@ -34,7 +34,7 @@ pub enum TlsError {
     Io(#[from] std::io::Error),
     /// A message that is not valid JSON of the expected shape, or too large.
     #[error("malformed control message: {0}")]
-    Malformed(String),
+    Malformed(crate::peer::PeerText),
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -219,12 +219,11 @@ impl Channel {
 
     /// Sends one message.
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TlsError> {
-        let body = serde_json::to_vec(msg).map_err(|e| TlsError::Malformed(e.to_string()))?;
+        let body = serde_json::to_vec(msg).map_err(|e| TlsError::Malformed(e.to_string().into()))?;
         if body.len() > MAX_MESSAGE {
-            return Err(TlsError::Malformed(format!(
-                "message of {} bytes exceeds {MAX_MESSAGE}",
-                body.len()
-            )));
+            return Err(TlsError::Malformed(
+                format!("message of {} bytes exceeds {MAX_MESSAGE}", body.len()).into(),
+            ));
         }
         let len = u32::try_from(body.len()).map_err(|_| TlsError::Malformed("too large".into()))?;
         let io = self.io();
@@ -241,13 +240,13 @@ impl Channel {
         io.read_exact(&mut len)?;
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_MESSAGE {
-            return Err(TlsError::Malformed(format!(
-                "message of {len} bytes exceeds {MAX_MESSAGE}"
-            )));
+            return Err(TlsError::Malformed(
+                format!("message of {len} bytes exceeds {MAX_MESSAGE}").into(),
+            ));
         }
         let mut body = vec![0u8; len];
         io.read_exact(&mut body)?;
-        serde_json::from_slice(&body).map_err(|e| TlsError::Malformed(e.to_string()))
+        serde_json::from_slice(&body).map_err(|e| TlsError::Malformed(e.to_string().into()))
     }
 }
 
