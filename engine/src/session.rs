@@ -20,7 +20,7 @@ use crate::guest::GuestControl;
 use crate::memory::GuestMemory;
 use crate::migrate::{migrate_destination, migrate_source, DestReport, MigrateError, MigrationConfig, SourceReport};
 use crate::progress::Hooks;
-use crate::transport::{accept_streams, connect_streams};
+use crate::transport::{accept_proven, connect_streams};
 
 fn agree(session: &Admitted, cfg: &MigrationConfig) -> Result<(), MigrateError> {
     let offer = session.offer();
@@ -72,7 +72,7 @@ pub fn run_destination(
     hooks: &Hooks,
 ) -> Result<DestReport, MigrateError> {
     agree(session, cfg)?;
-    let conns = accept_streams(data, cfg.streams, cfg.io_timeout)?;
     let keys = SessionKeys::from_grant(session.key_grant());
+    let conns = accept_proven(data, &keys, cfg.streams, cfg.io_timeout)?;
     migrate_destination(mem, guest, conns, &keys, cfg, hooks)
 }

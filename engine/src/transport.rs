@@ -34,6 +34,17 @@ pub enum PreambleError {
     /// An answer of the wrong length.
     #[error("data connection preamble: an answer of {0} bytes, not {PROOF_LEN}")]
     Short(usize),
+    /// A proven connection for a stream that is already open.
+    #[error("data connection for stream {0}: the stream is already open (a duplicated connection)")]
+    Duplicate(u16),
+    /// A proven connection for a stream the migration does not have.
+    #[error("data connection for stream {stream}: the migration has {streams} streams")]
+    OutOfRange {
+        /// The stream named.
+        stream: u16,
+        /// Streams of the migration.
+        streams: u16,
+    },
 }
 
 /// Bytes of the source's answer: the stream id and the HMAC.
@@ -65,7 +76,10 @@ pub fn check_proof(keys: &SessionKeys, nonce: &[u8; NONCE_LEN], answer: &[u8]) -
 fn read_exact_by(sock: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
     let mut at = 0;
     while at < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // Never zero: a zero socket timeout is refused by the kernel.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -181,11 +195,222 @@ fn accept_until(
                 want: n,
                 timeout,
                 last_error,
+                rejected: 0,
+                last_rejection: None,
             });
         }
         std::thread::sleep(wait.min(deadline - now));
     }
     Ok(out)
+}
+
+/// Most data connections whose session proof is checked at once; one more
+/// closes the oldest (a flood of silent connections holds at most this many
+/// threads and descriptors, and each only until newer ones push it out).
+pub const MAX_PENDING_PROOFS: usize = 16;
+
+/// A data connection that proved, under the session's key and a fresh
+/// nonce, that it belongs to this migration; and the stream it carries.
+/// Only [`accept_proven`] makes one.
+#[derive(Debug)]
+pub struct ProvenStream {
+    stream: u16,
+    sock: TcpStream,
+}
+
+impl ProvenStream {
+    /// The stream the connection carries (below the stream count).
+    pub fn stream(&self) -> u16 {
+        self.stream
+    }
+    /// The connection, with its preamble consumed.
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+    /// The connection, with its preamble consumed.
+    pub fn into_socket(self) -> TcpStream {
+        self.sock
+    }
+}
+
+/// What came of one data connection's preamble.
+type Verdict = Result<(u16, TcpStream), PreambleError>;
+
+/// Destination side: accepts connections on `listener` until `n` of them,
+/// one per stream `0..n`, have proven they belong to the session of
+/// `keys`, within `timeout` in all. A connection that fails its proof (junk,
+/// another session, a stream out of range or already open) is dropped and
+/// accepting goes on, so connections from anyone who can reach the port
+/// cannot abort an admitted migration; they can only delay it to the
+/// deadline. Proofs are checked concurrently, at most
+/// [`MAX_PENDING_PROOFS`] at once, each within what is left of `timeout`;
+/// one more evicts the oldest; when the streams are complete, the
+/// connections still proving are closed.
+pub fn accept_proven(
+    listener: &TcpListener,
+    keys: &SessionKeys,
+    n: u16,
+    timeout: Duration,
+) -> Result<Vec<ProvenStream>, OpenError> {
+    let deadline = Instant::now() + timeout;
+    listener.set_nonblocking(true).map_err(OpenError::Listener)?;
+    let r = prove_until(listener, keys, n, deadline, timeout);
+    listener.set_nonblocking(false).map_err(OpenError::Listener)?;
+    r
+}
+
+fn prove_until(
+    listener: &TcpListener,
+    keys: &SessionKeys,
+    n: u16,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<ProvenStream>, OpenError> {
+    let mut proven: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+    let mut rejected = Rejected::default();
+    let mut last_error = None;
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Verdict)>(MAX_PENDING_PROOFS);
+    // The connections being proven, by a number of their own: a clone of
+    // each, to close it when the streams are complete or the time is up.
+    let mut pending: Vec<(u64, TcpStream)> = Vec::with_capacity(MAX_PENDING_PROOFS);
+    let mut next_id = 0u64;
+    let mut backoff = ferry_control::accept::AcceptBackoff::new();
+    let r = std::thread::scope(|scope| {
+        let r = loop {
+            while let Ok((id, verdict)) = rx.try_recv() {
+                let was_pending = pending.iter().position(|(p, _)| *p == id).map(|i| pending.remove(i));
+                match verdict {
+                    Ok((stream, sock)) => match proven.get_mut(usize::from(stream)) {
+                        Some(slot @ None) => *slot = Some(sock),
+                        Some(Some(_)) => rejected.note(PreambleError::Duplicate(stream)),
+                        None => rejected.note(PreambleError::OutOfRange { stream, streams: n }),
+                    },
+                    // An evicted connection's failure was counted when
+                    // it was evicted.
+                    Err(e) if was_pending.is_some() => rejected.note(e),
+                    Err(_) => {}
+                }
+            }
+            if proven.iter().all(Option::is_some) {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                break Err(());
+            }
+            let wait = match listener.accept() {
+                Ok((sock, peer)) => {
+                    backoff.succeeded("data streams");
+                    if pending.len() >= MAX_PENDING_PROOFS {
+                        // The oldest has had the longest to answer; a real
+                        // source answers within a round trip, so a flood of
+                        // silent connections evicts itself, not the streams.
+                        let (_, oldest) = pending.remove(0);
+                        let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        tracing::debug!(%peer, "data streams: {MAX_PENDING_PROOFS} proofs pending; the oldest closed");
+                        rejected.crowded += 1;
+                    }
+                    // Never zero: a zero socket timeout is refused by the kernel.
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1));
+                    let (id, tx) = (next_id, tx.clone());
+                    next_id += 1;
+                    let started = sock.try_clone().and_then(|clone| {
+                        sock.set_nonblocking(false)?;
+                        sock.set_nodelay(true)?;
+                        std::thread::Builder::new()
+                            .name("ferry-proof".into())
+                            .spawn_scoped(scope, move || {
+                                let mut sock = sock;
+                                let v = verify_stream(&mut sock, keys, left).map(|stream| (stream, sock));
+                                // Waits only while the accepting loop drains
+                                // the channel; fails once it has ended.
+                                let _ = tx.send((id, v));
+                            })?;
+                        Ok(clone)
+                    });
+                    match started {
+                        Ok(clone) => pending.push((id, clone)),
+                        Err(e) => tracing::warn!(%peer, "data streams: cannot check a connection's proof: {e}"),
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Duration::from_millis(1),
+                Err(e) => {
+                    let d = backoff.failed("data streams", &e);
+                    last_error = Some(e);
+                    d
+                }
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(());
+            }
+            std::thread::sleep(wait.min(deadline - now));
+        };
+        // Whatever is still proving is not needed (or too late): close it,
+        // so its thread ends now instead of at its deadline (the scope
+        // waits for it).
+        for (_, sock) in &pending {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        // Proofs that finish now find no receiver instead of a full channel.
+        drop(rx);
+        r
+    });
+    rejected.log();
+    match r {
+        Ok(()) => Ok((0u16..)
+            .zip(proven)
+            .filter_map(|(stream, sock)| sock.map(|sock| ProvenStream { stream, sock }))
+            .collect()),
+        Err(()) => Err(OpenError::AcceptTimeout {
+            got: u16::try_from(proven.iter().filter(|s| s.is_some()).count()).unwrap_or(n),
+            want: n,
+            timeout,
+            last_error,
+            rejected: rejected.count + rejected.crowded,
+            last_rejection: rejected.last,
+        }),
+    }
+}
+
+/// Connections dropped before they carried a stream.
+#[derive(Debug, Default)]
+struct Rejected {
+    /// Failed their proof (or were out of range, or a second copy).
+    count: u64,
+    /// Closed before they answered: too many proofs were pending and
+    /// they were the oldest.
+    crowded: u64,
+    last: Option<PreambleError>,
+}
+
+impl Rejected {
+    fn note(&mut self, e: PreambleError) {
+        tracing::debug!("data streams: a connection dropped: {e}");
+        self.count += 1;
+        self.last = Some(e);
+    }
+
+    fn log(&self) {
+        if self.count + self.crowded > 0 {
+            tracing::warn!(
+                failed_proof = self.count,
+                evicted = self.crowded,
+                "data streams: connections that did not belong to this migration were dropped{}",
+                self.last.as_ref().map(|e| format!(" (last: {e})")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn rejection(rejected: u64, last: Option<&PreambleError>) -> String {
+    match (rejected, last) {
+        (0, _) => String::new(),
+        (n, Some(e)) => format!("; {n} other connections were dropped (last: {e})"),
+        (n, None) => format!("; {n} other connections were closed before they answered"),
+    }
 }
 
 /// Why the data streams could not be opened.
@@ -205,9 +430,9 @@ pub enum OpenError {
         source: io::Error,
     },
     /// The destination did not get every stream in time.
-    #[error("only {got} of {want} data streams connected within {timeout:?}{}: the source stopped, or the network drops its connections", last_error.as_ref().map(|e| format!(" (last accept error: {e})")).unwrap_or_default())]
+    #[error("only {got} of {want} data streams connected within {timeout:?}{}{}: the source stopped, or the network drops its connections", last_error.as_ref().map(|e| format!(" (last accept error: {e})")).unwrap_or_default(), rejection(*.rejected, .last_rejection.as_ref()))]
     AcceptTimeout {
-        /// Streams accepted.
+        /// Streams accepted (and proven, where proofs are checked).
         got: u16,
         /// Streams wanted.
         want: u16,
@@ -215,6 +440,11 @@ pub enum OpenError {
         timeout: Duration,
         /// The last accept error, if accepting failed (not just nothing came).
         last_error: Option<io::Error>,
+        /// Connections dropped because they did not prove they belong to
+        /// the migration (0 where proofs are not checked).
+        rejected: u64,
+        /// Why the last of them was dropped.
+        last_rejection: Option<PreambleError>,
     },
     /// The listener or an accepted socket could not be configured.
     #[error("configuring a data socket: {0}")]
@@ -362,6 +592,92 @@ mod tests {
             Err(PreambleError::BadProof(0))
         ));
         let _ = t.join();
+    }
+
+    /// Connects to `addr` and answers the nonce for `stream` under `keys`.
+    fn prove_to(addr: SocketAddr, keys: &SessionKeys, stream: u16) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        prove_stream(&mut s, keys, stream, Duration::from_secs(10)).unwrap();
+        s
+    }
+
+    /// Connects to `addr` and answers the nonce with junk of the right length.
+    fn junk_to(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut nonce = [0u8; NONCE_LEN];
+        s.read_exact(&mut nonce).unwrap();
+        s.write_all(&[0x5a; PROOF_LEN]).unwrap();
+        s
+    }
+
+    #[test]
+    fn junk_silent_and_foreign_connections_do_not_stand_in_for_streams() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let other = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let k = keys.clone();
+        let t = std::thread::spawn(move || {
+            // More silent connections than proofs are checked at once: the
+            // oldest are pushed out, the streams after them still get in.
+            let silent: Vec<_> = (0..MAX_PENDING_PROOFS + 4)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let junk = junk_to(addr);
+            let foreign = std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                let _ = prove_stream(&mut s, &other, 0, Duration::from_secs(10));
+                s
+            });
+            let real = [prove_to(addr, &k, 1), prove_to(addr, &k, 0)];
+            (silent, junk, foreign.join().unwrap(), real)
+        });
+        // Long enough that returning before it shows the silent ones were
+        // closed rather than waited out.
+        let timeout = Duration::from_secs(60);
+        let started = Instant::now();
+        let got = accept_proven(&l, &keys, 2, timeout).unwrap();
+        assert!(started.elapsed() < timeout / 2, "waited for the silent connections");
+        assert_eq!(got.iter().map(ProvenStream::stream).collect::<Vec<_>>(), [0, 1]);
+        let (silent, _junk, _foreign, _real) = t.join().unwrap();
+        // The last silent connections were closed when the streams were
+        // complete: each reads the nonce and then the end.
+        let mut last = &silent[silent.len() - 1];
+        let mut buf = [0u8; NONCE_LEN + 1];
+        last.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut read = 0;
+        loop {
+            match last.read(&mut buf[read..]).unwrap() {
+                0 => break,
+                n => read += n,
+            }
+        }
+        assert_eq!(read, NONCE_LEN, "a closed proof reads its nonce and the end");
+    }
+
+    #[test]
+    fn a_timeout_says_how_many_connections_were_dropped_and_why() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || [junk_to(addr), junk_to(addr)]);
+        let e = accept_proven(&l, &keys, 1, Duration::from_millis(1500)).unwrap_err();
+        drop(t.join().unwrap());
+        assert!(
+            matches!(
+                e,
+                OpenError::AcceptTimeout {
+                    got: 0,
+                    want: 1,
+                    rejected: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains("2 other connections were dropped"), "{text}");
+        assert!(text.contains("failed its session proof"), "{text}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use ferry_engine::guest::GuestControl;
 use ferry_engine::migrate::{migrate_destination, migrate_source, MigrateError, MigrationConfig, RoundStats};
 use ferry_engine::pipeline::Integrity;
 use ferry_engine::progress::Hooks;
-use ferry_engine::transport::{accept_streams, connect_streams};
+use ferry_engine::transport::{accept_proven, connect_streams};
 use ferry_engine::GuestMemory;
 use ferry_vmm::alloc;
 use ferry_vmm::kvm::{self, GuestProgram, KvmVm};
@@ -456,7 +456,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
         let dest = s.spawn(move || {
-            let conns = accept_streams(&listener, dst_cfg.streams, dst_cfg.io_timeout)?;
+            let conns = accept_proven(&listener, &dst_keys, dst_cfg.streams, dst_cfg.io_timeout)?;
             migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg, &Hooks::new())
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));

@@ -43,7 +43,7 @@ pub use crate::io::IoError;
 use crate::pipeline::{self, StreamHeader};
 use crate::wire::{self, Kind, HEADER_LEN};
 
-fn clone_all(conns: &[TcpStream]) -> Result<Vec<TcpStream>, MigrateError> {
+fn clone_all<'a>(conns: impl IntoIterator<Item = &'a TcpStream>) -> Result<Vec<TcpStream>, MigrateError> {
     // At most 64 connections (validated), so the index fits a u16.
     (0u16..)
         .zip(conns)

@@ -4,7 +4,6 @@
 mod phase;
 mod worker;
 
-use std::net::TcpStream;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
@@ -18,6 +17,7 @@ use crate::crypto::SessionKeys;
 use crate::guest::GuestControl;
 use crate::memory::GuestMemory;
 use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
+use crate::transport::ProvenStream;
 
 pub(crate) enum DstReply {
     Hello(u16),
@@ -28,20 +28,21 @@ pub(crate) enum DstReply {
     Failed(MigrateError),
 }
 
-/// Receives a migration over accepted `conns` into `mem` (fresh, zeroed
+/// Receives a migration over `conns` (accepted and proven by
+/// [`crate::transport::accept_proven`]) into `mem` (fresh, zeroed
 /// memory of the source's size) and `guest` (not yet run). On `Ok` the guest
 /// runs here. On `Err` the guest never ran and `mem` holds a partial image
 /// that the caller must discard.
 pub fn migrate_destination(
     mem: &GuestMemory,
     guest: &mut dyn GuestControl,
-    conns: Vec<TcpStream>,
+    conns: Vec<ProvenStream>,
     keys: &SessionKeys,
     cfg: &MigrationConfig,
     hooks: &Hooks,
 ) -> Result<DestReport, MigrateError> {
     cfg.validate_for(conns.len())?;
-    let socks = clone_all(&conns)?;
+    let socks = clone_all(conns.iter().map(ProvenStream::socket))?;
     let (reply_tx, reply_rx) = bounded::<(usize, DstReply)>(usize::from(cfg.streams) * 4);
     let counters = Counters::default();
     let stats: Vec<std::sync::Mutex<(u64, u64, u64)>> =

@@ -1,20 +1,19 @@
 //! A receiving worker: one stream's frames into guest memory, and its
 //! acknowledgements, Ready and Resumed back.
 
-use std::net::TcpStream;
-
 use crossbeam_channel::{Receiver, Sender};
 
 use super::phase::{self, Action, Go, RecvPhase, Seen};
 use super::DstReply;
 use crate::bitmap::stream_of;
 use crate::crypto::{Direction, Sealer, SessionKeys, StreamCrypto};
-use crate::io::{Conn, Event, IoError};
+use crate::io::{Conn, Event};
 use crate::memory::GuestMemory;
 use crate::migrate::inbox::Inbox;
 use crate::migrate::{hello_of, send_abort, MigrateError, MigrationConfig, MAX_TO_SOURCE_FRAME};
 use crate::pipeline::{self, FrameError, StreamHeader};
 use crate::progress::Counters;
+use crate::transport::ProvenStream;
 use crate::wire::{Ack, Hello, Kind, StreamId, FLAG_FINAL, MAX_FRAME};
 
 pub(crate) struct RecvWorker<'a> {
@@ -45,30 +44,20 @@ impl<'a> RecvWorker<'a> {
         mem: &'a GuestMemory,
         keys: &'a SessionKeys,
         cfg: &'a MigrationConfig,
-        mut sock: TcpStream,
+        proven: ProvenStream,
         counters: &'a Counters,
     ) -> Result<Self, MigrateError> {
-        // Until its preamble names the stream, a connection is known by
-        // its index.
-        let s = connection;
-        // Which stream this connection carries, proven with a MAC over a
-        // fresh nonce under this session's key before any frame is read.
-        let stream = crate::transport::verify_stream(&mut sock, keys, cfg.io_timeout).map_err(|e| match e {
-            crate::transport::PreambleError::BadProof(st) => MigrateError::Protocol {
-                stream: st,
-                detail: e.to_string(),
-            },
-            other => MigrateError::Setup {
-                stream: s,
-                source: IoError::Preamble(other),
-            },
-        })?;
+        // Which stream this connection carries was proven with a MAC over a
+        // fresh nonce under this session's key before any frame is read
+        // (`transport::accept_proven`).
+        let stream = proven.stream();
         if stream >= cfg.streams {
             return Err(MigrateError::Protocol {
                 stream,
                 detail: format!("stream {stream} of {}", cfg.streams),
             });
         }
+        let sock = proven.into_socket();
         let conn = Conn::new(sock, cfg.io_timeout).map_err(|source| MigrateError::Setup { stream, source })?;
         let id = StreamId(stream);
         let rx = StreamCrypto::new(keys, Direction::ToDestination, id, cfg.aead);
