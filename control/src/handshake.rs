@@ -370,14 +370,28 @@ impl Destination {
     }
 
     /// Takes one control connection through TLS and every check; on success
-    /// answers Accept (data streams to `data_port`) and returns the proof.
-    /// Every outcome is audited.
+    /// answers Accept (data streams to `data_port`, which the caller already
+    /// listens on) and returns the proof. Every outcome is audited.
     pub fn admit(&self, sock: TcpStream, data_port: u16) -> Result<DestinationSession, HandshakeError> {
+        self.admit_listening(sock, || Ok((data_port, ()))).map(|(a, ())| a)
+    }
+
+    /// As [`Destination::admit`], but the data listener is opened by
+    /// `listen` (its port, and whatever the caller keeps of it) only once
+    /// every check has passed and the concurrency slot and memory are
+    /// held, just before the nonce is spent and Accept sent: a connection
+    /// that never authenticates holds no data port, and a port that cannot
+    /// be opened is a refusal that leaves the ticket usable.
+    pub fn admit_listening<L>(
+        &self,
+        sock: TcpStream,
+        listen: impl FnOnce() -> Result<(u16, L), Refusal>,
+    ) -> Result<(DestinationSession, L), HandshakeError> {
         let peer_addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let r = self.admit_inner(sock, data_port);
+        let r = self.admit_inner(sock, listen);
         let detail = match &r {
-            Ok(a) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
-                "migration_id": a.claims.migration_id, "nonce": a.claims.nonce}),
+            Ok((a, _)) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
+                "migration_id": a.claims.migration_id, "nonce": a.claims.nonce, "data_port": a.data_port}),
             Err(e) => serde_json::json!({"peer": peer_addr, "reason": e.to_string(), "code": match e {
                 HandshakeError::Refused(r) => r.code(),
                 HandshakeError::Tls(_) => "tls",
@@ -396,7 +410,11 @@ impl Destination {
     }
 
     /// [`Destination::admit`] without the audit record.
-    fn admit_inner(&self, sock: TcpStream, data_port: u16) -> Result<DestinationSession, HandshakeError> {
+    fn admit_inner<L>(
+        &self,
+        sock: TcpStream,
+        listen: impl FnOnce() -> Result<(u16, L), Refusal>,
+    ) -> Result<(DestinationSession, L), HandshakeError> {
         let mut ch = Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout)?;
         let peer = ch
             .peer_cert()
@@ -410,8 +428,8 @@ impl Destination {
                 return Err(HandshakeError::Refused(refusal));
             }
         };
-        match self.check(&peer, &req) {
-            Ok((claims, slot)) => {
+        match self.check(&peer, &req, listen) {
+            Ok((claims, slot, (data_port, listening))) => {
                 let migration_id = claims.migration_id;
                 let sig = self
                     .identity
@@ -429,7 +447,7 @@ impl Destination {
                     sig: B64.encode(sig),
                 })?;
                 tracing::info!(vm = %claims.vm, from = %claims.source_host, migration = migration_id, "destination: admitted");
-                Ok(DestinationSession {
+                let session = DestinationSession {
                     admitted: Admitted {
                         keys: keys(&ch, migration_id)?,
                         offer: req.offer,
@@ -439,7 +457,8 @@ impl Destination {
                         channel: ch,
                     },
                     slot,
-                })
+                };
+                Ok((session, listening))
             }
             Err(refusal) => {
                 tracing::warn!(code = refusal.code(), "destination: refused: {refusal}");
@@ -451,14 +470,20 @@ impl Destination {
 
     /// Every check, in order; each stage is a value only the one before it
     /// makes, so no check can be skipped or reordered by accident.
-    fn check(&self, peer: &[u8], req: &MigrationRequest) -> Result<(AuthzClaims, Slot), Refusal> {
+    fn check<L>(
+        &self,
+        peer: &[u8],
+        req: &MigrationRequest,
+        listen: impl FnOnce() -> Result<(u16, L), Refusal>,
+    ) -> Result<(AuthzClaims, Slot, (u16, L)), Refusal> {
         let now = crate::now_unix_s();
         let fresh = TicketChecked::verify(&self.cfg, req, now)?
             .bind(&self.cfg, peer, req)?
             .admit(&self.cfg, req)?
             .reserve(&self.cfg, &self.counters, req)?
+            .listen(listen)?
             .spend_nonce(&self.cfg, now)?;
-        Ok((fresh.claims, fresh.slot))
+        Ok((fresh.claims, fresh.slot, fresh.data))
     }
 }
 
@@ -485,11 +510,20 @@ struct Reserved {
     slot: Slot,
 }
 
-/// Stage 5: ... and its nonce spent (last, so only a request that passed
-/// everything else uses it up): the admitted session is built from this.
-struct Fresh {
+/// Stage 5: ... with a data listener open (only now, so a connection that
+/// never gets this far holds no data port).
+struct Listening<L> {
     claims: AuthzClaims,
     slot: Slot,
+    data: (u16, L),
+}
+
+/// Stage 6: ... and its nonce spent (last, so only a request that passed
+/// everything else uses it up): the admitted session is built from this.
+struct Fresh<L> {
+    claims: AuthzClaims,
+    slot: Slot,
+    data: (u16, L),
 }
 
 impl TicketChecked {
@@ -571,8 +605,36 @@ impl RequestBound {
                 runs: cfg.guests.clone(),
             });
         }
+        runnable(&req.offer)?;
         Ok(Admissible { claims: self.claims })
     }
+}
+
+/// Guest pages are this size; guest memory is a whole number of them.
+pub const GUEST_PAGE_BYTES: u64 = 4096;
+
+/// Most vCPUs an offered KVM guest may have (KVM's own x86 limit): more
+/// is refused before Accept instead of failing after it.
+pub const MAX_KVM_VCPUS: u32 = 1024;
+
+/// An offer a guest can be made of: memory, a whole number of pages, and a
+/// KVM guest's vCPUs. Checked before Accept, so a source that offers what
+/// cannot run gets a refusal, not a signed acceptance and a failure after.
+fn runnable(o: &Offer) -> Result<(), Refusal> {
+    let bad = |what, value| Err(Refusal::Unrunnable { what, value });
+    if o.memory_bytes == 0 {
+        return bad("guest memory of 0 bytes", 0);
+    }
+    if o.memory_bytes % GUEST_PAGE_BYTES != 0 {
+        return bad("guest memory not a whole number of 4 KiB pages", o.memory_bytes);
+    }
+    if o.guest == GuestKind::Kvm && o.vcpus == 0 {
+        return bad("a KVM guest with no vCPU", 0);
+    }
+    if o.guest == GuestKind::Kvm && o.vcpus > MAX_KVM_VCPUS {
+        return bad("more vCPUs than KVM runs (1024)", u64::from(o.vcpus));
+    }
+    Ok(())
 }
 
 impl Admissible {
@@ -607,13 +669,24 @@ impl Admissible {
 }
 
 impl Reserved {
-    fn spend_nonce(self, cfg: &DestinationConfig, now: u64) -> Result<Fresh, Refusal> {
+    fn listen<L>(self, listen: impl FnOnce() -> Result<(u16, L), Refusal>) -> Result<Listening<L>, Refusal> {
+        Ok(Listening {
+            data: listen()?,
+            claims: self.claims,
+            slot: self.slot,
+        })
+    }
+}
+
+impl<L> Listening<L> {
+    fn spend_nonce(self, cfg: &DestinationConfig, now: u64) -> Result<Fresh<L>, Refusal> {
         cfg.replay
             .check_and_insert(&self.claims.nonce, self.claims.exp, now)
             .map_err(Refusal::Replay)?;
         Ok(Fresh {
             claims: self.claims,
             slot: self.slot,
+            data: self.data,
         })
     }
 }

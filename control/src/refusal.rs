@@ -119,6 +119,22 @@ pub enum Refusal {
         /// The limit.
         max: usize,
     },
+    /// Every data port of the configured range is in use.
+    #[error("every data port {first}-{last} is in use by other migrations")]
+    NoDataPort {
+        /// First port of the range.
+        first: u16,
+        /// Last port of the range.
+        last: u16,
+    },
+    /// An offer no guest can be made of.
+    #[error("the offer cannot run: {what} ({value})")]
+    Unrunnable {
+        /// What is wrong with it.
+        what: &'static str,
+        /// The value offered.
+        value: u64,
+    },
     /// Not enough memory left for the guest.
     #[error("not enough memory: {offered} bytes offered, {committed} of {max} committed")]
     NoMemory {
@@ -179,7 +195,7 @@ impl Refusal {
     /// Whose fault it is.
     pub fn blame(&self) -> Blame {
         match self {
-            Refusal::Busy { .. } | Refusal::NoMemory { .. } => Blame::Busy,
+            Refusal::Busy { .. } | Refusal::NoMemory { .. } | Refusal::NoDataPort { .. } => Blame::Busy,
             Refusal::NoAuthzKey
             | Refusal::Audit(_)
             | Refusal::Internal(_)
@@ -208,6 +224,8 @@ impl Refusal {
             Refusal::WrongServer(_) => "wrong_server",
             Refusal::Busy { .. } => "busy",
             Refusal::NoMemory { .. } => "no_memory",
+            Refusal::NoDataPort { .. } => "no_data_port",
+            Refusal::Unrunnable { .. } => "unrunnable",
             Refusal::TicketNotForDestination { .. } => "ticket_not_for_destination",
             Refusal::Mismatch(_) => "mismatch",
             Refusal::BadPeerSignature { .. } => "bad_peer_signature",

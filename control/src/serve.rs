@@ -1,5 +1,6 @@
 //! A destination daemon's accept loop: handshakes in progress capped per
-//! peer and in total, each on a thread of its own with a data listener.
+//! peer and in total, each on a thread of its own; a data listener only
+//! for a request that passed every check.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,20 +9,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::handshake::{Destination, DestinationSession};
+use crate::refusal::Refusal;
 
 /// A data listener on `ip`: on the first free port of `range`, or an
-/// ephemeral one.
-fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Option<std::net::TcpListener> {
+/// ephemeral one; and its port.
+fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Result<(u16, std::net::TcpListener), Refusal> {
+    let bound = |l: std::net::TcpListener| Some((l.local_addr().ok()?.port(), l));
     let Some((first, last)) = range else {
-        return std::net::TcpListener::bind((ip, 0)).ok();
+        return std::net::TcpListener::bind((ip, 0))
+            .ok()
+            .and_then(bound)
+            .ok_or(Refusal::Internal("opening a data listener"));
     };
-    let found = (first..=last).find_map(|port| std::net::TcpListener::bind((ip, port)).ok());
+    let found = (first..=last).find_map(|port| std::net::TcpListener::bind((ip, port)).ok().and_then(bound));
     if found.is_none() {
         tracing::warn!(
             "receive: every data port {first}-{last} is in use: widen --data-ports or lower --max-concurrent"
         );
     }
-    found
+    found.ok_or(Refusal::NoDataPort { first, last })
 }
 
 /// Handshakes in progress: per peer address, and in all.
@@ -56,8 +62,9 @@ pub struct ServeLimits {
     /// Handshakes in progress in all.
     pub pending_total: usize,
     /// The ports data listeners may use (first, last), for firewalls; `None`
-    /// takes an ephemeral port. A handshake that finds every port of the
-    /// range taken is closed (and logged).
+    /// takes an ephemeral port. A port is taken only by a request that
+    /// passed every check; one that finds every port of the range taken is
+    /// refused as busy (and logged), its ticket still unspent.
     pub data_ports: Option<(u16, u16)>,
 }
 
@@ -76,7 +83,7 @@ impl Default for ServeLimits {
 pub type OnAdmitted = Arc<dyn Fn(DestinationSession, std::net::TcpListener) + Send + Sync>;
 
 /// A destination daemon's accept loop: each control connection gets a
-/// thread and a data listener of its own; handshakes in progress are capped
+/// thread, and an admitted one a data listener; handshakes in progress are capped
 /// per peer address and in total (a flood is refused at once, and a peer
 /// that connects and stays silent holds only its own slots until the
 /// handshake times out). Runs until `stop` is set.
@@ -127,18 +134,13 @@ pub fn serve_destination(
             };
             let (dest, on_admitted) = (dest.clone(), on_admitted.clone());
             let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {
-                let admitted = sock
-                    .set_nonblocking(false)
-                    .ok()
-                    .and_then(|()| bind_data(data_ip, limits.data_ports))
-                    .and_then(|data| {
-                        let port = data.local_addr().ok()?.port();
-                        let a = dest.admit(sock, port);
-                        if let Err(e) = &a {
-                            tracing::info!(%peer, "receive: not admitted: {e}");
-                        }
-                        a.ok().map(|a| (a, data))
-                    });
+                let admitted = sock.set_nonblocking(false).ok().and_then(|()| {
+                    let a = dest.admit_listening(sock, || bind_data(data_ip, limits.data_ports));
+                    if let Err(e) = &a {
+                        tracing::info!(%peer, "receive: not admitted: {e}");
+                    }
+                    a.ok()
+                });
                 // The handshake is over: free the slot before the transfer.
                 drop(slot);
                 if let Some((a, data)) = admitted {
@@ -170,11 +172,14 @@ mod tests {
                 })
             })
             .unwrap();
-        let l = bind_data(ip, Some((port, port + 1))).unwrap();
+        let (got, l) = bind_data(ip, Some((port, port + 1))).unwrap();
         assert_eq!(l.local_addr().unwrap().port(), port + 1);
-        // Both taken now: no listener, the handshake is refused.
-        assert!(bind_data(ip, Some((port, port + 1))).is_none());
+        assert_eq!(got, port + 1);
+        // Both taken now: no listener, the request is refused as busy.
+        let e = bind_data(ip, Some((port, port + 1))).unwrap_err();
+        assert_eq!(e.code(), "no_data_port");
+        assert_eq!(e.blame(), crate::refusal::Blame::Busy);
         drop((held, l));
-        assert!(bind_data(ip, None).is_some());
+        assert!(bind_data(ip, None).is_ok());
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use ferry::lab::{Lab, DEST, POLICY, SOURCE, VM};
 use ferry_control::handshake::{self, Destination, DestinationSession, HandshakeError, Offer, SourceSession};
 use ferry_control::pki::{self, Identity, Role};
+use ferry_control::refusal::Refusal;
 use ferry_control::ticket::{AuthzClaims, SignedTicket};
 use ferry_control::tls;
 
@@ -54,6 +55,27 @@ pub fn attempt_on(
     Result<SourceSession, HandshakeError>,
     Result<DestinationSession, HandshakeError>,
 ) {
+    attempt_listening(lab, dest, source, roots_dir, ticket, claims, offer, move || {
+        Ok((data_port, ()))
+    })
+}
+
+/// [`attempt`], the destination opening its data listener with `listen`
+/// once every check has passed.
+#[allow(clippy::too_many_arguments)]
+pub fn attempt_listening(
+    lab: &Lab,
+    dest: &Destination,
+    source: &Identity,
+    roots_dir: &std::path::Path,
+    ticket: &SignedTicket,
+    claims: &AuthzClaims,
+    offer: Offer,
+    listen: impl FnOnce() -> Result<(u16, ()), Refusal> + Send,
+) -> (
+    Result<SourceSession, HandshakeError>,
+    Result<DestinationSession, HandshakeError>,
+) {
     let _ = lab;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -61,7 +83,7 @@ pub fn attempt_on(
     std::thread::scope(|s| {
         let d = s.spawn(|| {
             let (sock, _) = listener.accept().unwrap();
-            dest.admit(sock, data_port)
+            dest.admit_listening(sock, listen).map(|(a, ())| a)
         });
         let c = handshake::request(
             addr,

@@ -1,0 +1,224 @@
+//! Availability attacks on a destination, on real sockets: connections that
+//! never authenticate must not take what an admitted migration needs (its
+//! data port, its data streams), and an offer the destination cannot run is
+//! refused before it is accepted, leaving the ticket usable.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::lab::VM;
+use ferry::source::{self, Endpoints};
+use ferry_control::handshake::HandshakeError;
+use ferry_control::modes::GuestKind;
+use ferry_control::refusal::{Blame, Refusal};
+use ferry_engine::dirty::UffdWpTracker;
+use ferry_engine::migrate::MigrationConfig;
+use ferry_engine::progress::Hooks;
+use ferry_engine::GuestMemory;
+use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
+
+mod common;
+use common::control::*;
+use common::procs::{s, Proc, SourceDomain};
+
+/// `count` consecutive ports on loopback that are free now.
+fn free_ports(count: u16) -> u16 {
+    (20_000u16..60_000)
+        .step_by(usize::from(count))
+        .find(|&p| (p..p + count).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
+        .unwrap()
+}
+
+/// `ferry receive` named "dst" for `dom`, with `extra` options.
+fn receive(dom: &SourceDomain, extra: &[&str]) -> Proc {
+    let state = dom.dir.path().join("dst-state");
+    let mut args = vec![
+        "receive",
+        "--pki",
+        s(&dom.pki),
+        "--name",
+        "dst",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        s(&dom.policy),
+        "--state-dir",
+        s(&state),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(None, &args)
+}
+
+/// Migrates a small running synthetic guest to `dest` through the library;
+/// the guest must be paused at the source afterwards (committed).
+fn migrate_one(dom: &SourceDomain, dest: SocketAddr) -> Result<source::Migrated, source::SourceError> {
+    let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
+    let wl = WorkloadConfig {
+        hot_set_bytes: 1 << 20,
+        dirty_rate_pages_per_s: 5_000,
+        ..WorkloadConfig::default()
+    };
+    let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
+    let mut tracker = UffdWpTracker::new(&mem).unwrap();
+    let at = Endpoints {
+        pki: &dom.pki,
+        host: "src",
+        client: "operator",
+        authn: dom.authn_addr.parse().unwrap(),
+        authz: dom.authz_addr.parse().unwrap(),
+        servers_name: "src",
+        dest,
+        dest_host: "dst",
+        audit: None,
+    };
+    let cfg = MigrationConfig {
+        io_timeout: Duration::from_secs(5),
+        ..MigrationConfig::default()
+    };
+    let r = source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg, &Hooks::new());
+    assert_eq!(
+        guest.is_running(),
+        r.is_err(),
+        "the source guest runs on exactly when the migration failed"
+    );
+    r
+}
+
+#[test]
+fn slow_handshakes_do_not_take_the_data_ports() {
+    if !common::host_ready("slow_handshakes_do_not_take_the_data_ports") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let first = free_ports(4);
+    let range = format!("{first}-{}", first + 3);
+    let recv = receive(&dom, &["--data-ports", &range]);
+    let dest = recv.listening();
+    // As many connections as there are data ports, each stuck before its
+    // TLS handshake (they stay open for the whole test).
+    let silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(dest).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let m = migrate_one(&dom, dest).unwrap();
+    assert!(m.receipt.transcript_matches);
+    let ev = recv.wait_for("received", Duration::from_secs(10));
+    assert_eq!(ev["vm"], "demo-vm");
+    drop(silent);
+}
+
+/// Connects to `port` over and over until `stop`: every other connection
+/// answers the destination's nonce with junk of the right length, the
+/// others stay silent (up to 32 held). Counts the nonces it read, which is
+/// how often the destination took one of its connections for a proof.
+fn pester(port: u16, stop: &AtomicBool, nonces: &AtomicU64) {
+    let mut held = std::collections::VecDeque::new();
+    let mut junk = true;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)) else {
+            continue; // not listening yet (or any more)
+        };
+        if junk {
+            c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let mut nonce = [0u8; 32];
+            if c.read_exact(&mut nonce).is_ok() {
+                nonces.fetch_add(1, Ordering::Relaxed);
+                let _ = c.write_all(&[0x5a; 34]);
+            }
+        } else {
+            held.push_back(c);
+            if held.len() > 32 {
+                held.pop_front();
+            }
+        }
+        junk = !junk;
+    }
+}
+
+#[test]
+fn junk_data_connections_do_not_abort_an_admitted_migration() {
+    if !common::host_ready("junk_data_connections_do_not_abort_an_admitted_migration") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let port = free_ports(1);
+    let recv = receive(&dom, &["--data-ports", &format!("{port}-{port}")]);
+    let dest = recv.listening();
+    let (stop, nonces) = (AtomicBool::new(false), AtomicU64::new(0));
+    std::thread::scope(|sc| {
+        let attackers: Vec<_> = (0..2).map(|_| sc.spawn(|| pester(port, &stop, &nonces))).collect();
+        // The attackers must land at least once while streams are being
+        // proven; each migration, attacked or not, must go through.
+        for attempt in 1..=5 {
+            let m = migrate_one(&dom, dest).unwrap_or_else(|e| panic!("migration {attempt} under junk: {e}"));
+            assert!(m.receipt.transcript_matches);
+            recv.wait_for("received", Duration::from_secs(10));
+            if nonces.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for a in attackers {
+            a.join().unwrap();
+        }
+    });
+    assert!(
+        nonces.load(Ordering::Relaxed) > 0,
+        "the junk connections never reached the data listener: the attack did not happen"
+    );
+}
+
+#[test]
+fn a_data_port_that_cannot_be_opened_is_a_busy_refusal_and_spends_no_ticket() {
+    let (lab, dest, t, c, src) = setup();
+    let r = attempt_listening(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM), || {
+        Err(Refusal::NoDataPort {
+            first: 7000,
+            last: 7003,
+        })
+    });
+    refused_and_audited(&lab, &r, "every data port 7000-7003 is in use");
+    match &r.0 {
+        Err(HandshakeError::Denied(w)) => {
+            assert_eq!(w.code, "no_data_port");
+            assert_eq!(w.blame, Some(Blame::Busy), "a retry may pass");
+        }
+        other => panic!("the source did not receive a typed refusal: {other:?}"),
+    }
+    // Nothing was held: the same ticket is admitted now.
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, offer(VM));
+    assert!(s.is_ok() && d.is_ok(), "{:?} {:?}", s.err(), d.err());
+}
+
+#[test]
+fn offers_that_cannot_run_are_refused_before_accept_and_spend_no_ticket() {
+    let (lab, dest, t, c, src) = setup();
+    let kvm = |vcpus| {
+        let mut o = offer(VM);
+        o.guest = GuestKind::Kvm;
+        o.vcpus = vcpus;
+        o
+    };
+    let mut zero = offer(VM);
+    zero.memory_bytes = 0;
+    let mut ragged = offer(VM);
+    ragged.memory_bytes = (1 << 20) + 1;
+    for (o, why) in [
+        (zero, "guest memory of 0 bytes"),
+        (ragged, "not a whole number of 4 KiB pages"),
+        (kvm(0), "a KVM guest with no vCPU"),
+        (kvm(100_000), "more vCPUs than KVM runs"),
+    ] {
+        let r = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, o);
+        refused_and_audited(&lab, &r, why);
+        match &r.0 {
+            Err(HandshakeError::Denied(w)) => assert_eq!(w.code, "unrunnable"),
+            other => panic!("the source did not receive a typed refusal: {other:?}"),
+        }
+    }
+    // None of them spent the ticket's nonce.
+    let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, kvm(2));
+    assert!(s.is_ok() && d.is_ok(), "{:?} {:?}", s.err(), d.err());
+}
