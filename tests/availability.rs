@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::lab::VM;
-use ferry::source::{self, Endpoints};
+use ferry::source;
 use ferry_control::handshake::HandshakeError;
 use ferry_control::modes::GuestKind;
 use ferry_control::refusal::{Blame, Refusal};
@@ -64,17 +64,7 @@ fn migrate_one(dom: &SourceDomain, dest: SocketAddr) -> Result<source::Migrated,
     };
     let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
     let mut tracker = UffdWpTracker::new(&mem).unwrap();
-    let at = Endpoints {
-        pki: &dom.pki,
-        host: "src",
-        client: "operator",
-        authn: dom.authn_addr.parse().unwrap(),
-        authz: dom.authz_addr.parse().unwrap(),
-        servers_name: "src",
-        dest,
-        dest_host: "dst",
-        audit: None,
-    };
+    let at = dom.endpoints(dest);
     let cfg = MigrationConfig {
         io_timeout: Duration::from_secs(5),
         ..MigrationConfig::default()

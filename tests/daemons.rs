@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::source::{self, Endpoints};
+use ferry::source;
 use ferry_engine::dirty::UffdWpTracker;
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::progress::Hooks;
@@ -64,17 +64,7 @@ fn migrate_to_real_daemons_and_audit() {
     };
     let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
     let mut tracker = UffdWpTracker::new(&mem).unwrap();
-    let at = Endpoints {
-        pki,
-        host: "src",
-        client: "operator",
-        authn: dom.authn_addr.parse().unwrap(),
-        authz: dom.authz_addr.parse().unwrap(),
-        servers_name: "src",
-        dest,
-        dest_host: "dst",
-        audit: None,
-    };
+    let at = dom.endpoints(dest);
     let cfg = MigrationConfig {
         io_timeout: Duration::from_secs(5),
         ..MigrationConfig::default()

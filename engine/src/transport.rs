@@ -173,20 +173,14 @@ fn accept_until(
     let mut backoff = ferry_control::accept::AcceptBackoff::new();
     let mut last_error = None;
     while out.len() < usize::from(n) {
-        let wait = match listener.accept() {
+        let wait = match try_accept(listener, &mut backoff, &mut last_error) {
             Ok((s, _)) => {
-                backoff.succeeded("data streams");
                 s.set_nonblocking(false).map_err(OpenError::Listener)?;
                 s.set_nodelay(true).map_err(OpenError::Listener)?;
                 out.push(s);
                 continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Duration::from_millis(1),
-            Err(e) => {
-                let d = backoff.failed("data streams", &e);
-                last_error = Some(e);
-                d
-            }
+            Err(wait) => wait,
         };
         let now = Instant::now();
         if now >= deadline {
@@ -202,6 +196,28 @@ fn accept_until(
         std::thread::sleep(wait.min(deadline - now));
     }
     Ok(out)
+}
+
+/// One non-blocking accept on `listener`: a connection, or how long to wait
+/// before the next try (an accept error is kept in `last_error`, and backed
+/// off from).
+fn try_accept(
+    listener: &TcpListener,
+    backoff: &mut ferry_control::accept::AcceptBackoff,
+    last_error: &mut Option<io::Error>,
+) -> Result<(TcpStream, SocketAddr), Duration> {
+    match listener.accept() {
+        Ok(x) => {
+            backoff.succeeded("data streams");
+            Ok(x)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Duration::from_millis(1)),
+        Err(e) => {
+            let d = backoff.failed("data streams", &e);
+            *last_error = Some(e);
+            Err(d)
+        }
+    }
 }
 
 /// Most data connections whose session proof is checked at once; one more
@@ -297,9 +313,8 @@ fn prove_until(
             if Instant::now() >= deadline {
                 break Err(());
             }
-            let wait = match listener.accept() {
+            let wait = match try_accept(listener, &mut backoff, &mut last_error) {
                 Ok((sock, peer)) => {
-                    backoff.succeeded("data streams");
                     if pending.len() >= MAX_PENDING_PROOFS {
                         // The oldest has had the longest to answer; a real
                         // source answers within a round trip, so a flood of
@@ -335,12 +350,7 @@ fn prove_until(
                     }
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Duration::from_millis(1),
-                Err(e) => {
-                    let d = backoff.failed("data streams", &e);
-                    last_error = Some(e);
-                    d
-                }
+                Err(wait) => wait,
             };
             let now = Instant::now();
             if now >= deadline {

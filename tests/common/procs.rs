@@ -158,6 +158,22 @@ impl SourceDomain {
 }
 
 impl SourceDomain {
+    /// Where a source "src" of this domain, asked by client "operator",
+    /// migrates to the destination "dst" at `dest`.
+    pub fn endpoints(&self, dest: std::net::SocketAddr) -> ferry::source::Endpoints<'_> {
+        ferry::source::Endpoints {
+            pki: &self.pki,
+            host: "src",
+            client: "operator",
+            authn: self.authn_addr.parse().unwrap(),
+            authz: self.authz_addr.parse().unwrap(),
+            servers_name: "src",
+            dest,
+            dest_host: "dst",
+            audit: None,
+        }
+    }
+
     /// A destination `ferry vm --incoming` named "dst" on loopback, with
     /// this domain's PKI and policy, its state under `dst/`, and `extra`
     /// options.
