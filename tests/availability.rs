@@ -212,3 +212,37 @@ fn offers_that_cannot_run_are_refused_before_accept_and_spend_no_ticket() {
     let (s, d) = attempt(&lab, &dest, &src, lab.dir.path(), &t, &c, kvm(2));
     assert!(s.is_ok() && d.is_ok(), "{:?} {:?}", s.err(), d.err());
 }
+
+/// `MemAvailable` of this host now, in bytes.
+fn mem_available_bytes() -> u64 {
+    ferry::host::HostMemory::read().unwrap().available_bytes
+}
+
+#[test]
+fn an_offer_larger_than_the_hosts_memory_is_refused_by_default() {
+    if !common::host_ready("an_offer_larger_than_the_hosts_memory_is_refused_by_default") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let before = mem_available_bytes();
+    let recv = receive(&dom, &[]);
+    let l = recv.wait_for("listening", Duration::from_secs(20));
+    let dest: SocketAddr = l["addr"].as_str().unwrap().parse().unwrap();
+    let cap = l["max_memory_bytes"].as_u64().unwrap();
+    assert_eq!(l["max_memory_from"], "host", "{l}");
+    // The default follows the host, not a fixed figure: below what was
+    // available when the daemon started (with the host's reserve kept).
+    let after = mem_available_bytes();
+    assert!(cap < before.max(after), "cap {cap} B, available {before}..{after} B");
+    // A source claiming a guest one page larger than the cap is refused
+    // before anything is accepted or prefaulted.
+    let mut big = offer(VM);
+    big.memory_bytes = (cap / 4096 + 1) * 4096;
+    match dom.request(dest, big, &[]) {
+        Err(HandshakeError::Denied(w)) => assert_eq!(w.code, "no_memory", "{w:?}"),
+        other => panic!("an offer above the host's memory was not refused: {:?}", other.err()),
+    }
+    // A guest that fits still moves.
+    let m = migrate_one(&dom, dest).unwrap();
+    assert!(m.receipt.transcript_matches);
+}

@@ -107,8 +107,10 @@ pub struct ReceiveOptions {
     pub policy: PathBuf,
     /// Where the replay cache and the audit log live.
     pub state_dir: PathBuf,
-    /// Most guest memory committed to incoming migrations at once.
-    pub max_memory_bytes: u64,
+    /// Most guest memory committed to incoming migrations at once; `None`:
+    /// what the host has available at start, less its reserve
+    /// ([`crate::host::HostMemory::default_max_guest_bytes`]).
+    pub max_memory_bytes: Option<u64>,
     /// Most incoming migrations at once.
     pub max_concurrent: usize,
     /// Timeout of every network wait.
@@ -189,13 +191,25 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     std::fs::create_dir_all(&o.state_dir).map_err(|x| format!("{}: {x}", o.state_dir.display()))?;
     let id = || Identity::load(&o.pki, Role::Host, &o.name).map_err(e);
     let policy_text = std::fs::read_to_string(&o.policy).map_err(|x| format!("{}: {x}", o.policy.display()))?;
+    let host = crate::host::HostMemory::read();
+    let (max_memory_bytes, max_memory_from) = match (o.max_memory_bytes, &host) {
+        (Some(max), Ok(h)) if max > h.total_bytes => {
+            event(&serde_json::json!({"event": "warning", "what": "max_memory_above_host",
+                "max_memory_bytes": max, "host_total_bytes": h.total_bytes,
+                "hint": "--max-memory is more than this host has: a migration that fits it may not fit the host; lower it"}));
+            (max, "option")
+        }
+        (Some(max), _) => (max, "option"),
+        (None, Ok(h)) => (h.default_max_guest_bytes(), "host"),
+        (None, Err(why)) => return Err(why.to_string()),
+    };
     let cfg = DestinationConfig {
         name: o.name.clone(),
         authz_keys: vec![pki::verify_key(&o.pki, "authz").map_err(e)?],
         policy: Policy::from_toml(&policy_text).map_err(e)?,
         replay: ReplayCache::open(&o.state_dir.join("replay"), ferry_control::now_unix_s()).map_err(e)?,
         max_concurrent: o.max_concurrent,
-        max_memory_bytes: o.max_memory_bytes,
+        max_memory_bytes,
         max_streams: 64,
         guests: o.guests.clone(),
         measurement: Measurement::of_self(policy_text.as_bytes()).map_err(e)?,
@@ -300,6 +314,9 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         Arc::new(AtomicBool::new(false)),
     )
     .map_err(e)?;
-    event(&serde_json::json!({"event": "listening", "server": "receive", "addr": addr.to_string(), "name": o.name}));
+    event(
+        &serde_json::json!({"event": "listening", "server": "receive", "addr": addr.to_string(), "name": o.name,
+        "max_memory_bytes": max_memory_bytes, "max_memory_from": max_memory_from}),
+    );
     park_forever()
 }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod destination;
 pub mod estimate;
+pub mod host;
 pub mod lab;
 pub mod ops;
 pub mod record;

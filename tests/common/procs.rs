@@ -174,6 +174,29 @@ impl SourceDomain {
         }
     }
 
+    /// Asks the destination at `dest` to admit `offer`, with fresh tickets
+    /// from this domain's servers, the source pinning `pinned` measurements.
+    pub fn request(
+        &self,
+        dest: SocketAddr,
+        offer: ferry_control::handshake::Offer,
+        pinned: &[ferry_control::handshake::Measurement],
+    ) -> Result<ferry_control::handshake::SourceSession, ferry_control::handshake::HandshakeError> {
+        use ferry_control::pki::{self, Identity, Role};
+        use ferry_control::{handshake, ticket, tls};
+        let at = self.endpoints(dest);
+        let roots = || pki::roots(at.pki).unwrap();
+        let client = Identity::load(at.pki, Role::Client, at.client).unwrap();
+        let ccfg = tls::client_config(&client, roots()).unwrap();
+        let authn = ferry::source::authn_ticket(ccfg.clone(), at.authn, at.servers_name).unwrap();
+        let t = ferry::source::authz_ticket(ccfg, at.authz, at.servers_name, authn, &offer.vm, at.dest_host).unwrap();
+        let claims = ticket::verify(&t, "authz", &pki::verify_key(at.pki, "authz").unwrap()).unwrap();
+        let host = Identity::load(at.pki, Role::Host, at.host).unwrap();
+        let hcfg = tls::client_config(&host, roots()).unwrap();
+        let timeout = Duration::from_secs(5);
+        handshake::request(dest, at.dest_host, &host, hcfg, &t, &claims, offer, pinned, timeout)
+    }
+
     /// A destination `ferry vm --incoming` named "dst" on loopback, with
     /// this domain's PKI and policy, its state under `dst/`, and `extra`
     /// options.

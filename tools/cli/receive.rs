@@ -12,9 +12,11 @@ pub(crate) struct ReceiveArgs {
     /// Folder for the replay cache and the audit log.
     #[arg(long)]
     state_dir: std::path::PathBuf,
-    /// Most guest memory committed to incoming migrations at once.
-    #[arg(long, default_value = "64GiB", value_parser = parse_size)]
-    max_memory: u64,
+    /// Most guest memory committed to incoming migrations at once (default:
+    /// the host's available memory at start, less an eighth for the host).
+    /// An offer that would not fit is refused before it is accepted.
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Most incoming migrations at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent: usize,

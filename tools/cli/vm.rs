@@ -56,6 +56,10 @@ pub(crate) struct VmArgs {
     /// Destination: folder for the replay cache and the audit log.
     #[arg(long)]
     state_dir: Option<std::path::PathBuf>,
+    /// Destination: most guest memory to accept (default: the host's
+    /// available memory at start, less an eighth for the host).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Destination: ports for the data streams, FIRST-LAST (default: ephemeral).
     #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range)]
     data_ports: Option<(u16, u16)>,
@@ -139,7 +143,7 @@ impl VmArgs {
                 listen,
                 policy,
                 state_dir,
-                max_memory_bytes: a.memory.max(64 << 30),
+                max_memory_bytes: a.max_memory,
                 max_concurrent: 1,
                 io_timeout,
                 guests: vec![ferry_control::modes::GuestKind::Kvm],
@@ -149,6 +153,10 @@ impl VmArgs {
             })?;
             return Ok(ExitCode::SUCCESS);
         }
+        need(
+            "--max-memory is for a destination (--incoming); a source's guest has --memory",
+            a.max_memory.is_none(),
+        )?;
         let source = match (a.pki, a.name, a.authn, a.authz) {
             (Some(pki), Some(host), Some(authn), Some(authz)) => Some(ferry::vm::SourceHost {
                 servers_name: a.servers_name.unwrap_or_else(|| host.clone()),
