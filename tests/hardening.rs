@@ -31,42 +31,54 @@ fn lab() -> ferry::lab::LabDir {
 }
 
 fn authz(d: &Path) -> Proc {
-    Proc::start(
-        None,
-        &[
-            "serve",
-            "authz",
-            "--pki",
-            s(&d.join("pki")),
-            "--name",
-            "src",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            s(&d.join("policy.toml")),
-            "--audit",
-            s(&d.join("authz.jsonl")),
-        ],
-    )
+    Proc::start(None, &strs(&authz_args(d)))
+}
+
+/// Borrowed arguments for `Proc::start` and `ferry`.
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn authz_args(d: &Path) -> Vec<String> {
+    let (pki, policy, audit) = (d.join("pki"), d.join("policy.toml"), d.join("authz.jsonl"));
+    let a = [
+        "--pki",
+        s(&pki),
+        "--name",
+        "src",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        s(&policy),
+    ];
+    [&["serve", "authz"][..], &a, &["--audit", s(&audit)]]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 fn receive(d: &Path) -> Proc {
-    Proc::start(
-        None,
-        &[
-            "receive",
-            "--pki",
-            s(&d.join("pki")),
-            "--name",
-            "dst",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            s(&d.join("policy.toml")),
-            "--state-dir",
-            s(&d.join("dst-state")),
-        ],
-    )
+    Proc::start(None, &strs(&receive_args(d)))
+}
+
+fn receive_args(d: &Path) -> Vec<String> {
+    let (pki, policy, state) = (d.join("pki"), d.join("policy.toml"), d.join("dst-state"));
+    let a = [
+        "--pki",
+        s(&pki),
+        "--name",
+        "dst",
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        s(&policy),
+    ];
+    [&["receive"][..], &a, &["--state-dir", s(&state)]]
+        .concat()
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 /// The mutual-TLS client config of host `src`.
@@ -245,4 +257,44 @@ fn vm_ids_that_could_forge_a_log_line_or_escape_a_glob_are_refused_at_authz() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.lines().count(), 7, "one line per decision, none forged");
     verify(&log, &d.join("pki/hosts/src/cert.pem"));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_or_audit_log_refuses_to_start() {
+    let dir = lab();
+    let d = dir.path();
+    // A second destination on one state directory would admit a ticket the
+    // first has spent (its replay cache is read only at start) and fork the
+    // audit chain; a second authz server on one audit file, the same.
+    let first = receive(d);
+    first.listening();
+    let o = ferry(&strs(&receive_args(d)));
+    let why = text(&o);
+    assert!(
+        !o.status.success(),
+        "a second destination started on the same state dir: {why}"
+    );
+    assert!(
+        why.contains("replay cache") && why.contains(&format!("in use by process {}", first.child.id())),
+        "{why}"
+    );
+    let authz1 = authz(d);
+    let at = authz1.listening();
+    let o = ferry(&strs(&authz_args(d)));
+    let why = text(&o);
+    assert!(
+        !o.status.success(),
+        "a second authz server started on the same audit log: {why}"
+    );
+    assert!(
+        why.contains("audit log") && why.contains(&format!("in use by process {}", authz1.child.id())),
+        "{why}"
+    );
+    // The first ones still serve, and their logs are whole.
+    let w = ask_authz(d, at, "demo-vm", "dst");
+    assert_eq!(w.code, "bad_ticket", "{w:?}");
+    assert!(verify(&d.join("authz.jsonl"), &d.join("pki/hosts/src/cert.pem")).contains("verified"));
+    // Once the first destination is gone, its state directory is free.
+    drop(first);
+    receive(d).listening();
 }

@@ -118,6 +118,9 @@ pub enum AuditError {
         /// What is wrong.
         what: String,
     },
+    /// Another writer has the log.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
 }
 
 fn line_hash(line: &[u8]) -> String {
@@ -161,6 +164,7 @@ pub struct AuditLog {
     signer: Identity,
     sealed: Option<Sealed>,
     state: Mutex<State>,
+    _lock: crate::lock::HeldLock,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -240,6 +244,8 @@ impl AuditLog {
             path: path.to_path_buf(),
             source,
         };
+        // One writer per log: a second one would fork the chain.
+        let lock = crate::lock::exclusive(path, "audit log")?;
         let mut sealed = None;
         let (prev, seq) = if path.exists() {
             match verify_file(path, signer.cert()) {
@@ -268,6 +274,7 @@ impl AuditLog {
             signer,
             sealed,
             state: Mutex::new(State { file, prev, seq }),
+            _lock: lock,
         };
         if seq == 0 {
             let fp = log.signer.fingerprint();

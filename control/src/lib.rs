@@ -22,6 +22,7 @@
 pub mod accept;
 pub mod audit;
 pub mod handshake;
+pub mod lock;
 pub mod manifest;
 pub mod modes;
 pub mod peer;

@@ -31,6 +31,9 @@ pub enum ReplayError {
         #[source]
         source: std::io::Error,
     },
+    /// Another destination uses this cache.
+    #[error(transparent)]
+    Locked(#[from] crate::lock::LockError),
 }
 
 /// Seen nonces and their expiry.
@@ -38,6 +41,7 @@ pub enum ReplayError {
 pub struct ReplayCache {
     path: Option<PathBuf>,
     inner: Mutex<(HashMap<String, u64>, Option<File>)>,
+    _lock: Option<crate::lock::HeldLock>,
 }
 
 impl ReplayCache {
@@ -46,6 +50,7 @@ impl ReplayCache {
         ReplayCache {
             path: None,
             inner: Mutex::new((HashMap::new(), None)),
+            _lock: None,
         }
     }
 
@@ -55,6 +60,9 @@ impl ReplayCache {
             path: path.to_path_buf(),
             source,
         };
+        // One destination per cache: a second one, reading it only at its
+        // start, would admit a ticket the first has just spent.
+        let lock = crate::lock::exclusive(path, "replay cache")?;
         let mut seen = HashMap::new();
         if path.exists() {
             let f = File::open(path).map_err(err)?;
@@ -83,6 +91,7 @@ impl ReplayCache {
         Ok(ReplayCache {
             path: Some(path.to_path_buf()),
             inner: Mutex::new((seen, Some(file))),
+            _lock: Some(lock),
         })
     }
 
