@@ -118,6 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dest: dest_addr,
         dest_host: DEST,
         audit: None,
+        pinned: &[],
     };
     let cfg = MigrationConfig {
         pin_workers: false,

@@ -255,3 +255,82 @@ fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
         "the guest stopped writing: {a} then {b}"
     );
 }
+
+/// A source `ferry vm` of `dom` with a small KVM guest that migrates to
+/// `dest` after 0.2 s, with `extra` options.
+fn source_vm(dom: &SourceDomain, dest: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "vm",
+        "--memory",
+        "64MiB",
+        "--hot-set",
+        "4MiB",
+        "--dirty-rate",
+        "1000",
+        "--pki",
+        s(&dom.pki),
+        "--name",
+        "src",
+        "--authn",
+        &dom.authn_addr,
+        "--authz",
+        &dom.authz_addr,
+        "--migrate-to",
+        dest,
+        "--dest-host",
+        "dst",
+        "--migrate-after-s",
+        "0.2",
+        "--io-timeout-s",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(None, &args)
+}
+
+#[test]
+fn a_source_pinned_to_other_measurements_keeps_its_guest() {
+    use ferry_control::handshake::Measurement;
+    let test = "a_source_pinned_to_other_measurements_keeps_its_guest";
+    if !ready(test) {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let dst = dom.incoming_vm(&[]);
+    let l = dst.wait_for("listening", Duration::from_secs(20));
+    let dest = l["addr"].as_str().unwrap().to_string();
+    let theirs: Measurement = l["measurement"].as_str().unwrap().parse().unwrap();
+    // The same binary with another configuration: the source refuses the
+    // destination's signed Accept before a page moves, and keeps its guest.
+    let other = Measurement {
+        config_sha256: "0".repeat(64),
+        ..theirs.clone()
+    };
+    let src = source_vm(&dom, &dest, &["--pin-measurement", &other.to_string()]);
+    let failed = src.wait_for("migration-failed", Duration::from_secs(60));
+    assert_eq!(failed["guest"], "running here", "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("not among the pinned"),
+        "{failed}"
+    );
+    drop(src);
+    // The destination saw the source go (its control connection closed)
+    // and freed its one slot at once, not at its io timeout.
+    let aborted = dst.wait_for("aborted", Duration::from_secs(5));
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .unwrap()
+            .contains("closed its control connection"),
+        "{aborted}"
+    );
+    // Pinned to it (one of two): the guest moves.
+    let (other, theirs) = (other.to_string(), theirs.to_string());
+    let src = source_vm(
+        &dom,
+        &dest,
+        &["--pin-measurement", &other, "--pin-measurement", &theirs],
+    );
+    src.wait_for("migrated", Duration::from_secs(60));
+    dst.wait_for("received", Duration::from_secs(60));
+}

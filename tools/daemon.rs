@@ -203,6 +203,9 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         (None, Ok(h)) => (h.default_max_guest_bytes(), "host"),
         (None, Err(why)) => return Err(why.to_string()),
     };
+    // What this daemon reports in every Accept (printed at start, for
+    // sources that pin it).
+    let measurement = Measurement::of_self(policy_text.as_bytes()).map_err(e)?;
     let cfg = DestinationConfig {
         name: o.name.clone(),
         authz_keys: vec![pki::verify_key(&o.pki, "authz").map_err(e)?],
@@ -212,7 +215,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         max_memory_bytes,
         max_streams: 64,
         guests: o.guests.clone(),
-        measurement: Measurement::of_self(policy_text.as_bytes()).map_err(e)?,
+        measurement: measurement.clone(),
         io_timeout: o.io_timeout,
     };
     let tls_cfg = tls::server_config(&id()?, pki::roots(&o.pki).map_err(e)?).map_err(e)?;
@@ -316,7 +319,8 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     .map_err(e)?;
     event(
         &serde_json::json!({"event": "listening", "server": "receive", "addr": addr.to_string(), "name": o.name,
-        "max_memory_bytes": max_memory_bytes, "max_memory_from": max_memory_from}),
+        "max_memory_bytes": max_memory_bytes, "max_memory_from": max_memory_from,
+        "measurement": measurement.to_string()}),
     );
     park_forever()
 }

@@ -144,6 +144,11 @@ pub struct Endpoints<'a> {
     pub dest_host: &'a str,
     /// The source's audit log (the request's outcome is recorded there).
     pub audit: Option<&'a ferry_control::audit::AuditLog>,
+    /// Destination measurements this source sends guests to; empty: any.
+    /// Self-reported by the destination (see
+    /// [`ferry_control::measurement`]): this catches a wrong build or
+    /// policy, not a stolen destination key.
+    pub pinned: &'a [ferry_control::handshake::Measurement],
 }
 
 /// What a finished migration leaves: the engine's report, the destination's
@@ -212,7 +217,7 @@ pub fn migrate(
         &ticket,
         &claims,
         offer,
-        &[],
+        at.pinned,
         cfg.io_timeout,
     );
     if let Some(log) = at.audit {

@@ -55,6 +55,9 @@ pub struct SourceHost {
     pub servers_name: String,
     /// The source's audit log, if any.
     pub audit: Option<PathBuf>,
+    /// Destination measurements to send guests to (empty: any); see
+    /// [`source::Endpoints::pinned`].
+    pub pinned: Vec<ferry_control::handshake::Measurement>,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -671,6 +674,7 @@ fn migrate(
         dest: to.dest,
         dest_host: &to.dest_host,
         audit: audit.as_ref(),
+        pinned: &h.pinned,
     };
     let mut cfg = h.migration.clone();
     to.tuning.apply(&mut cfg);

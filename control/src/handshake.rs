@@ -26,6 +26,7 @@ use rustls::{ClientConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 pub use crate::manifest::{Manifest, Receipt, SignedBlob};
+pub use crate::measurement::Measurement;
 pub use crate::modes::{GuestKind, Integrity};
 use crate::refusal::{Refusal, WireRefusal};
 pub use crate::serve::{serve_destination, OnAdmitted, ServeLimits};
@@ -69,26 +70,6 @@ pub struct MigrationRequest {
     pub offer: Offer,
     /// base64url ECDSA P-256 signature by the source host key (non-repudiation).
     pub sig: String,
-}
-
-/// What the destination runs: SHA-256 of its binary and of its effective config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Measurement {
-    /// SHA-256 of the running ferry binary (hex).
-    pub binary_sha256: String,
-    /// SHA-256 of the effective configuration (hex).
-    pub config_sha256: String,
-}
-
-impl Measurement {
-    /// Measures this process: its executable and `config` bytes.
-    pub fn of_self(config: &[u8]) -> std::io::Result<Measurement> {
-        let exe = std::fs::read(std::env::current_exe()?)?;
-        Ok(Measurement {
-            binary_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, &exe).as_ref()),
-            config_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, config).as_ref()),
-        })
-    }
 }
 
 /// The destination's answer.
@@ -253,6 +234,13 @@ impl DestinationSession {
 }
 
 impl Admitted {
+    /// Whether the peer has closed the control connection (a source that
+    /// refused this destination's acceptance, or was cancelled, just goes):
+    /// a destination waiting for data streams stops waiting.
+    pub fn peer_closed(&self) -> bool {
+        self.channel.peer_closed()
+    }
+
     /// The grant the data plane's keys come from
     /// (`ferry_engine::crypto::SessionKeys::from_grant`).
     pub fn key_grant(&self) -> &KeyGrant {

@@ -24,6 +24,7 @@ pub mod audit;
 pub mod handshake;
 pub mod lock;
 pub mod manifest;
+pub mod measurement;
 pub mod modes;
 pub mod peer;
 pub mod pki;

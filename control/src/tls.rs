@@ -190,6 +190,31 @@ impl Channel {
         sock.deadline = Instant::now() + sock.per_op * EXCHANGE_TIMEOUTS;
     }
 
+    /// Whether the peer has closed the connection (or it broke), without
+    /// reading or waiting: for a side that expects nothing on this channel
+    /// for a while and must not hold resources for a peer that left.
+    pub fn peer_closed(&self) -> bool {
+        let tcp = match &self.inner {
+            Inner::Client(s) => &s.sock.tcp,
+            Inner::Server(s) => &s.sock.tcp,
+        };
+        if tcp.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        let closed = match tcp.peek(&mut b) {
+            Ok(0) => true,
+            // Bytes waiting (an alert, or an early next message): the peer
+            // is there; whoever reads next finds out what it said.
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        };
+        closed || tcp.set_nonblocking(false).is_err()
+    }
+
     /// The peer's end-entity certificate (always present: mutual TLS only).
     pub fn peer_cert(&self) -> Option<&[u8]> {
         let certs = match &self.inner {

@@ -73,6 +73,6 @@ pub fn run_destination(
 ) -> Result<DestReport, MigrateError> {
     agree(session, cfg)?;
     let keys = SessionKeys::from_grant(session.key_grant());
-    let conns = accept_proven(data, &keys, cfg.streams, cfg.io_timeout)?;
+    let conns = accept_proven(data, &keys, cfg.streams, cfg.io_timeout, &|| session.peer_closed())?;
     migrate_destination(mem, guest, conns, &keys, cfg, hooks)
 }

@@ -262,17 +262,32 @@ type Verdict = Result<(u16, TcpStream), PreambleError>;
 /// [`MAX_PENDING_PROOFS`] at once, each within what is left of `timeout`;
 /// one more evicts the oldest; when the streams are complete, the
 /// connections still proving are closed.
+///
+/// `abandoned` is asked every [`ABANDON_CHECK_EVERY`] while waiting: when it
+/// says the source is gone (its control connection closed: it refused this
+/// destination's acceptance, or was cancelled), this stops at once instead
+/// of holding the admission until the deadline.
 pub fn accept_proven(
     listener: &TcpListener,
     keys: &SessionKeys,
     n: u16,
     timeout: Duration,
+    abandoned: &dyn Fn() -> bool,
 ) -> Result<Vec<ProvenStream>, OpenError> {
     let deadline = Instant::now() + timeout;
     listener.set_nonblocking(true).map_err(OpenError::Listener)?;
-    let r = prove_until(listener, keys, n, deadline, timeout);
+    let r = prove_until(listener, keys, n, deadline, timeout, abandoned);
     listener.set_nonblocking(false).map_err(OpenError::Listener)?;
     r
+}
+
+/// How often [`accept_proven`] asks whether the source is still there.
+pub const ABANDON_CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// Why [`prove_until`] stopped short.
+enum Stop {
+    Deadline,
+    Abandoned,
 }
 
 fn prove_until(
@@ -281,7 +296,9 @@ fn prove_until(
     n: u16,
     deadline: Instant,
     timeout: Duration,
+    abandoned: &dyn Fn() -> bool,
 ) -> Result<Vec<ProvenStream>, OpenError> {
+    let mut checked = Instant::now();
     let mut proven: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut rejected = Rejected::default();
     let mut last_error = None;
@@ -310,8 +327,15 @@ fn prove_until(
             if proven.iter().all(Option::is_some) {
                 break Ok(());
             }
-            if Instant::now() >= deadline {
-                break Err(());
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(Stop::Deadline);
+            }
+            if now.duration_since(checked) >= ABANDON_CHECK_EVERY {
+                checked = now;
+                if abandoned() {
+                    break Err(Stop::Abandoned);
+                }
             }
             let wait = match try_accept(listener, &mut backoff, &mut last_error) {
                 Ok((sock, peer)) => {
@@ -354,9 +378,9 @@ fn prove_until(
             };
             let now = Instant::now();
             if now >= deadline {
-                break Err(());
+                break Err(Stop::Deadline);
             }
-            std::thread::sleep(wait.min(deadline - now));
+            std::thread::sleep(wait.min(deadline - now).min(ABANDON_CHECK_EVERY));
         };
         // Whatever is still proving is not needed (or too late): close it,
         // so its thread ends now instead of at its deadline (the scope
@@ -374,7 +398,11 @@ fn prove_until(
             .zip(proven)
             .filter_map(|(stream, sock)| sock.map(|sock| ProvenStream { stream, sock }))
             .collect()),
-        Err(()) => Err(OpenError::AcceptTimeout {
+        Err(Stop::Abandoned) => Err(OpenError::Abandoned {
+            got: u16::try_from(proven.iter().filter(|s| s.is_some()).count()).unwrap_or(n),
+            want: n,
+        }),
+        Err(Stop::Deadline) => Err(OpenError::AcceptTimeout {
             got: u16::try_from(proven.iter().filter(|s| s.is_some()).count()).unwrap_or(n),
             want: n,
             timeout,
@@ -455,6 +483,15 @@ pub enum OpenError {
         rejected: u64,
         /// Why the last of them was dropped.
         last_rejection: Option<PreambleError>,
+    },
+    /// The source went away (closed its control connection) before its
+    /// streams were all there.
+    #[error("the source closed its control connection with {got} of {want} data streams connected: it refused this destination's acceptance (a pinned measurement, a bad signature) or was cancelled; see the source's log")]
+    Abandoned {
+        /// Streams accepted and proven by then.
+        got: u16,
+        /// Streams wanted.
+        want: u16,
     },
     /// The listener or an accepted socket could not be configured.
     #[error("configuring a data socket: {0}")]
@@ -646,7 +683,7 @@ mod tests {
         // closed rather than waited out.
         let timeout = Duration::from_secs(60);
         let started = Instant::now();
-        let got = accept_proven(&l, &keys, 2, timeout).unwrap();
+        let got = accept_proven(&l, &keys, 2, timeout, &|| false).unwrap();
         assert!(started.elapsed() < timeout / 2, "waited for the silent connections");
         assert_eq!(got.iter().map(ProvenStream::stream).collect::<Vec<_>>(), [0, 1]);
         let (silent, _junk, _foreign, _real) = t.join().unwrap();
@@ -666,12 +703,25 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_goes_away_ends_the_wait_before_the_deadline() {
+        let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        // Gone at the third question: the wait ends with Abandoned, not
+        // with the (hour-long) deadline's AcceptTimeout.
+        let gone = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2;
+        let e = accept_proven(&l, &keys, 2, Duration::from_secs(3600), &gone).unwrap_err();
+        assert!(matches!(e, OpenError::Abandoned { got: 0, want: 2 }), "{e:?}");
+        assert_eq!(asked.into_inner(), 3);
+    }
+
+    #[test]
     fn a_timeout_says_how_many_connections_were_dropped_and_why() {
         let keys = SessionKeys::test_only_unauthenticated(MigrationId(9)).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || [junk_to(addr), junk_to(addr)]);
-        let e = accept_proven(&l, &keys, 1, Duration::from_millis(1500)).unwrap_err();
+        let e = accept_proven(&l, &keys, 1, Duration::from_millis(1500), &|| false).unwrap_err();
         drop(t.join().unwrap());
         assert!(
             matches!(

@@ -171,6 +171,7 @@ impl SourceDomain {
             dest,
             dest_host: "dst",
             audit: None,
+            pinned: &[],
         }
     }
 

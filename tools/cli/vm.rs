@@ -96,6 +96,14 @@ pub(crate) struct VmArgs {
     /// Source: audit log file for this host's side of the migration.
     #[arg(long)]
     audit: Option<std::path::PathBuf>,
+    /// Source: send the guest only to a destination reporting this
+    /// measurement, BINARY_SHA256:CONFIG_SHA256 (repeatable: any of them; a
+    /// destination prints its own in its listening event). The destination
+    /// reports it itself, signed with its host key: a pin catches a
+    /// destination running another build or policy, not one whose key was
+    /// stolen.
+    #[arg(long, value_name = "BINARY_SHA256:CONFIG_SHA256")]
+    pin_measurement: Vec<ferry_control::handshake::Measurement>,
     /// Source: serve the local API (JSON lines: migrate, status, cancel) on
     /// this Unix socket, for `ferry migrate`, `ferry status` and `ferry cancel`.
     #[arg(long, value_name = "PATH")]
@@ -136,6 +144,10 @@ impl VmArgs {
                 "--migrate-to is for the source, not with --incoming",
                 a.migrate_to.is_none(),
             )?;
+            need(
+                "--pin-measurement is for a source: it names the destinations it sends to",
+                a.pin_measurement.is_empty(),
+            )?;
             ferry_vmm::kvm::available().map_err(|why| format!("ferry vm needs KVM: {why}"))?;
             ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
                 pki,
@@ -166,6 +178,7 @@ impl VmArgs {
                 authn,
                 authz,
                 audit: a.audit,
+                pinned: a.pin_measurement,
                 migration: {
                     let mut cfg = MigrationConfig {
                         streams: a.streams,

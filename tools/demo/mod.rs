@@ -456,7 +456,9 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
         let dest = s.spawn(move || {
-            let conns = accept_proven(&listener, &dst_keys, dst_cfg.streams, dst_cfg.io_timeout)?;
+            // Both sides are in this process: the source cannot leave
+            // without the demo ending.
+            let conns = accept_proven(&listener, &dst_keys, dst_cfg.streams, dst_cfg.io_timeout, &|| false)?;
             migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg, &Hooks::new())
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
