@@ -246,3 +246,58 @@ fn an_offer_larger_than_the_hosts_memory_is_refused_by_default() {
     let m = migrate_one(&dom, dest).unwrap();
     assert!(m.receipt.transcript_matches);
 }
+
+#[test]
+fn a_junk_tls_flood_is_one_audit_summary_not_an_entry_per_connection() {
+    if !common::host_ready("a_junk_tls_flood_is_one_audit_summary_not_an_entry_per_connection") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let recv = receive(&dom, &[]);
+    let dest = recv.listening();
+    // 200 connections that never authenticate: half send junk where a TLS
+    // ClientHello belongs, half close at once. Each waits for the daemon to
+    // close it, so all were handled before the migration below.
+    const FLOOD: u64 = 200;
+    for i in 0..FLOOD {
+        let mut c = TcpStream::connect(dest).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if i % 2 == 0 {
+            let _ = c.write_all(&[0x5a; 64]);
+        } else {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+        let _ = c.read_to_end(&mut Vec::new());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // A real migration is audited entry by entry, after the flood's summary.
+    migrate_one(&dom, dest).unwrap();
+    recv.wait_for("received", Duration::from_secs(10));
+    let log = dom.dir.path().join("dst-state/audit.jsonl");
+    let entries: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summaries: Vec<&serde_json::Value> = entries.iter().filter(|e| e["event"] == "unauthenticated").collect();
+    let counted: u64 = summaries.iter().map(|e| e["detail"]["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, FLOOD, "{summaries:?}");
+    assert_eq!(summaries[0]["detail"]["peers"]["127.0.0.1"], FLOOD);
+    assert!(
+        entries.iter().all(|e| e["detail"]["code"] != "tls"),
+        "an unauthenticated failure was audited on its own"
+    );
+    // open, the summary, admit, received (and nothing per connection).
+    assert!(entries.len() < 8, "{} entries: {entries:?}", entries.len());
+    let admit = entries.iter().position(|e| e["event"] == "admit").unwrap();
+    let first = entries.iter().position(|e| e["event"] == "unauthenticated").unwrap();
+    assert!(first < admit, "the summary comes before the next audited event");
+    let o = common::procs::ferry(&[
+        "audit",
+        "verify",
+        s(&log),
+        "--cert",
+        s(&dom.pki.join("hosts/dst/cert.pem")),
+    ]);
+    assert!(o.status.success(), "{}", common::procs::text(&o));
+}

@@ -52,7 +52,7 @@ fn source_certificate_from_another_ca_is_refused() {
     let impostor = Identity::load(other.path(), Role::Host, SOURCE).unwrap();
     // The impostor trusts the real CA (to reach the destination at all).
     let r = attempt(&lab, &dest, &impostor, lab.dir.path(), &t, &c, offer(VM));
-    refused_and_audited(&lab, &r, "control channel");
+    refused_and_counted(&lab, dest, &r, "control channel");
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn expired_source_certificate_is_refused() {
     .unwrap();
     let expired = Identity::load(lab.dir.path(), Role::Host, SOURCE).unwrap();
     let r = attempt(&lab, &dest, &expired, lab.dir.path(), &t, &c, offer(VM));
-    refused_and_audited(&lab, &r, "control channel");
+    refused_and_counted(&lab, dest, &r, "control channel");
 }
 
 #[test]

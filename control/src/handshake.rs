@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::manifest::{Manifest, Receipt, SignedBlob};
 pub use crate::measurement::Measurement;
+pub use stages::{GUEST_PAGE_BYTES, MAX_KVM_VCPUS};
+
+mod stages;
 pub use crate::modes::{GuestKind, Integrity};
 use crate::refusal::{Refusal, WireRefusal};
 pub use crate::serve::{serve_destination, OnAdmitted, ServeLimits};
@@ -35,7 +38,7 @@ use thiserror::Error;
 use crate::pki::Identity;
 use crate::policy::Policy;
 use crate::replay::ReplayCache;
-use crate::ticket::{self, AuthzClaims, SignedTicket, TicketError};
+use crate::ticket::{AuthzClaims, SignedTicket};
 use crate::tls::{Channel, TlsError};
 
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-data-v1";
@@ -289,6 +292,9 @@ pub struct DestinationConfig {
     pub io_timeout: Duration,
 }
 
+/// The audit event summarising failed, unauthenticated handshakes.
+pub const UNAUTHENTICATED_EVENT: &str = "unauthenticated";
+
 /// A destination daemon's admission logic.
 #[derive(Debug)]
 pub struct Destination {
@@ -297,12 +303,24 @@ pub struct Destination {
     tls: Arc<ServerConfig>,
     counters: Arc<Counters>,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    unauthenticated: crate::unauth::UnauthenticatedTally,
 }
 
 #[derive(Debug, Default)]
 struct Counters {
     active: AtomicUsize,
     memory: AtomicU64,
+}
+
+impl Drop for Destination {
+    /// The failed handshakes counted since the last summary are not lost.
+    fn drop(&mut self) {
+        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.take()) {
+            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
+                tracing::error!("destination audit log failed: {e}");
+            }
+        }
+    }
 }
 
 /// An admission slot (one of `max_concurrent`, and the offered memory),
@@ -340,6 +358,7 @@ impl Destination {
             tls,
             counters: Arc::new(Counters::default()),
             audit: None,
+            unauthenticated: crate::unauth::UnauthenticatedTally::default(),
         }
     }
 
@@ -349,11 +368,38 @@ impl Destination {
         self
     }
 
-    /// Records an event of this daemon (e.g. a receipt) in its audit log.
+    /// Records an event of this daemon (e.g. a receipt) in its audit log,
+    /// after the summary of failed handshakes counted so far, if any.
     pub fn record(&self, event: &str, detail: serde_json::Value) -> Result<(), crate::audit::AuditError> {
         match &self.audit {
-            Some(log) => log.append(event, detail),
+            Some(log) => {
+                if let Some(summary) = self.unauthenticated.take() {
+                    log.append(UNAUTHENTICATED_EVENT, summary)?;
+                }
+                log.append(event, detail)
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Writes the summary of failed, unauthenticated handshakes if its
+    /// window is due (the accept loop calls this while idle, so a flood
+    /// that stops is still recorded within [`crate::unauth::SUMMARY_EVERY`]).
+    pub fn flush_unauthenticated(&self) {
+        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.due_summary()) {
+            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
+                tracing::error!("destination audit log failed: {e}");
+            }
+        }
+    }
+
+    /// Counts a handshake that failed before the peer authenticated; writes
+    /// the window's summary when due.
+    fn note_unauthenticated(&self, peer: Option<SocketAddr>, e: &TlsError) {
+        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.note(peer.map(|p| p.ip()), e)) {
+            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
+                tracing::error!("destination audit log failed: {e}");
+            }
         }
     }
 
@@ -375,8 +421,18 @@ impl Destination {
         sock: TcpStream,
         listen: impl FnOnce() -> Result<(u16, L), Refusal>,
     ) -> Result<(DestinationSession, L), HandshakeError> {
-        let peer_addr = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let r = self.admit_inner(sock, listen);
+        let peer = sock.peer_addr().ok();
+        let peer_addr = peer.map(|a| a.to_string()).unwrap_or_default();
+        // A peer that never authenticated is counted, not audited one by
+        // one (see crate::unauth).
+        let ch = match Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout) {
+            Ok(ch) => ch,
+            Err(e) => {
+                self.note_unauthenticated(peer, &e);
+                return Err(e.into());
+            }
+        };
+        let r = self.admit_inner(ch, listen);
         let detail = match &r {
             Ok((a, _)) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
                 "migration_id": a.claims.migration_id, "nonce": a.claims.nonce, "data_port": a.data_port}),
@@ -400,10 +456,9 @@ impl Destination {
     /// [`Destination::admit`] without the audit record.
     fn admit_inner<L>(
         &self,
-        sock: TcpStream,
+        mut ch: Channel,
         listen: impl FnOnce() -> Result<(u16, L), Refusal>,
     ) -> Result<(DestinationSession, L), HandshakeError> {
-        let mut ch = Channel::accept(sock, self.tls.clone(), self.cfg.io_timeout)?;
         let peer = ch
             .peer_cert()
             .map(<[u8]>::to_vec)
@@ -465,217 +520,13 @@ impl Destination {
         listen: impl FnOnce() -> Result<(u16, L), Refusal>,
     ) -> Result<(AuthzClaims, Slot, (u16, L)), Refusal> {
         let now = crate::now_unix_s();
-        let fresh = TicketChecked::verify(&self.cfg, req, now)?
+        let fresh = stages::TicketChecked::verify(&self.cfg, req, now)?
             .bind(&self.cfg, peer, req)?
             .admit(&self.cfg, req)?
             .reserve(&self.cfg, &self.counters, req)?
             .listen(listen)?
             .spend_nonce(&self.cfg, now)?;
         Ok((fresh.claims, fresh.slot, fresh.data))
-    }
-}
-
-/// Stage 1: the authorization ticket verified under a trusted key, within
-/// its validity window, and no longer-lived than servers issue.
-struct TicketChecked {
-    claims: AuthzClaims,
-}
-
-/// Stage 2: ... for this destination, presented by the source it names,
-/// for the VM offered, and the request signed by that source.
-struct RequestBound {
-    claims: AuthzClaims,
-}
-
-/// Stage 3: ... admitted by this destination's policy and capabilities.
-struct Admissible {
-    claims: AuthzClaims,
-}
-
-/// Stage 4: ... holding a concurrency slot and the guest's memory.
-struct Reserved {
-    claims: AuthzClaims,
-    slot: Slot,
-}
-
-/// Stage 5: ... with a data listener open (only now, so a connection that
-/// never gets this far holds no data port).
-struct Listening<L> {
-    claims: AuthzClaims,
-    slot: Slot,
-    data: (u16, L),
-}
-
-/// Stage 6: ... and its nonce spent (last, so only a request that passed
-/// everything else uses it up): the admitted session is built from this.
-struct Fresh<L> {
-    claims: AuthzClaims,
-    slot: Slot,
-    data: (u16, L),
-}
-
-impl TicketChecked {
-    fn verify(cfg: &DestinationConfig, req: &MigrationRequest, now: u64) -> Result<TicketChecked, Refusal> {
-        // A ticket is checked under each trusted key; the refusal that says
-        // most wins (a time or shape error under the right key over a bad
-        // signature under another). With no key configured, nothing can be
-        // checked at all.
-        let mut refusal: Option<TicketError> = None;
-        let claims: AuthzClaims = cfg
-            .authz_keys
-            .iter()
-            .find_map(
-                |k| match ticket::verify_at::<AuthzClaims>(&req.ticket, "authz", k, now) {
-                    Ok(v) => Some(v.into_claims()),
-                    Err(e) => {
-                        if refusal
-                            .as_ref()
-                            .map_or(true, |r| matches!(r, TicketError::BadSignature(_)))
-                        {
-                            refusal = Some(e);
-                        }
-                        None
-                    }
-                },
-            )
-            .ok_or_else(|| {
-                refusal.map_or(Refusal::NoAuthzKey, |source| Refusal::Ticket {
-                    what: "authorization",
-                    source,
-                })
-            })?;
-        if claims.exp > claims.iat + crate::servers::AUTHZ_TTL_MAX_S {
-            return Err(Refusal::TicketTooLong {
-                max_s: crate::servers::AUTHZ_TTL_MAX_S,
-            });
-        }
-        Ok(TicketChecked { claims })
-    }
-
-    fn bind(self, cfg: &DestinationConfig, peer: &[u8], req: &MigrationRequest) -> Result<RequestBound, Refusal> {
-        let claims = self.claims;
-        if claims.dest_host != cfg.name {
-            return Err(Refusal::WrongDestination {
-                ticket: claims.dest_host.into(),
-                this: cfg.name.clone(),
-            });
-        }
-        if crate::fingerprint(peer) != claims.source_fp {
-            return Err(Refusal::NotTicketSource);
-        }
-        if req.offer.vm != claims.vm {
-            return Err(Refusal::WrongVm {
-                ticket: claims.vm.into(),
-                offered: req.offer.vm.as_str().into(),
-            });
-        }
-        let sig = B64.decode(&req.sig).map_err(|_| Refusal::BadSignature)?;
-        if !crate::pki::verify_by_cert(peer, &request_message(&req.ticket, &req.offer), &sig) {
-            return Err(Refusal::BadSignature);
-        }
-        Ok(RequestBound { claims })
-    }
-}
-
-impl RequestBound {
-    fn admit(self, cfg: &DestinationConfig, req: &MigrationRequest) -> Result<Admissible, Refusal> {
-        crate::peer::check_name("VM id", &self.claims.vm)?;
-        cfg.policy.admits(&self.claims.source_host, &self.claims.vm)?;
-        if req.offer.streams == 0 || req.offer.streams > cfg.max_streams {
-            return Err(Refusal::TooManyStreams {
-                offered: req.offer.streams,
-                max: cfg.max_streams,
-            });
-        }
-        if !cfg.guests.contains(&req.offer.guest) {
-            return Err(Refusal::UnsupportedGuest {
-                offered: req.offer.guest,
-                runs: cfg.guests.clone(),
-            });
-        }
-        runnable(&req.offer)?;
-        Ok(Admissible { claims: self.claims })
-    }
-}
-
-/// Guest pages are this size; guest memory is a whole number of them.
-pub const GUEST_PAGE_BYTES: u64 = 4096;
-
-/// Most vCPUs an offered KVM guest may have (KVM's own x86 limit): more
-/// is refused before Accept instead of failing after it.
-pub const MAX_KVM_VCPUS: u32 = 1024;
-
-/// An offer a guest can be made of: memory, a whole number of pages, and a
-/// KVM guest's vCPUs. Checked before Accept, so a source that offers what
-/// cannot run gets a refusal, not a signed acceptance and a failure after.
-fn runnable(o: &Offer) -> Result<(), Refusal> {
-    let bad = |what, value| Err(Refusal::Unrunnable { what, value });
-    if o.memory_bytes == 0 {
-        return bad("guest memory of 0 bytes", 0);
-    }
-    if o.memory_bytes % GUEST_PAGE_BYTES != 0 {
-        return bad("guest memory not a whole number of 4 KiB pages", o.memory_bytes);
-    }
-    if o.guest == GuestKind::Kvm && o.vcpus == 0 {
-        return bad("a KVM guest with no vCPU", 0);
-    }
-    if o.guest == GuestKind::Kvm && o.vcpus > MAX_KVM_VCPUS {
-        return bad("more vCPUs than KVM runs (1024)", u64::from(o.vcpus));
-    }
-    Ok(())
-}
-
-impl Admissible {
-    /// Count and memory, reserved atomically; released if a later stage
-    /// refuses (the slot's drop).
-    fn reserve(self, cfg: &DestinationConfig, c: &Arc<Counters>, req: &MigrationRequest) -> Result<Reserved, Refusal> {
-        if c.active.fetch_add(1, Ordering::AcqRel) >= cfg.max_concurrent {
-            c.active.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::Busy {
-                max: cfg.max_concurrent,
-            });
-        }
-        let mem = req.offer.memory_bytes;
-        let before = c.memory.fetch_add(mem, Ordering::AcqRel);
-        let slot = Slot {
-            counters: c.clone(),
-            memory: mem,
-            active: true,
-        };
-        if before.saturating_add(mem) > cfg.max_memory_bytes {
-            return Err(Refusal::NoMemory {
-                offered: mem,
-                committed: before,
-                max: cfg.max_memory_bytes,
-            });
-        }
-        Ok(Reserved {
-            claims: self.claims,
-            slot,
-        })
-    }
-}
-
-impl Reserved {
-    fn listen<L>(self, listen: impl FnOnce() -> Result<(u16, L), Refusal>) -> Result<Listening<L>, Refusal> {
-        Ok(Listening {
-            data: listen()?,
-            claims: self.claims,
-            slot: self.slot,
-        })
-    }
-}
-
-impl<L> Listening<L> {
-    fn spend_nonce(self, cfg: &DestinationConfig, now: u64) -> Result<Fresh<L>, Refusal> {
-        cfg.replay
-            .check_and_insert(&self.claims.nonce, self.claims.exp, now)
-            .map_err(Refusal::Replay)?;
-        Ok(Fresh {
-            claims: self.claims,
-            slot: self.slot,
-            data: self.data,
-        })
     }
 }
 

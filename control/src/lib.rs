@@ -35,6 +35,7 @@ pub mod serve;
 pub mod servers;
 pub mod ticket;
 pub mod tls;
+pub mod unauth;
 
 use ring::rand::SecureRandom;
 

@@ -106,6 +106,7 @@ pub fn serve_destination(
                     x
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    dest.flush_unauthenticated();
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 }

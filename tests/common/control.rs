@@ -130,6 +130,29 @@ pub fn refused_and_audited(
     ferry_control::audit::verify_file(&lab.dir.path().join(format!("audit-{DEST}.jsonl")), dst.cert()).unwrap();
 }
 
+/// A refusal before the peer authenticated (its certificate did not
+/// verify): not audited on its own but counted, and summarised in the
+/// destination's log when it stops (or before its next audited event).
+pub fn refused_and_counted(
+    lab: &Lab,
+    dest: Destination,
+    r: &(
+        Result<SourceSession, HandshakeError>,
+        Result<DestinationSession, HandshakeError>,
+    ),
+    want: &str,
+) {
+    refused(r, want);
+    drop(dest);
+    let e = last_audit(lab);
+    assert_eq!(e["event"], "unauthenticated", "{e}");
+    assert_eq!(e["detail"]["count"], 1, "{e}");
+    assert_eq!(e["detail"]["by_class"]["rejected"], 1, "{e}");
+    assert!(e["detail"]["last_reason"].as_str().unwrap().contains(want), "{e}");
+    let dst = Identity::load(lab.dir.path(), Role::Host, DEST).unwrap();
+    ferry_control::audit::verify_file(&lab.dir.path().join(format!("audit-{DEST}.jsonl")), dst.cert()).unwrap();
+}
+
 pub fn refused(
     r: &(
         Result<SourceSession, HandshakeError>,
