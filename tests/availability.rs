@@ -301,3 +301,59 @@ fn a_junk_tls_flood_is_one_audit_summary_not_an_entry_per_connection() {
     ]);
     assert!(o.status.success(), "{}", common::procs::text(&o));
 }
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// Whether the daemon closed `c` at once (rather than holding it in a
+/// handshake, waiting for a ClientHello).
+fn closed_at_once(c: &mut TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    match c.read(&mut [0u8; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn slow_handshakes_from_many_addresses_do_not_starve_a_newcomer() {
+    if !common::host_ready("slow_handshakes_from_many_addresses_do_not_starve_a_newcomer") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let recv = receive(&dom, &[]);
+    let dest = recv.listening();
+    // 32 addresses × 8 silent handshakes: every one of the destination's
+    // 256 handshake slots, each address at its own cap.
+    let attackers: Vec<std::net::Ipv4Addr> = (2..34).map(|i| std::net::Ipv4Addr::new(127, 0, 0, i)).collect();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for &a in &attackers {
+        held.extend((0..8).map(|_| connect_from(a, dest)));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // One more from an attacker is over its own cap: closed at once.
+    let mut extra = connect_from(attackers[0], dest);
+    assert!(closed_at_once(&mut extra), "a peer got a ninth handshake slot");
+    // The authorization server caps each peer too: eight silent
+    // connections from one address, and the ninth is closed at once.
+    let authz: SocketAddr = dom.authz_addr.parse().unwrap();
+    let silent: Vec<TcpStream> = (0..8).map(|_| connect_from(attackers[0], authz)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = connect_from(attackers[0], authz);
+    assert!(
+        closed_at_once(&mut ninth),
+        "the authz server gave one peer a ninth connection"
+    );
+    // A migration from another address goes through both (it takes the
+    // oldest slot of a peer holding the most).
+    let m = migrate_one(&dom, dest).unwrap();
+    assert!(m.receipt.transcript_matches);
+    recv.wait_for("received", Duration::from_secs(10));
+    drop((held, silent));
+}

@@ -387,7 +387,7 @@ fn a_flood_of_bogus_handshakes_does_not_stop_a_legitimate_migration() {
     }
     let limits = handshake::ServeLimits::default();
     assert!(
-        closed >= flood.len() - limits.pending_per_peer - 8,
+        closed >= flood.len() - limits.pending.per_peer - 8,
         "only {closed} of {} flood connections were refused at once",
         flood.len()
     );
@@ -591,7 +591,10 @@ fn a_slow_drip_handshake_is_cut_at_the_deadline_and_frees_its_slot() {
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let limits = handshake::ServeLimits {
-        pending_per_peer: 1,
+        pending: ferry_control::pending::PendingLimits {
+            per_peer: 1,
+            total: 256,
+        },
         ..handshake::ServeLimits::default()
     };
     let daemon =

@@ -55,7 +55,7 @@ fn serve_as(
     let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
     let l = bind(listen)?;
     let addr = l.local_addr().map_err(e)?;
-    servers::serve(l, cfg, handler, Arc::new(AtomicBool::new(false)), 256).map_err(e)?;
+    servers::serve(l, cfg, handler, Arc::new(AtomicBool::new(false)), Default::default()).map_err(e)?;
     event(&serde_json::json!({"event": "listening", "server": label, "addr": addr.to_string()}));
     park_forever()
 }

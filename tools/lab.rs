@@ -14,6 +14,7 @@ use ferry_control::handshake::{
     self, Destination, DestinationConfig, DestinationSession, HandshakeError, Measurement, Offer, SourceSession,
 };
 use ferry_control::modes::GuestKind;
+use ferry_control::pending::PendingLimits;
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
@@ -177,8 +178,12 @@ impl Lab {
         let l1 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let l2 = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let (authn_addr, authz_addr) = (l1.local_addr().map_err(setup)?, l2.local_addr().map_err(setup)?);
-        servers::serve(l1, tls_cfg.clone(), servers::authn_handler(authn), stop.clone(), 64).map_err(setup)?;
-        servers::serve(l2, tls_cfg, servers::authz_handler(authz), stop.clone(), 64).map_err(setup)?;
+        let limits = PendingLimits {
+            per_peer: 64,
+            total: 64,
+        };
+        servers::serve(l1, tls_cfg.clone(), servers::authn_handler(authn), stop.clone(), limits).map_err(setup)?;
+        servers::serve(l2, tls_cfg, servers::authz_handler(authz), stop.clone(), limits).map_err(setup)?;
         Ok(Lab {
             dir,
             authn_addr,

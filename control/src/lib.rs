@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod measurement;
 pub mod modes;
 pub mod peer;
+pub mod pending;
 pub mod pki;
 pub mod policy;
 pub mod refusal;

@@ -2,13 +2,13 @@
 //! peer and in total, each on a thread of its own; a data listener only
 //! for a request that passed every check.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::handshake::{Destination, DestinationSession};
+use crate::pending::{Pending, PendingLimits};
 use crate::refusal::Refusal;
 
 /// A data listener on `ip`: on the first free port of `range`, or an
@@ -30,52 +30,17 @@ fn bind_data(ip: IpAddr, range: Option<(u16, u16)>) -> Result<(u16, std::net::Tc
     found.ok_or(Refusal::NoDataPort { first, last })
 }
 
-/// Handshakes in progress: per peer address, and in all.
-type Pending = Mutex<(HashMap<IpAddr, usize>, usize)>;
-
-/// One handshake's claim on the pending counts, released on drop.
-struct PendingSlot {
-    pending: Arc<Pending>,
-    ip: IpAddr,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut g = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (per, total) = &mut *g;
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-        *total -= 1;
-    }
-}
-
 /// Limits of a destination's accept loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ServeLimits {
-    /// Handshakes in progress from one peer address at most; more are
-    /// closed at once.
-    pub pending_per_peer: usize,
-    /// Handshakes in progress in all.
-    pub pending_total: usize,
+    /// Handshakes in progress, per peer and in all (shared fairly: see
+    /// [`crate::pending`]).
+    pub pending: PendingLimits,
     /// The ports data listeners may use (first, last), for firewalls; `None`
     /// takes an ephemeral port. A port is taken only by a request that
     /// passed every check; one that finds every port of the range taken is
     /// refused as busy (and logged), its ticket still unspent.
     pub data_ports: Option<(u16, u16)>,
-}
-
-impl Default for ServeLimits {
-    fn default() -> Self {
-        ServeLimits {
-            pending_per_peer: 8,
-            pending_total: 256,
-            data_ports: None,
-        }
-    }
 }
 
 /// Called with each admitted migration and the listener its data streams
@@ -96,7 +61,7 @@ pub fn serve_destination(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let data_ip = listener.local_addr()?.ip();
-    let pending: Arc<Pending> = Arc::new(Mutex::new((HashMap::new(), 0)));
+    let pending = Pending::new(limits.pending);
     std::thread::Builder::new().name("ferry-receive".into()).spawn(move || {
         let mut backoff = crate::accept::AcceptBackoff::new();
         while !stop.load(Ordering::Relaxed) {
@@ -115,23 +80,13 @@ pub fn serve_destination(
                     continue;
                 }
             };
-            let ip = peer.ip();
-            {
-                let mut g = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let (per, total) = &mut *g;
-                let mine = per.entry(ip).or_insert(0);
-                if *mine >= limits.pending_per_peer || *total >= limits.pending_total {
-                    drop(g);
-                    tracing::warn!(%peer, "receive: too many handshakes in progress; connection refused");
+            // Released on drop: after the handshake, or if the thread never starts.
+            let slot = match pending.admit(&sock, peer.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    tracing::debug!(%peer, "receive: connection closed: {why}");
                     continue; // `sock` dropped: closed at once
                 }
-                *mine += 1;
-                *total += 1;
-            }
-            // Released on drop: after the handshake, or if the thread never starts.
-            let slot = PendingSlot {
-                pending: pending.clone(),
-                ip,
             };
             let (dest, on_admitted) = (dest.clone(), on_admitted.clone());
             let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {

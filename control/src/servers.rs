@@ -6,7 +6,7 @@
 //! TLS with [`serve`] (`ferry serve authn|authz`).
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -236,17 +236,17 @@ pub fn serve(
     cfg: Arc<ServerConfig>,
     handler: Handler,
     stop: Arc<AtomicBool>,
-    max_conns: usize,
+    limits: crate::pending::PendingLimits,
 ) -> std::io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    let live = Arc::new(AtomicUsize::new(0));
+    let pending = crate::pending::Pending::new(limits);
     std::thread::Builder::new().name("ferry-serve".into()).spawn(move || {
         let mut backoff = crate::accept::AcceptBackoff::new();
         while !stop.load(Ordering::Relaxed) {
-            let sock = match listener.accept() {
-                Ok((s, _)) => {
+            let (sock, peer) = match listener.accept() {
+                Ok(x) => {
                     backoff.succeeded("ticket server");
-                    s
+                    x
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -257,11 +257,16 @@ pub fn serve(
                     continue;
                 }
             };
-            if live.load(Ordering::Acquire) >= max_conns || sock.set_nonblocking(false).is_err() {
-                continue; // dropped: closed at once
-            }
-            live.fetch_add(1, Ordering::AcqRel);
-            let (cfg, handler, live) = (cfg.clone(), handler.clone(), live.clone());
+            // Released when the connection's thread ends (or never starts).
+            let slot = match pending.admit(&sock, peer.ip()) {
+                Ok(slot) if sock.set_nonblocking(false).is_ok() => slot,
+                Ok(_) => continue,
+                Err(why) => {
+                    tracing::debug!(%peer, "ticket server: connection closed: {why}");
+                    continue; // dropped: closed at once
+                }
+            };
+            let (cfg, handler) = (cfg.clone(), handler.clone());
             let spawned = std::thread::Builder::new()
                 .name("ferry-serve-conn".into())
                 .spawn(move || {
@@ -271,10 +276,10 @@ pub fn serve(
                             let _ = ch.send(&handler(&peer, req));
                         }
                     }
-                    live.fetch_sub(1, Ordering::AcqRel);
+                    drop(slot);
                 });
             if spawned.is_err() {
-                // The closure (and its guard on `live`) was dropped unrun.
+                // The closure (and its slot) was dropped unrun.
                 tracing::warn!("serve: could not spawn a connection thread");
             }
         }
