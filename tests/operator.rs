@@ -192,3 +192,78 @@ fn an_operator_migrates_cancels_and_reports_with_the_cli() {
     assert!(svg.matches("<rect").count() > 2 * rounds, "{svg}");
     assert!(svg.contains("downtime"));
 }
+
+#[test]
+fn a_cancel_ends_a_migration_stuck_on_a_slow_ticket_server() {
+    let test = "a_cancel_ends_a_migration_stuck_on_a_slow_ticket_server";
+    if !ready(test) {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let d = dom.dir.path();
+    // A slow fake authentication server: it answers the ClientHello with
+    // the start of a 16 KiB TLS record, then one byte every 2 s, so no
+    // single read times out and only the exchange's deadline (three 5 s
+    // timeouts) would end the wait.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_addr = fake.local_addr().unwrap().to_string();
+    let (tx, connected) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let Ok((mut sock, _)) = fake.accept() else { return };
+        let _ = tx.send(());
+        let _ = sock.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]);
+        while sock.write_all(&[0]).is_ok() {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let api = d.join("vm.sock");
+    let src = Proc::start(
+        None,
+        &[
+            "vm",
+            "--memory",
+            "64MiB",
+            "--pki",
+            s(&dom.pki),
+            "--name",
+            "src",
+            "--authn",
+            &fake_addr,
+            "--authz",
+            &dom.authz_addr,
+            "--api",
+            s(&api),
+        ],
+    );
+    src.wait_for("booted", Duration::from_secs(60));
+    let api = s(&api);
+    let mut mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--api", api, "--to", "127.0.0.1:9", "--dest-host", "dst"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    connected.recv_timeout(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(status(api)["state"], "migrating");
+    let asked = Instant::now();
+    let c = ferry(&["cancel", "--api", api]);
+    assert!(c.status.success(), "{}", text(&c));
+    let out: Vec<String> = BufReader::new(mig.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(mig.wait().unwrap().code(), Some(1), "{out:?}");
+    // The cancel closed the socket the source waited on: it did not sit
+    // out the slow server's deadline (15 s).
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the cancel took {:?}",
+        asked.elapsed()
+    );
+    let last = out.last().unwrap();
+    assert!(last.starts_with("cancelled: "), "{out:?}");
+    let st = status(api);
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["paused"], false, "{st}");
+}

@@ -90,12 +90,10 @@ fn ask(
     server_name: &str,
     req: &ServerRequest,
     what: &'static str,
+    on_connect: &dyn Fn(&std::net::TcpStream),
 ) -> Result<SignedTicket, SourceError> {
-    match servers::ask(addr, server_name, cfg, req, Duration::from_secs(5)).map_err(|source| SourceError::Server {
-        what,
-        addr,
-        source,
-    })? {
+    let asked = servers::ask_observed(addr, server_name, cfg, req, TICKET_TIMEOUT, on_connect);
+    match asked.map_err(|source| SourceError::Server { what, addr, source })? {
         ServerReply::Ticket { ticket } => Ok(ticket),
         ServerReply::Deny(refusal) => Err(SourceError::Refused { what, refusal }),
     }
@@ -103,8 +101,11 @@ fn ask(
 
 /// Step 3: an authentication ticket for the client of `cfg`.
 pub fn authn_ticket(cfg: Arc<ClientConfig>, addr: SocketAddr, server_name: &str) -> Result<SignedTicket, SourceError> {
-    ask(cfg, addr, server_name, &ServerRequest::Authn, "authentication")
+    ask(cfg, addr, server_name, &ServerRequest::Authn, "authentication", &|_| {})
 }
+
+/// Each wait on a ticket server (its whole exchange gets three).
+pub const TICKET_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Step 4: an authorization ticket for `vm` to `dest_host`.
 pub fn authz_ticket(
@@ -115,12 +116,24 @@ pub fn authz_ticket(
     vm: &str,
     dest_host: &str,
 ) -> Result<SignedTicket, SourceError> {
+    authz_ticket_observed(cfg, addr, server_name, authn, vm, dest_host, &|_| {})
+}
+
+fn authz_ticket_observed(
+    cfg: Arc<ClientConfig>,
+    addr: SocketAddr,
+    server_name: &str,
+    authn: SignedTicket,
+    vm: &str,
+    dest_host: &str,
+    on_connect: &dyn Fn(&std::net::TcpStream),
+) -> Result<SignedTicket, SourceError> {
     let req = ServerRequest::Authz {
         authn,
         vm: vm.into(),
         dest_host: dest_host.into(),
     };
-    ask(cfg, addr, server_name, &req, "authorization")
+    ask(cfg, addr, server_name, &req, "authorization", on_connect)
 }
 
 /// Where the servers are and who is asking.
@@ -193,9 +206,19 @@ pub fn migrate(
     let roots = || pki::roots(at.pki).map_err(creds);
     let client = Identity::load(at.pki, Role::Client, at.client).map_err(creds)?;
     let ccfg = tls::client_config(&client, roots()?).map_err(SourceError::Tls)?;
-    let authn = authn_ticket(ccfg.clone(), at.authn, at.servers_name)?;
+    // Until admitted, a cancel closes whatever socket the control plane
+    // waits on (a slow or silent server cannot hold a cancelled migration).
+    let cancellable = |s: &std::net::TcpStream| hooks.close_on_cancel(s);
+    let authn = ask(
+        ccfg.clone(),
+        at.authn,
+        at.servers_name,
+        &ServerRequest::Authn,
+        "authentication",
+        &cancellable,
+    )?;
     step("authentication ticket");
-    let ticket = authz_ticket(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host)?;
+    let ticket = authz_ticket_observed(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host, &cancellable)?;
     step("authorization ticket");
     let claims: AuthzClaims = ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(creds)?)
         .map_err(SourceError::Ticket)?;
@@ -209,7 +232,7 @@ pub fn migrate(
         guest: guest.kind(),
         vcpus: guest.vcpus(),
     };
-    let requested = handshake::request(
+    let requested = handshake::request_observed(
         at.dest,
         at.dest_host,
         &host,
@@ -219,7 +242,12 @@ pub fn migrate(
         offer,
         at.pinned,
         cfg.io_timeout,
+        &cancellable,
     );
+    // Admitted or not, the control plane's waits are over: from here the
+    // engine obeys a cancel (before its commit point only), and the control
+    // channel must stay open for the manifest.
+    hooks.forget_sockets();
     if let Some(log) = at.audit {
         handshake::audit_request(log, &claims, &requested).map_err(SourceError::Audit)?;
     }

@@ -545,13 +545,34 @@ pub fn request(
     pinned: &[Measurement],
     timeout: Duration,
 ) -> Result<SourceSession, HandshakeError> {
+    let none = |_: &TcpStream| {};
+    request_observed(
+        addr, dest_host, source, cfg, ticket, claims, offer, pinned, timeout, &none,
+    )
+}
+
+/// [`request`], showing `on_connect` the control socket before the
+/// handshake (to close it from another thread: a cancel).
+#[allow(clippy::too_many_arguments)]
+pub fn request_observed(
+    addr: SocketAddr,
+    dest_host: &str,
+    source: &Identity,
+    cfg: Arc<ClientConfig>,
+    ticket: &SignedTicket,
+    claims: &AuthzClaims,
+    offer: Offer,
+    pinned: &[Measurement],
+    timeout: Duration,
+    on_connect: &dyn Fn(&TcpStream),
+) -> Result<SourceSession, HandshakeError> {
     if claims.dest_host != dest_host {
         return Err(HandshakeError::Refused(Refusal::TicketNotForDestination {
             ticket: claims.dest_host.as_str().into(),
             asked: dest_host.into(),
         }));
     }
-    let mut ch = Channel::connect(addr, dest_host, cfg, timeout)?;
+    let mut ch = Channel::connect_observed(addr, dest_host, cfg, timeout, on_connect)?;
     let sig = source
         .sign(&request_message(ticket, &offer))
         .map_err(|_| Refusal::Internal("signing the request"))?;

@@ -318,7 +318,19 @@ pub fn ask(
     req: &ServerRequest,
     timeout: Duration,
 ) -> Result<ServerReply, TlsError> {
-    let mut ch = Channel::connect(addr, server_name, cfg, timeout)?;
+    ask_observed(addr, server_name, cfg, req, timeout, &|_| {})
+}
+
+/// [`ask`], showing `on_connect` the socket (to close it on a cancel).
+pub fn ask_observed(
+    addr: SocketAddr,
+    server_name: &str,
+    cfg: Arc<ClientConfig>,
+    req: &ServerRequest,
+    timeout: Duration,
+    on_connect: &dyn Fn(&std::net::TcpStream),
+) -> Result<ServerReply, TlsError> {
+    let mut ch = Channel::connect_observed(addr, server_name, cfg, timeout, on_connect)?;
     ch.send(req)?;
     ch.recv()
 }

@@ -140,10 +140,23 @@ impl Channel {
         cfg: Arc<ClientConfig>,
         timeout: Duration,
     ) -> Result<Channel, TlsError> {
+        Self::connect_observed(addr, server_name, cfg, timeout, &|_| {})
+    }
+
+    /// [`Channel::connect`], showing `on_connect` the socket before the
+    /// handshake (to close it from another thread: a cancel).
+    pub fn connect_observed(
+        addr: SocketAddr,
+        server_name: &str,
+        cfg: Arc<ClientConfig>,
+        timeout: Duration,
+        on_connect: &dyn Fn(&TcpStream),
+    ) -> Result<Channel, TlsError> {
         let name = ServerName::try_from(server_name.to_string()).map_err(|e| TlsError::Config(e.to_string()))?;
         let conn = ClientConnection::new(cfg, name).map_err(|e| TlsError::Config(e.to_string()))?;
         let deadline = Instant::now() + timeout * EXCHANGE_TIMEOUTS;
         let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+        on_connect(&tcp);
         tcp.set_nodelay(true)?;
         let sock = Sock {
             tcp,

@@ -16,7 +16,7 @@
 //! nothing: the guest already belongs to the destination.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::migrate::RoundStats;
@@ -102,6 +102,10 @@ pub struct Hooks {
     progress: Option<Arc<Callback>>,
     cancel: Arc<AtomicBool>,
     cap: Arc<BandwidthCap>,
+    /// Sockets a cancel closes: the control plane's, while it waits on a
+    /// peer (a ticket server, the destination's admission), so a cancel
+    /// ends a wait on a slow or silent peer at once.
+    closers: Arc<Mutex<Vec<std::net::TcpStream>>>,
     /// Fault injection for tests: the stream whose worker panics in the
     /// final round.
     #[cfg(feature = "fault-injection")]
@@ -135,6 +139,34 @@ impl Hooks {
     /// keeps running; after it, nothing happens.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+        let mut closers = self.closers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for s in closers.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Has a cancel close `sock` (until [`Hooks::forget_sockets`]); closes
+    /// it now if the migration is cancelled already.
+    pub fn close_on_cancel(&self, sock: &std::net::TcpStream) {
+        let Ok(clone) = sock.try_clone() else {
+            return;
+        };
+        let mut closers = self.closers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.is_cancelled() {
+            let _ = clone.shutdown(std::net::Shutdown::Both);
+        } else {
+            closers.push(clone);
+        }
+    }
+
+    /// Stops closing the sockets given to [`Hooks::close_on_cancel`]
+    /// (admitted: from here the engine obeys a cancel itself, and only
+    /// before its commit point).
+    pub fn forget_sockets(&self) {
+        self.closers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Whether [`Hooks::cancel`] was called.
