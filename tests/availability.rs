@@ -357,3 +357,50 @@ fn slow_handshakes_from_many_addresses_do_not_starve_a_newcomer() {
     recv.wait_for("received", Duration::from_secs(10));
     drop((held, silent));
 }
+
+#[test]
+fn a_receipt_anchors_the_destinations_audit_log_against_a_cut_and_a_deleted_head() {
+    if !common::host_ready("a_receipt_anchors_the_destinations_audit_log_against_a_cut_and_a_deleted_head") {
+        return;
+    }
+    let dom = SourceDomain::start(None, "127.0.0.1");
+    let mut recv = receive(&dom, &[]);
+    let dest = recv.listening();
+    let m = migrate_one(&dom, dest).unwrap();
+    recv.wait_for("received", Duration::from_secs(10));
+    let head = m
+        .receipt
+        .audit_head
+        .clone()
+        .expect("the receipt names the destination's audit head");
+    recv.child.kill().unwrap();
+    recv.child.wait().unwrap();
+    let log = dom.dir.path().join("dst-state/audit.jsonl");
+    let cert = dom.pki.join("hosts/dst/cert.pem");
+    let expect = head.to_string();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify", s(&log), "--cert", s(&cert)];
+        args.extend_from_slice(extra);
+        common::procs::ferry(&args)
+    };
+    assert!(verify(&["--expect", &expect]).status.success());
+    // Whoever cuts the log back to before the admission and deletes its
+    // head file too leaves a valid chain; the receipt the source keeps
+    // still shows the cut.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: String = text
+        .lines()
+        .take(usize::try_from(head.seq).unwrap())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, kept).unwrap();
+    std::fs::remove_file(ferry_control::audit::head_path(&log)).unwrap();
+    assert!(verify(&[]).status.success(), "the chain alone cannot show a cut end");
+    let o = verify(&["--expect", &expect]);
+    assert!(!o.status.success());
+    assert!(
+        common::procs::text(&o).contains("entries were removed"),
+        "{}",
+        common::procs::text(&o)
+    );
+}

@@ -213,7 +213,7 @@ fn a_damaged_audit_log_is_sealed_and_the_daemon_starts_a_linked_segment() {
     let aside: Vec<_> = std::fs::read_dir(d)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("authz.jsonl.damaged-"))
+        .filter(|p| p.to_string_lossy().contains("authz.jsonl.damaged-") && p.extension().is_none_or(|x| x != "head"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(
@@ -297,4 +297,38 @@ fn a_second_daemon_on_the_same_state_dir_or_audit_log_refuses_to_start() {
     // Once the first destination is gone, its state directory is free.
     drop(first);
     receive(d).listening();
+}
+
+#[test]
+fn cutting_the_end_of_an_audit_log_is_caught_and_the_daemon_does_not_append_after_it() {
+    for cut in [1usize, 3] {
+        let lab = lab();
+        let d = lab.path();
+        let server = authz(d);
+        let at = server.listening();
+        for _ in 0..4 {
+            ask_authz(d, at, "demo-vm", "dst");
+        }
+        drop(server);
+        let log = d.join("authz.jsonl");
+        let cert = d.join("pki/hosts/src/cert.pem");
+        let whole = verify(&log, &cert);
+        assert!(
+            whole.contains("5 entries") && whole.contains("reaches its signed head"),
+            "{whole}"
+        );
+        // The last `cut` entries deleted: still a valid chain, but short of
+        // its signed head.
+        let full = std::fs::read_to_string(&log).unwrap();
+        let kept: String = full.lines().take(5 - cut).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&log, &kept).unwrap();
+        let o = ferry(&["audit", "verify", s(&log), "--cert", s(&cert)]);
+        assert!(!o.status.success(), "cut {cut}: {}", text(&o));
+        assert!(text(&o).contains("entries were removed from its end"), "{}", text(&o));
+        // The server refuses to start on it (and so appends nothing).
+        let o = ferry(&strs(&authz_args(d)));
+        assert!(!o.status.success(), "cut {cut}: the daemon started on a cut log");
+        assert!(text(&o).contains("entries were removed"), "{}", text(&o));
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), kept, "something was appended");
+    }
 }

@@ -51,6 +51,10 @@ pub struct Record {
     pub total_ms: f64,
     /// The control-plane steps before the transfer, summed.
     pub handshake_ms: f64,
+    /// The destination's audit head named in its receipt (SEQ:HASH): check
+    /// its log still reaches it with `ferry audit verify --expect`.
+    #[serde(default)]
+    pub destination_audit_head: Option<String>,
     /// Guest downtime (paused at the source until running at the destination).
     #[serde(default)]
     pub downtime_ms: Option<f64>,
@@ -181,6 +185,7 @@ impl Record {
             memory_bytes,
             total_ms: 0.0,
             handshake_ms: 0.0,
+            destination_audit_head: None,
             downtime_ms: None,
             downtime_from_ms: None,
             steps: Vec::new(),

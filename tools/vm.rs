@@ -521,6 +521,7 @@ fn run_job(
             }
             if let Some(done) = done {
                 record.migration_id = done.migration_id;
+                record.destination_audit_head = done.receipt.audit_head.as_ref().map(ToString::to_string);
                 record.handshake_ms = done.steps.iter().take(3).map(|s| s.ms).sum();
                 record.steps = done.steps;
                 record.downtime_from_ms = Some(done.report.paused_after().as_secs_f64() * 1e3);

@@ -16,6 +16,9 @@ use thiserror::Error;
 
 use crate::pki::Identity;
 
+mod head;
+pub use head::{head_path, AuditHead};
+
 /// Longest line accepted when reading a log; [`AuditLog::append`] never
 /// writes a longer one.
 const MAX_LINE: usize = 64 << 10;
@@ -121,6 +124,42 @@ pub enum AuditError {
     /// Another writer has the log.
     #[error(transparent)]
     Locked(#[from] crate::lock::LockError),
+    /// The log ends before its signed head: entries were cut off the end
+    /// (or the whole log was replaced by an older copy).
+    #[error(
+        "audit log {path} has {entries} entries but its signed head says it reached entry {}: \
+         entries were removed from its end. Keep the log and its head for investigation; to \
+         start a new chain, move both aside", head.seq
+    )]
+    Truncated {
+        /// File.
+        path: PathBuf,
+        /// Entries found.
+        entries: u64,
+        /// The head it should reach.
+        head: AuditHead,
+    },
+    /// The log's entry at its head's sequence number is another entry: the
+    /// log was rewritten from there (rolled back and appended to).
+    #[error(
+        "audit log {path}: entry {} is not the one its signed head names ({}): the log was \
+         rewritten from there. Keep the log and its head for investigation; to start a new \
+         chain, move both aside", head.seq, head.hash
+    )]
+    Diverged {
+        /// File.
+        path: PathBuf,
+        /// The head it should reach.
+        head: AuditHead,
+    },
+    /// A head file that cannot be used.
+    #[error("audit head {path}: {what}")]
+    BadHead {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
 }
 
 fn line_hash(line: &[u8]) -> String {
@@ -218,6 +257,11 @@ fn seal(path: &Path, line: usize, what: &str) -> Result<Sealed, AuditError> {
         n += 1;
     }
     std::fs::rename(path, &aside).map_err(io)?;
+    // Its head goes with it (the new segment starts a head of its own).
+    let head = head_path(path);
+    if head.exists() {
+        std::fs::rename(&head, head_path(&aside)).map_err(io)?;
+    }
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o400)).map_err(io)?;
@@ -247,8 +291,20 @@ impl AuditLog {
         // One writer per log: a second one would fork the chain.
         let lock = crate::lock::exclusive(path, "audit log")?;
         let mut sealed = None;
+        // How far the log went, by its signed head: a log that ends
+        // before it was cut, and is not appended to.
+        let heads: Vec<AuditHead> = head::read(path, &head_path(path), signer.cert())?.into_iter().collect();
+        if !path.exists() {
+            if let Some(h) = heads.first() {
+                return Err(AuditError::Truncated {
+                    path: path.to_path_buf(),
+                    entries: 0,
+                    head: h.clone(),
+                });
+            }
+        }
         let (prev, seq) = if path.exists() {
-            match verify_file(path, signer.cert()) {
+            match verify_against(path, signer.cert(), &heads) {
                 Ok((n, last)) => (last, n as u64),
                 Err(AuditError::Broken { line, what, .. }) => {
                     let s = seal(path, line, &what)?;
@@ -287,6 +343,15 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The last entry written (`None` before the first).
+    pub fn head(&self) -> Option<AuditHead> {
+        let st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.seq.checked_sub(1).map(|seq| AuditHead {
+            seq,
+            hash: st.prev.clone(),
+        })
+    }
+
     /// Appends a signed entry; durable when this returns.
     pub fn append(&self, event: &str, detail: serde_json::Value) -> Result<(), AuditError> {
         let io = |source| AuditError::Io {
@@ -317,8 +382,12 @@ impl AuditLog {
         st.file.write_all(b"\n").map_err(io)?;
         st.file.sync_data().map_err(io)?;
         st.prev = line_hash(&line);
+        let now = AuditHead {
+            seq: st.seq,
+            hash: st.prev.clone(),
+        };
         st.seq += 1;
-        Ok(())
+        head::write(&self.path, &now, &self.signer)
     }
 
     /// `e` signed, as its line (without the newline).
@@ -348,6 +417,56 @@ impl AuditLog {
 /// chain, the signer named in the first entry (must be `cert_der`) and every
 /// signature. Returns the number of entries and the hash of the last line.
 pub fn verify_file(path: &Path, cert_der: &[u8]) -> Result<(usize, String), AuditError> {
+    verify_lines(path, cert_der, None)
+}
+
+/// [`verify_file`], and then against a signed head: the one in
+/// `head_file` (default: the log's own, [`head_path`]; none there, no
+/// check) and `expect` (one kept elsewhere, e.g. from a receipt). Returns
+/// the entries, the last hash, and the heads checked.
+pub fn verify_with_head(
+    path: &Path,
+    cert_der: &[u8],
+    head_file: Option<&Path>,
+    expect: Option<&AuditHead>,
+) -> Result<(usize, String, Vec<AuditHead>), AuditError> {
+    let own = head_file.map_or_else(|| head_path(path), Path::to_path_buf);
+    let mut heads: Vec<AuditHead> = head::read(path, &own, cert_der)?.into_iter().collect();
+    if head_file.is_some() && heads.is_empty() {
+        return Err(AuditError::BadHead {
+            path: own,
+            what: "no such file".into(),
+        });
+    }
+    heads.extend(expect.cloned());
+    let (n, last) = verify_against(path, cert_der, &heads)?;
+    Ok((n, last, heads))
+}
+
+/// Verifies the log and checks it against every one of `heads`.
+fn verify_against(path: &Path, cert_der: &[u8], heads: &[AuditHead]) -> Result<(usize, String), AuditError> {
+    let mut hashes: Vec<Option<String>> = vec![None; heads.len()];
+    let (n, last) = verify_lines(
+        path,
+        cert_der,
+        Some(&mut |seq, hash| {
+            for (h, got) in heads.iter().zip(hashes.iter_mut()) {
+                if h.seq == seq {
+                    *got = Some(hash.to_string());
+                }
+            }
+        }),
+    )?;
+    for (h, got) in heads.iter().zip(&hashes) {
+        head::check(path, n as u64, got.as_deref(), h)?;
+    }
+    Ok((n, last))
+}
+
+/// The hash of each verified line, by sequence number.
+type OnLine<'a> = &'a mut dyn FnMut(u64, &str);
+
+fn verify_lines(path: &Path, cert_der: &[u8], mut on_line: Option<OnLine<'_>>) -> Result<(usize, String), AuditError> {
     let broken = |line: usize, what: String| AuditError::Broken {
         path: path.to_path_buf(),
         line,
@@ -417,6 +536,9 @@ pub fn verify_file(path: &Path, cert_der: &[u8]) -> Result<(usize, String), Audi
             ));
         }
         prev = line_hash(&buf);
+        if let Some(f) = on_line.as_mut() {
+            f(n as u64, &prev);
+        }
         n += 1;
     }
     Ok((n, prev))

@@ -211,6 +211,8 @@ impl std::ops::Deref for SourceSession {
 pub struct DestinationSession {
     admitted: Admitted,
     slot: Slot,
+    /// The destination's audit log (its head goes into the receipt).
+    pub(crate) audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl std::ops::Deref for DestinationSession {
@@ -500,6 +502,7 @@ impl Destination {
                         channel: ch,
                     },
                     slot,
+                    audit: self.audit.clone(),
                 };
                 Ok((session, listening))
             }

@@ -93,6 +93,12 @@ pub struct Receipt {
     pub transcript_matches: bool,
     /// When (Unix seconds).
     pub time: u64,
+    /// How far the destination's audit log went when it signed this (its
+    /// last entry): kept by the source, it lets anyone check later that
+    /// the destination's log was not cut back
+    /// (`ferry audit verify --expect SEQ:HASH`).
+    #[serde(default)]
+    pub audit_head: Option<crate::audit::AuditHead>,
 }
 
 impl SourceSession {
@@ -144,6 +150,7 @@ impl DestinationSession {
             manifest_sha256: crate::hex(ring::digest::digest(&ring::digest::SHA256, blob.body.as_bytes()).as_ref()),
             transcript_matches: manifest.transcript_root == crate::hex(own_root),
             time: crate::now_unix_s(),
+            audit_head: self.audit.as_ref().and_then(|log| log.head()),
         };
         self.channel_mut().send(&sign_blob("receipt", &receipt, dest)?)?;
         if !receipt.transcript_matches {
