@@ -7,23 +7,16 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::lab::VM;
-use ferry::source;
 use ferry_control::handshake::HandshakeError;
 use ferry_control::modes::GuestKind;
 use ferry_control::refusal::{Blame, Refusal};
-use ferry_engine::dirty::UffdWpTracker;
-use ferry_engine::migrate::MigrationConfig;
-use ferry_engine::progress::Hooks;
-use ferry_engine::GuestMemory;
-use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 
 mod common;
 use common::control::*;
-use common::procs::{s, Proc, SourceDomain};
+use common::procs::{migrate_one, s, Proc, SourceDomain};
 
 /// `count` consecutive ports on loopback that are free now.
 fn free_ports(count: u16) -> u16 {
@@ -51,31 +44,6 @@ fn receive(dom: &SourceDomain, extra: &[&str]) -> Proc {
     ];
     args.extend_from_slice(extra);
     Proc::start(None, &args)
-}
-
-/// Migrates a small running synthetic guest to `dest` through the library;
-/// the guest must be paused at the source afterwards (committed).
-fn migrate_one(dom: &SourceDomain, dest: SocketAddr) -> Result<source::Migrated, source::SourceError> {
-    let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
-    let wl = WorkloadConfig {
-        hot_set_bytes: 1 << 20,
-        dirty_rate_pages_per_s: 5_000,
-        ..WorkloadConfig::default()
-    };
-    let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
-    let mut tracker = UffdWpTracker::new(&mem).unwrap();
-    let at = dom.endpoints(dest);
-    let cfg = MigrationConfig {
-        io_timeout: Duration::from_secs(5),
-        ..MigrationConfig::default()
-    };
-    let r = source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg, &Hooks::new());
-    assert_eq!(
-        guest.is_running(),
-        r.is_err(),
-        "the source guest runs on exactly when the migration failed"
-    );
-    r
 }
 
 #[test]

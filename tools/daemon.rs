@@ -52,7 +52,7 @@ fn serve_as(
     handler: servers::Handler,
 ) -> Result<(), String> {
     let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
-    let cfg = tls::server_config(&id, pki::roots(pki_dir).map_err(e)?).map_err(e)?;
+    let cfg = tls::server_config_for(&id, pki_dir).map_err(e)?;
     let l = bind(listen)?;
     let addr = l.local_addr().map_err(e)?;
     servers::serve(l, cfg, handler, Arc::new(AtomicBool::new(false)), Default::default()).map_err(e)?;
@@ -218,7 +218,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         measurement: measurement.clone(),
         io_timeout: o.io_timeout,
     };
-    let tls_cfg = tls::server_config(&id()?, pki::roots(&o.pki).map_err(e)?).map_err(e)?;
+    let tls_cfg = tls::server_config_for(&id()?, &o.pki).map_err(e)?;
     let audit = Arc::new(
         AuditLog::open(
             &o.state_dir.join("audit.jsonl"),

@@ -153,7 +153,7 @@ impl Lab {
         })?;
         let d = dir.path();
         let src = Identity::load(d, Role::Host, SOURCE).map_err(setup)?;
-        let tls_cfg = tls::server_config(&src, pki::roots(d).map_err(setup)?).map_err(setup)?;
+        let tls_cfg = tls::server_config_for(&src, d).map_err(setup)?;
         let stop = Arc::new(AtomicBool::new(false));
         let authn = Arc::new(AuthnServer::new(pki::signing_key(d, "authn").map_err(setup)?, 60));
         let src_audit = Arc::new(
@@ -199,7 +199,7 @@ impl Lab {
     pub fn tickets(&mut self, client: &str, vm: &str, dest: &str) -> Result<(SignedTicket, AuthzClaims), LabError> {
         let d = self.dir.path().to_path_buf();
         let op = Identity::load(&d, Role::Client, client).map_err(setup)?;
-        let cfg = tls::client_config(&op, pki::roots(&d).map_err(setup)?).map_err(setup)?;
+        let cfg = tls::client_config_for(&op, &d).map_err(setup)?;
         let (authn_addr, authz_addr) = (self.authn_addr, self.authz_addr);
         let authn = timed(
             &mut self.steps,
@@ -246,7 +246,7 @@ impl Lab {
     ) -> Result<Destination, LabError> {
         let d = self.dir.path();
         let id = Identity::load(d, Role::Host, name).map_err(setup)?;
-        let tls_cfg = tls::server_config(&id, pki::roots(d).map_err(setup)?).map_err(setup)?;
+        let tls_cfg = tls::server_config_for(&id, d).map_err(setup)?;
         let mut cfg = DestinationConfig {
             name: name.into(),
             authz_keys: vec![pki::verify_key(d, "authz").map_err(setup)?],
@@ -295,7 +295,7 @@ impl Lab {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(setup)?;
         let addr = listener.local_addr().map_err(setup)?;
         let src = Identity::load(&d, Role::Host, SOURCE).map_err(setup)?;
-        let cfg = tls::client_config(&src, pki::roots(&d).map_err(setup)?).map_err(setup)?;
+        let cfg = tls::client_config_for(&src, &d).map_err(setup)?;
         timed(
             &mut self.steps,
             "request: mutual TLS 1.3, ticket and policy checked, accepted, keys exported",

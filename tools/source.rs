@@ -203,9 +203,8 @@ pub fn migrate(
         });
         t = Instant::now();
     };
-    let roots = || pki::roots(at.pki).map_err(creds);
     let client = Identity::load(at.pki, Role::Client, at.client).map_err(creds)?;
-    let ccfg = tls::client_config(&client, roots()?).map_err(SourceError::Tls)?;
+    let ccfg = tls::client_config_for(&client, at.pki).map_err(SourceError::Tls)?;
     // Until admitted, a cancel closes whatever socket the control plane
     // waits on (a slow or silent server cannot hold a cancelled migration).
     let cancellable = |s: &std::net::TcpStream| hooks.close_on_cancel(s);
@@ -223,7 +222,7 @@ pub fn migrate(
     let claims: AuthzClaims = ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(creds)?)
         .map_err(SourceError::Ticket)?;
     let host = Identity::load(at.pki, Role::Host, at.host).map_err(creds)?;
-    let hcfg = tls::client_config(&host, roots()?).map_err(SourceError::Tls)?;
+    let hcfg = tls::client_config_for(&host, at.pki).map_err(SourceError::Tls)?;
     let offer = Offer {
         vm: vm.into(),
         memory_bytes: mem.size_bytes(),

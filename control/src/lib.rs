@@ -32,6 +32,7 @@ pub mod pki;
 pub mod policy;
 pub mod refusal;
 pub mod replay;
+pub mod revocation;
 pub mod serve;
 pub mod servers;
 pub mod ticket;

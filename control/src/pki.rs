@@ -13,6 +13,9 @@
 //! ```
 //! Private keys are written with mode 0600.
 
+mod revoke;
+pub use revoke::{deny, revoke, Revoked};
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -103,6 +106,11 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(p)
 }
 
+/// How long host and client certificates are valid by default: short
+/// enough that a leaked key does not stay useful for long (renew with
+/// `ferry pki renew`; revoke with `ferry pki revoke`).
+pub const DEFAULT_VALID_DAYS: i64 = 90;
+
 /// What kind of leaf certificate to issue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -156,9 +164,9 @@ pub fn init(out: &Path, hosts: &[String]) -> Result<(), PkiError> {
     write_file(&out.join("ca/cert.pem"), ca.pem().as_bytes(), false)?;
     write_file(&out.join("ca/key.pem"), ca_key.serialize_pem().as_bytes(), true)?;
     for h in hosts {
-        issue(out, h, Role::Host, Validity::days(365))?;
+        issue(out, h, Role::Host, Validity::days(DEFAULT_VALID_DAYS))?;
     }
-    issue(out, "operator", Role::Client, Validity::days(365))?;
+    issue(out, "operator", Role::Client, Validity::days(DEFAULT_VALID_DAYS))?;
     for server in ["authn", "authz"] {
         let rng = ring::rand::SystemRandom::new();
         let pk8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| PkiError::Bad {

@@ -56,6 +56,39 @@ pub fn server_config(id: &Identity, roots: RootCertStore) -> Result<Arc<ServerCo
     Ok(Arc::new(cfg))
 }
 
+/// [`server_config`] for the PKI folder `pki`: its CA, and its CRL and
+/// deny list, reloaded as they change ([`crate::revocation`]).
+pub fn server_config_for(id: &Identity, pki: &std::path::Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let rev = revocation(pki)?;
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(rev.client_verifier())
+        .with_single_cert(vec![id.cert().clone()], id.private_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+/// [`client_config`] for the PKI folder `pki`, with its revocation lists.
+pub fn client_config_for(id: &Identity, pki: &std::path::Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let rev = revocation(pki)?;
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        // Not dangerous: the verifier is rustls-webpki's (the same CA, plus
+        // the CRL), with the deny list checked after it.
+        .dangerous()
+        .with_custom_certificate_verifier(rev.server_verifier())
+        .with_client_auth_cert(vec![id.cert().clone()], id.private_key())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(Arc::new(cfg))
+}
+
+fn revocation(pki: &std::path::Path) -> Result<Arc<crate::revocation::Revocation>, TlsError> {
+    let roots = crate::pki::roots(pki).map_err(|e| TlsError::Config(e.to_string()))?;
+    crate::revocation::Revocation::load(pki, roots).map_err(|e| TlsError::Config(e.to_string()))
+}
+
 /// Client side: TLS 1.3, server verified against `roots`, our certificate presented.
 pub fn client_config(id: &Identity, roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
     let cfg = ClientConfig::builder_with_provider(provider())

@@ -222,6 +222,37 @@ impl SourceDomain {
     }
 }
 
+/// Migrates a small running synthetic guest to `dest` through the library;
+/// the guest must be paused at the source afterwards (committed).
+pub fn migrate_one(
+    dom: &SourceDomain,
+    dest: SocketAddr,
+) -> Result<ferry::source::Migrated, ferry::source::SourceError> {
+    use ferry_engine::{dirty::UffdWpTracker, migrate::MigrationConfig, progress::Hooks, GuestMemory};
+    use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
+    use std::sync::Arc;
+    let mem = Arc::new(GuestMemory::new(8 << 20).unwrap());
+    let wl = WorkloadConfig {
+        hot_set_bytes: 1 << 20,
+        dirty_rate_pages_per_s: 5_000,
+        ..WorkloadConfig::default()
+    };
+    let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
+    let mut tracker = UffdWpTracker::new(&mem).unwrap();
+    let at = dom.endpoints(dest);
+    let cfg = MigrationConfig {
+        io_timeout: Duration::from_secs(5),
+        ..MigrationConfig::default()
+    };
+    let r = ferry::source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg, &Hooks::new());
+    assert_eq!(
+        guest.is_running(),
+        r.is_err(),
+        "the source guest runs on exactly when the migration failed"
+    );
+    r
+}
+
 /// Runs the `ferry` binary to completion, with the tests' state directory.
 pub fn ferry(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
