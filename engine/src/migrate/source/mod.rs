@@ -419,6 +419,9 @@ impl SourceCtl<'_> {
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut outcomes: Vec<RoundOutcome> = Vec::new();
         let mut dirty = Arc::new(DirtyBitmap::full(pages));
+        // Rounds run under the throttle in force (a new one acts only
+        // partway through the first round after it is set).
+        let mut rounds_at_throttle = 0u32;
         loop {
             let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
             let throttle = guest.throttle;
@@ -434,6 +437,7 @@ impl SourceCtl<'_> {
                 duration_ms: stats.duration_ms,
                 dirty_pages_after: stats.dirty_pages_after,
             });
+            rounds_at_throttle += 1;
             // Limits as they are now: the paused round's cap may have been
             // changed, and the guest's last stop measured.
             let limits = Limits::of(self.cfg, guest.guest(), self.hooks.bandwidth_cap().paused());
@@ -463,7 +467,18 @@ impl SourceCtl<'_> {
             dirty = Arc::new(next);
             match step {
                 Step::Another => {}
+                // The highest allowed throttle was set just before this
+                // round and has acted only partway through it: one more
+                // round (still bounded by the round limit) before giving up.
+                Step::GiveUp(convergence::GiveUp::ThrottleLimit) if rounds_at_throttle < 2 => {
+                    tracing::info!(
+                        round,
+                        throttle,
+                        "the highest allowed throttle gets a whole round before giving up"
+                    );
+                }
                 Step::Throttle(t) => {
+                    rounds_at_throttle = 0;
                     guest.set(t)?;
                     self.throttle_max = self.throttle_max.max(t);
                     tracing::info!(round, throttle = t, "the guest is throttled harder to converge");
