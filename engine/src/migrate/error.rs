@@ -99,7 +99,7 @@ pub enum MigrateError {
     #[error("cancelled before the commit point: the migration stopped and the guest keeps running at the source")]
     Cancelled,
     /// Commit was sent but the destination's confirmation never came.
-    #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination (`ferry status`) before resuming either copy")]
+    #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination before resuming either copy: its audit log (`ferry audit verify`, then this migration id's `received` entry: the guest runs there, or `aborted`: it was discarded) or its daemon's event of the same name says which")]
     InDoubt(Duration),
     /// Pre-copy cannot fit the rest in the downtime target and the policy
     /// said to give up: the guest was never paused and keeps running.
