@@ -11,26 +11,12 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
 mod common;
-use common::procs::{ferry, ready, s, text, Proc, SourceDomain};
+use common::procs::{ferry, ready, text, Proc, SourceDomain};
 
 /// `ferry vm` as a source that could migrate (its API needs that), with
 /// `--api` at `api`.
 fn vm_args<'a>(dom: &'a SourceDomain, api: &'a str) -> Vec<&'a str> {
-    vec![
-        "vm",
-        "--memory",
-        "64MiB",
-        "--pki",
-        s(&dom.pki),
-        "--name",
-        "src",
-        "--authn",
-        &dom.authn_addr,
-        "--authz",
-        &dom.authz_addr,
-        "--api",
-        api,
-    ]
+    dom.source_vm_args(&dom.authn_addr, &["--api", api])
 }
 
 #[test]

@@ -218,24 +218,7 @@ fn a_cancel_ends_a_migration_stuck_on_a_slow_ticket_server() {
         }
     });
     let api = d.join("vm.sock");
-    let src = Proc::start(
-        None,
-        &[
-            "vm",
-            "--memory",
-            "64MiB",
-            "--pki",
-            s(&dom.pki),
-            "--name",
-            "src",
-            "--authn",
-            &fake_addr,
-            "--authz",
-            &dom.authz_addr,
-            "--api",
-            s(&api),
-        ],
-    );
+    let src = Proc::start(None, &dom.source_vm_args(&fake_addr, &["--api", s(&api)]));
     src.wait_for("booted", Duration::from_secs(60));
     let api = s(&api);
     let mut mig = Command::new(env!("CARGO_BIN_EXE_ferry"))

@@ -259,22 +259,11 @@ fn a_destination_killed_mid_migration_leaves_the_guest_running_at_the_source() {
 /// A source `ferry vm` of `dom` with a small KVM guest that migrates to
 /// `dest` after 0.2 s, with `extra` options.
 fn source_vm(dom: &SourceDomain, dest: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "vm",
-        "--memory",
-        "64MiB",
+    let migrate = [
         "--hot-set",
         "4MiB",
         "--dirty-rate",
         "1000",
-        "--pki",
-        s(&dom.pki),
-        "--name",
-        "src",
-        "--authn",
-        &dom.authn_addr,
-        "--authz",
-        &dom.authz_addr,
         "--migrate-to",
         dest,
         "--dest-host",
@@ -284,8 +273,10 @@ fn source_vm(dom: &SourceDomain, dest: &str, extra: &[&str]) -> Proc {
         "--io-timeout-s",
         "5",
     ];
-    args.extend_from_slice(extra);
-    Proc::start(None, &args)
+    Proc::start(
+        None,
+        &dom.source_vm_args(&dom.authn_addr, &[&migrate[..], extra].concat()),
+    )
 }
 
 #[test]

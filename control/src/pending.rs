@@ -66,8 +66,8 @@ pub fn peer_of(ip: IpAddr) -> IpAddr {
 #[derive(Debug, Default)]
 struct State {
     /// Per peer, its connections in arrival order: (slot id, a handle to
-    /// close it by).
-    by_peer: HashMap<IpAddr, Vec<(u64, TcpStream)>>,
+    /// close it by, if the descriptor could be duplicated).
+    by_peer: HashMap<IpAddr, Vec<(u64, Option<TcpStream>)>>,
     total: usize,
     next_id: u64,
 }
@@ -150,31 +150,33 @@ impl Pending {
                 .iter()
                 .max_by_key(|(_, list)| list.len())
                 .map(|(p, list)| (*p, list.len()));
-            match busiest {
-                Some((victim, held)) if held >= mine + 2 => {
-                    if let Some(list) = st.by_peer.get_mut(&victim) {
-                        let (_, oldest) = list.remove(0);
-                        let _ = oldest.shutdown(std::net::Shutdown::Both);
-                        if list.is_empty() {
-                            st.by_peer.remove(&victim);
-                        }
-                        st.total -= 1;
-                        tracing::debug!(%victim, "handshakes: all slots taken; the busiest peer's oldest closed");
-                    }
+            // The busiest peer's oldest handshake that can be closed.
+            let evicted = busiest.filter(|&(_, held)| held >= mine + 2).and_then(|(victim, _)| {
+                let list = st.by_peer.get_mut(&victim)?;
+                let i = list.iter().position(|(_, h)| h.is_some())?;
+                let (_, oldest) = list.remove(i);
+                if let Some(s) = oldest {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
                 }
-                _ => return Err(Crowded::Total(self.limits.total)),
+                if list.is_empty() {
+                    st.by_peer.remove(&victim);
+                }
+                Some(victim)
+            });
+            match evicted {
+                Some(victim) => {
+                    st.total -= 1;
+                    tracing::debug!(%victim, "handshakes: all slots taken; the busiest peer's oldest closed");
+                }
+                None => return Err(Crowded::Total(self.limits.total)),
             }
         }
         let id = st.next_id;
         st.next_id += 1;
         st.total += 1;
-        // Without a handle (out of descriptors) the slot still counts; it
-        // just cannot be evicted.
-        if let Some(h) = handle {
-            st.by_peer.entry(peer).or_default().push((id, h));
-        } else {
-            st.by_peer.entry(peer).or_default();
-        }
+        // Without a handle (out of descriptors) the slot still counts and
+        // is released on drop; only closing it early is not possible.
+        st.by_peer.entry(peer).or_default().push((id, handle));
         Ok(PendingSlot {
             pending: self.clone(),
             peer,

@@ -175,6 +175,27 @@ impl SourceDomain {
         }
     }
 
+    /// `ferry vm` as this domain's source host "src" with a 64 MiB guest,
+    /// asking the authentication server at `authn` (the domain's own, or a
+    /// fake), then `extra` options.
+    pub fn source_vm_args<'a>(&'a self, authn: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            "vm",
+            "--memory",
+            "64MiB",
+            "--pki",
+            s(&self.pki),
+            "--name",
+            "src",
+            "--authn",
+            authn,
+            "--authz",
+            &self.authz_addr,
+        ];
+        args.extend_from_slice(extra);
+        args
+    }
+
     /// Asks the destination at `dest` to admit `offer`, with fresh tickets
     /// from this domain's servers, the source pinning `pinned` measurements.
     pub fn request(
