@@ -323,6 +323,17 @@ fn slow_handshakes_from_many_addresses_do_not_starve_a_newcomer() {
     let m = migrate_one(&dom, dest).unwrap();
     assert!(m.receipt.transcript_matches);
     recv.wait_for("received", Duration::from_secs(10));
+    // The connection closed unheard is in the audit log's summary.
+    let log = std::fs::read_to_string(dom.dir.path().join("dst-state/audit.jsonl")).unwrap();
+    let summary: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"] == "unauthenticated")
+        .unwrap();
+    assert!(
+        summary["detail"]["by_class"]["crowded"].as_u64() >= Some(1),
+        "{summary}"
+    );
     drop((held, silent));
 }
 

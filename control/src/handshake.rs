@@ -395,6 +395,16 @@ impl Destination {
         }
     }
 
+    /// Counts a connection closed before its handshake because the
+    /// handshake slots were full (see [`crate::unauth`]).
+    pub fn note_crowded(&self, peer: std::net::IpAddr, why: &crate::pending::Crowded) {
+        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.note_crowded(peer, why)) {
+            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
+                tracing::error!("destination audit log failed: {e}");
+            }
+        }
+    }
+
     /// Counts a handshake that failed before the peer authenticated; writes
     /// the window's summary when due.
     fn note_unauthenticated(&self, peer: Option<SocketAddr>, e: &TlsError) {

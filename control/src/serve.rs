@@ -85,6 +85,7 @@ pub fn serve_destination(
                 Ok(slot) => slot,
                 Err(why) => {
                     tracing::debug!(%peer, "receive: connection closed: {why}");
+                    dest.note_crowded(peer.ip(), &why);
                     continue; // `sock` dropped: closed at once
                 }
             };

@@ -2,7 +2,8 @@
 //! silence, a certificate from another CA, a plain port scan) are counted,
 //! not audited one by one: a single junk client made ~450 signed, fsync'd
 //! audit entries a second. They are written as one `unauthenticated` summary
-//! per [`SUMMARY_EVERY`]: how many, why (by class), from where (the
+//! per [`SUMMARY_EVERY`] (with the connections closed unheard because the
+//! handshake slots were full, class `crowded`): how many, why (by class), from where (the
 //! busiest [`MAX_PEERS_LISTED`] addresses), and the last reason. Refusals of
 //! authenticated peers are still audited one by one by their callers.
 
@@ -78,20 +79,30 @@ impl UnauthenticatedTally {
     /// Counts one failed handshake from `peer`; returns a summary to audit
     /// when the window is due.
     pub fn note(&self, peer: Option<IpAddr>, e: &TlsError) -> Option<serde_json::Value> {
+        self.note_as(peer, class(e), &e.to_string())
+    }
+
+    /// Counts one connection from `peer` closed before its handshake
+    /// because the handshake slots were full (`why`: which cap).
+    pub fn note_crowded(&self, peer: IpAddr, why: &crate::pending::Crowded) -> Option<serde_json::Value> {
+        self.note_as(Some(peer), "crowded", &format!("closed before its handshake: {why}"))
+    }
+
+    fn note_as(&self, peer: Option<IpAddr>, class: &'static str, reason: &str) -> Option<serde_json::Value> {
         let mut g = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (w, _) = &mut *g;
         if w.count == 0 {
             w.since_unix_s = crate::now_unix_s();
         }
         w.count += 1;
-        *w.by_class.entry(class(e)).or_default() += 1;
+        *w.by_class.entry(class).or_default() += 1;
         match peer {
             Some(ip) if w.by_peer.len() < MAX_PEERS_TRACKED || w.by_peer.contains_key(&ip) => {
                 *w.by_peer.entry(ip).or_default() += 1;
             }
             _ => w.other_peers += 1,
         }
-        w.last_reason = e.to_string().chars().take(REASON_CHARS).collect();
+        w.last_reason = reason.chars().take(REASON_CHARS).collect();
         Self::due(&mut g, self.every)
     }
 
