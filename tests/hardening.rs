@@ -213,7 +213,9 @@ fn a_damaged_audit_log_is_sealed_and_the_daemon_starts_a_linked_segment() {
     let aside: Vec<_> = std::fs::read_dir(d)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("authz.jsonl.damaged-") && p.extension().is_none_or(|x| x != "head"))
+        .filter(|p| {
+            p.to_string_lossy().contains("authz.jsonl.damaged-") && p.extension() != Some(std::ffi::OsStr::new("head"))
+        })
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(
@@ -231,6 +233,15 @@ fn a_damaged_audit_log_is_sealed_and_the_daemon_starts_a_linked_segment() {
     );
     assert_eq!(prev["entries_verified"], 1, "{prev}");
     assert!(prev["broken"].as_str().unwrap().contains("line 2"), "{prev}");
+    assert!(out.contains("previous segment") && out.contains("intact"), "{out}");
+    // The sealed file is evidence: a change to it shows.
+    std::fs::write(&aside[0], "rewritten\n").unwrap();
+    let o = ferry(&["audit", "verify", s(&log), "--cert", s(&cert)]);
+    assert!(
+        !o.status.success() && text(&o).contains("CHANGED after it was sealed"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

@@ -235,17 +235,7 @@ fn seal(path: &Path, line: usize, what: &str) -> Result<Sealed, AuditError> {
         path: path.to_path_buf(),
         source,
     };
-    // Hashed as it is read: a log may be larger than memory allows.
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut f = File::open(path).map_err(io)?;
-    let mut chunk = vec![0u8; 64 << 10];
-    loop {
-        let n = f.read(&mut chunk).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&chunk[..n]);
-    }
+    let sha256 = file_sha256(path)?;
     let name = path
         .file_name()
         .map_or_else(|| "audit".into(), |n| n.to_string_lossy().into_owned());
@@ -270,10 +260,67 @@ fn seal(path: &Path, line: usize, what: &str) -> Result<Sealed, AuditError> {
         file: aside
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        sha256: crate::hex(hash.finish().as_ref()),
+        sha256,
         entries_verified: line.saturating_sub(1),
         broken: format!("line {line}: {what}"),
     })
+}
+
+/// SHA-256 (hex) of the file at `path`, hashed as it is read (a log may be
+/// larger than memory allows).
+fn file_sha256(path: &Path) -> Result<String, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut f = File::open(path).map_err(io)?;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&chunk[..n]);
+    }
+    Ok(crate::hex(hash.finish().as_ref()))
+}
+
+/// The sealed segment a (verified) log at `path` names in its first entry,
+/// if any, and whether that file is still beside it as it was sealed:
+/// `Some(true)` intact, `Some(false)` changed since, `None` not found.
+pub fn previous_segment(path: &Path) -> Result<Option<(Sealed, Option<bool>)>, AuditError> {
+    let f = File::open(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut first = Vec::new();
+    Read::by_ref(&mut BufReader::new(f))
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut first)
+        .map_err(|source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let Ok(e) = serde_json::from_slice::<Entry>(first.trim_ascii_end()) else {
+        return Ok(None);
+    };
+    let Some(prev) = e.detail.get("previous_segment") else {
+        return Ok(None);
+    };
+    let Ok(sealed) = serde_json::from_value::<Sealed>(prev.clone()) else {
+        return Ok(None);
+    };
+    // Only a plain file name beside the log (the writer puts nothing else).
+    if sealed.file.is_empty() || sealed.file.contains('/') || sealed.file == ".." {
+        return Ok(Some((sealed, None)));
+    }
+    let aside = path.with_file_name(&sealed.file);
+    let intact = match file_sha256(&aside) {
+        Ok(h) => Some(h == sealed.sha256),
+        Err(_) => None,
+    };
+    Ok(Some((sealed, intact)))
 }
 
 impl AuditLog {

@@ -67,7 +67,29 @@ fn audit_verify(
                 file.display(),
                 n.saturating_sub(1)
             );
-            Ok(ExitCode::SUCCESS)
+            // A segment started after a damaged log names the sealed file:
+            // it is evidence, and must still be as it was sealed.
+            match ferry_control::audit::previous_segment(file).map_err(|e| e.to_string())? {
+                None => Ok(ExitCode::SUCCESS),
+                Some((s, Some(true))) => {
+                    println!("previous segment {} (sealed: {}): intact", s.file, s.broken);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some((s, Some(false))) => {
+                    println!(
+                        "previous segment {} was CHANGED after it was sealed (sealed SHA-256 {})",
+                        s.file, s.sha256
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+                Some((s, None)) => {
+                    println!(
+                        "previous segment {} (sealed: {}) is not beside the log: it was moved or removed",
+                        s.file, s.broken
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
         }
         Err(e) => {
             println!("{e}");
