@@ -16,7 +16,7 @@ use ferry_control::refusal::{Blame, Refusal};
 
 mod common;
 use common::control::*;
-use common::procs::{migrate_one, s, Proc, SourceDomain};
+use common::procs::{migrate_one, s, SourceDomain};
 
 /// `count` consecutive ports on loopback that are free now.
 fn free_ports(count: u16) -> u16 {
@@ -24,26 +24,6 @@ fn free_ports(count: u16) -> u16 {
         .step_by(usize::from(count))
         .find(|&p| (p..p + count).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
         .unwrap()
-}
-
-/// `ferry receive` named "dst" for `dom`, with `extra` options.
-fn receive(dom: &SourceDomain, extra: &[&str]) -> Proc {
-    let state = dom.dir.path().join("dst-state");
-    let mut args = vec![
-        "receive",
-        "--pki",
-        s(&dom.pki),
-        "--name",
-        "dst",
-        "--listen",
-        "127.0.0.1:0",
-        "--policy",
-        s(&dom.policy),
-        "--state-dir",
-        s(&state),
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(None, &args)
 }
 
 #[test]
@@ -54,7 +34,7 @@ fn slow_handshakes_do_not_take_the_data_ports() {
     let dom = SourceDomain::start(None, "127.0.0.1");
     let first = free_ports(4);
     let range = format!("{first}-{}", first + 3);
-    let recv = receive(&dom, &["--data-ports", &range]);
+    let recv = dom.receive(&["--data-ports", &range]);
     let dest = recv.listening();
     // As many connections as there are data ports, each stuck before its
     // TLS handshake (they stay open for the whole test).
@@ -102,7 +82,7 @@ fn junk_data_connections_do_not_abort_an_admitted_migration() {
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
     let port = free_ports(1);
-    let recv = receive(&dom, &["--data-ports", &format!("{port}-{port}")]);
+    let recv = dom.receive(&["--data-ports", &format!("{port}-{port}")]);
     let dest = recv.listening();
     let (stop, nonces) = (AtomicBool::new(false), AtomicU64::new(0));
     std::thread::scope(|sc| {
@@ -193,7 +173,7 @@ fn an_offer_larger_than_the_hosts_memory_is_refused_by_default() {
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
     let before = mem_available_bytes();
-    let recv = receive(&dom, &[]);
+    let recv = dom.receive(&[]);
     let l = recv.wait_for("listening", Duration::from_secs(20));
     let dest: SocketAddr = l["addr"].as_str().unwrap().parse().unwrap();
     let cap = l["max_memory_bytes"].as_u64().unwrap();
@@ -221,7 +201,7 @@ fn a_junk_tls_flood_is_one_audit_summary_not_an_entry_per_connection() {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let recv = receive(&dom, &[]);
+    let recv = dom.receive(&[]);
     let dest = recv.listening();
     // 200 connections that never authenticate: half send junk where a TLS
     // ClientHello belongs, half close at once. Each waits for the daemon to
@@ -241,12 +221,8 @@ fn a_junk_tls_flood_is_one_audit_summary_not_an_entry_per_connection() {
     // A real migration is audited entry by entry, after the flood's summary.
     migrate_one(&dom, dest).unwrap();
     recv.wait_for("received", Duration::from_secs(10));
-    let log = dom.dir.path().join("dst-state/audit.jsonl");
-    let entries: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let log = dom.receive_audit_path();
+    let entries = dom.receive_audit();
     let summaries: Vec<&serde_json::Value> = entries.iter().filter(|e| e["event"] == "unauthenticated").collect();
     let counted: u64 = summaries.iter().map(|e| e["detail"]["count"].as_u64().unwrap()).sum();
     assert_eq!(counted, FLOOD, "{summaries:?}");
@@ -295,7 +271,7 @@ fn slow_handshakes_from_many_addresses_do_not_starve_a_newcomer() {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let recv = receive(&dom, &[]);
+    let recv = dom.receive(&[]);
     let dest = recv.listening();
     // 32 addresses × 8 silent handshakes: every one of the destination's
     // 256 handshake slots, each address at its own cap.
@@ -324,10 +300,9 @@ fn slow_handshakes_from_many_addresses_do_not_starve_a_newcomer() {
     assert!(m.receipt.transcript_matches);
     recv.wait_for("received", Duration::from_secs(10));
     // The connection closed unheard is in the audit log's summary.
-    let log = std::fs::read_to_string(dom.dir.path().join("dst-state/audit.jsonl")).unwrap();
-    let summary: serde_json::Value = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let summary = dom
+        .receive_audit()
+        .into_iter()
         .find(|e| e["event"] == "unauthenticated")
         .unwrap();
     assert!(
@@ -343,7 +318,7 @@ fn a_receipt_anchors_the_destinations_audit_log_against_a_cut_and_a_deleted_head
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let mut recv = receive(&dom, &[]);
+    let mut recv = dom.receive(&[]);
     let dest = recv.listening();
     let m = migrate_one(&dom, dest).unwrap();
     recv.wait_for("received", Duration::from_secs(10));
@@ -354,7 +329,7 @@ fn a_receipt_anchors_the_destinations_audit_log_against_a_cut_and_a_deleted_head
         .expect("the receipt names the destination's audit head");
     recv.child.kill().unwrap();
     recv.child.wait().unwrap();
-    let log = dom.dir.path().join("dst-state/audit.jsonl");
+    let log = dom.receive_audit_path();
     let cert = dom.pki.join("hosts/dst/cert.pem");
     let expect = head.to_string();
     let verify = |extra: &[&str]| {

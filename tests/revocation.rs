@@ -7,26 +7,7 @@
 use std::time::Duration;
 
 mod common;
-use common::procs::{ferry, migrate_one, s, text, Proc, SourceDomain};
-
-/// `ferry receive` named "dst" for `dom`.
-fn receive(dom: &SourceDomain) -> Proc {
-    let state = dom.dir.path().join("dst-state");
-    let (pki, policy) = (s(&dom.pki), s(&dom.policy));
-    let args = [
-        "receive",
-        "--pki",
-        pki,
-        "--name",
-        "dst",
-        "--listen",
-        "127.0.0.1:0",
-        "--policy",
-        policy,
-        "--state-dir",
-    ];
-    Proc::start(None, &[&args[..], &[s(&state)]].concat())
-}
+use common::procs::{ferry, migrate_one, s, text, SourceDomain};
 
 /// Runs `ferry pki VERB --pki PKI WHICH...` and checks it worked.
 fn pki(dom: &SourceDomain, verb: &str, which: &[&str]) {
@@ -50,7 +31,7 @@ fn a_revoked_source_certificate_is_refused_by_a_running_destination() {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let mut recv = receive(&dom);
+    let mut recv = dom.receive(&[]);
     let dest = recv.listening();
     assert!(migrate_one(&dom, dest).unwrap().receipt.transcript_matches);
     pki(&dom, "revoke", &["--host", "src"]);
@@ -67,7 +48,7 @@ fn a_revoked_destination_certificate_is_refused_by_the_source() {
     // The stolen key and certificate of "dst" still serve, but the source
     // no longer sends it a guest.
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let recv = receive(&dom);
+    let recv = dom.receive(&[]);
     let dest = recv.listening();
     pki(&dom, "revoke", &["--host", "dst"]);
     refused_as_revoked(&dom, dest);
@@ -79,7 +60,7 @@ fn a_denied_fingerprint_is_refused_without_the_ca_key() {
         return;
     }
     let dom = SourceDomain::start(None, "127.0.0.1");
-    let recv = receive(&dom);
+    let recv = dom.receive(&[]);
     let dest = recv.listening();
     std::fs::remove_file(dom.pki.join("ca/key.pem")).unwrap();
     // Revoking needs the CA key; denying does not.

@@ -116,24 +116,22 @@ pub fn authz_ticket(
     vm: &str,
     dest_host: &str,
 ) -> Result<SignedTicket, SourceError> {
-    authz_ticket_observed(cfg, addr, server_name, authn, vm, dest_host, &|_| {})
+    ask(
+        cfg,
+        addr,
+        server_name,
+        &authz_request(authn, vm, dest_host),
+        "authorization",
+        &|_| {},
+    )
 }
 
-fn authz_ticket_observed(
-    cfg: Arc<ClientConfig>,
-    addr: SocketAddr,
-    server_name: &str,
-    authn: SignedTicket,
-    vm: &str,
-    dest_host: &str,
-    on_connect: &dyn Fn(&std::net::TcpStream),
-) -> Result<SignedTicket, SourceError> {
-    let req = ServerRequest::Authz {
+fn authz_request(authn: SignedTicket, vm: &str, dest_host: &str) -> ServerRequest {
+    ServerRequest::Authz {
         authn,
         vm: vm.into(),
         dest_host: dest_host.into(),
-    };
-    ask(cfg, addr, server_name, &req, "authorization", on_connect)
+    }
 }
 
 /// Where the servers are and who is asking.
@@ -217,7 +215,8 @@ pub fn migrate(
         &cancellable,
     )?;
     step("authentication ticket");
-    let ticket = authz_ticket_observed(ccfg, at.authz, at.servers_name, authn, vm, at.dest_host, &cancellable)?;
+    let req = authz_request(authn, vm, at.dest_host);
+    let ticket = ask(ccfg, at.authz, at.servers_name, &req, "authorization", &cancellable)?;
     step("authorization ticket");
     let claims: AuthzClaims = ticket::verify(&ticket, "authz", &pki::verify_key(at.pki, "authz").map_err(creds)?)
         .map_err(SourceError::Ticket)?;

@@ -317,11 +317,7 @@ struct Counters {
 impl Drop for Destination {
     /// The failed handshakes counted since the last summary are not lost.
     fn drop(&mut self) {
-        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.take()) {
-            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
-                tracing::error!("destination audit log failed: {e}");
-            }
-        }
+        self.write_summary(self.unauthenticated.take());
     }
 }
 
@@ -388,27 +384,25 @@ impl Destination {
     /// window is due (the accept loop calls this while idle, so a flood
     /// that stops is still recorded within [`crate::unauth::SUMMARY_EVERY`]).
     pub fn flush_unauthenticated(&self) {
-        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.due_summary()) {
-            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
-                tracing::error!("destination audit log failed: {e}");
-            }
-        }
+        self.write_summary(self.unauthenticated.due_summary());
     }
 
     /// Counts a connection closed before its handshake because the
     /// handshake slots were full (see [`crate::unauth`]).
     pub fn note_crowded(&self, peer: std::net::IpAddr, why: &crate::pending::Crowded) {
-        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.note_crowded(peer, why)) {
-            if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
-                tracing::error!("destination audit log failed: {e}");
-            }
-        }
+        self.write_summary(self.unauthenticated.note_crowded(peer, why));
     }
 
     /// Counts a handshake that failed before the peer authenticated; writes
     /// the window's summary when due.
     fn note_unauthenticated(&self, peer: Option<SocketAddr>, e: &TlsError) {
-        if let (Some(log), Some(summary)) = (&self.audit, self.unauthenticated.note(peer.map(|p| p.ip()), e)) {
+        self.write_summary(self.unauthenticated.note(peer.map(|p| p.ip()), e));
+    }
+
+    /// Audits a summary of failed handshakes, if there is one; a failure is
+    /// logged (nothing was admitted on it to fail closed).
+    fn write_summary(&self, summary: Option<serde_json::Value>) {
+        if let (Some(log), Some(summary)) = (&self.audit, summary) {
             if let Err(e) = log.append(UNAUTHENTICATED_EVENT, summary) {
                 tracing::error!("destination audit log failed: {e}");
             }

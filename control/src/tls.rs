@@ -41,63 +41,69 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn config_error(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
 /// Server side: TLS 1.3, a client certificate chaining to `roots` required.
 pub fn server_config(id: &Identity, roots: RootCertStore) -> Result<Arc<ServerConfig>, TlsError> {
-    let p = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), p.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let cfg = ServerConfig::builder_with_provider(p)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![id.cert().clone()], id.private_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Arc::new(cfg))
+        .map_err(config_error)?;
+    server_with(id, verifier)
 }
 
 /// [`server_config`] for the PKI folder `pki`: its CA, and its CRL and
 /// deny list, reloaded as they change ([`crate::revocation`]).
 pub fn server_config_for(id: &Identity, pki: &std::path::Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let rev = revocation(pki)?;
+    server_with(id, revocation(pki)?.client_verifier())
+}
+
+fn server_with(
+    id: &Identity,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(rev.client_verifier())
+        .map_err(config_error)?
+        .with_client_cert_verifier(verifier)
         .with_single_cert(vec![id.cert().clone()], id.private_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(config_error)?;
     Ok(Arc::new(cfg))
-}
-
-/// [`client_config`] for the PKI folder `pki`, with its revocation lists.
-pub fn client_config_for(id: &Identity, pki: &std::path::Path) -> Result<Arc<ClientConfig>, TlsError> {
-    let rev = revocation(pki)?;
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        // Not dangerous: the verifier is rustls-webpki's (the same CA, plus
-        // the CRL), with the deny list checked after it.
-        .dangerous()
-        .with_custom_certificate_verifier(rev.server_verifier())
-        .with_client_auth_cert(vec![id.cert().clone()], id.private_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Arc::new(cfg))
-}
-
-fn revocation(pki: &std::path::Path) -> Result<Arc<crate::revocation::Revocation>, TlsError> {
-    let roots = crate::pki::roots(pki).map_err(|e| TlsError::Config(e.to_string()))?;
-    crate::revocation::Revocation::load(pki, roots).map_err(|e| TlsError::Config(e.to_string()))
 }
 
 /// Client side: TLS 1.3, server verified against `roots`, our certificate presented.
 pub fn client_config(id: &Identity, roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(config_error)?;
+    client_with(id, verifier)
+}
+
+/// [`client_config`] for the PKI folder `pki`, with its revocation lists.
+pub fn client_config_for(id: &Identity, pki: &std::path::Path) -> Result<Arc<ClientConfig>, TlsError> {
+    client_with(id, revocation(pki)?.server_verifier())
+}
+
+fn client_with(
+    id: &Identity,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
+        .map_err(config_error)?
+        // Not dangerous: every verifier passed here is rustls-webpki's (the
+        // CA, and for the PKI folder its CRL, then its deny list).
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![id.cert().clone()], id.private_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(config_error)?;
     Ok(Arc::new(cfg))
+}
+
+fn revocation(pki: &std::path::Path) -> Result<Arc<crate::revocation::Revocation>, TlsError> {
+    let roots = crate::pki::roots(pki).map_err(config_error)?;
+    crate::revocation::Revocation::load(pki, roots).map_err(config_error)
 }
 
 /// An exchange on the channel — the TLS handshake with the request and its

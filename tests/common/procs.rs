@@ -219,6 +219,42 @@ impl SourceDomain {
         handshake::request(dest, at.dest_host, &host, hcfg, &t, &claims, offer, pinned, timeout)
     }
 
+    /// A destination `ferry receive` named "dst" on loopback, with this
+    /// domain's PKI and policy, its state under `dst-state/`, and `extra`
+    /// options.
+    pub fn receive(&self, extra: &[&str]) -> Proc {
+        let state = self.dir.path().join("dst-state");
+        let mut args = vec![
+            "receive",
+            "--pki",
+            s(&self.pki),
+            "--name",
+            "dst",
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            s(&self.policy),
+            "--state-dir",
+            s(&state),
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(None, &args)
+    }
+
+    /// The audit log of [`SourceDomain::receive`]'s destination.
+    pub fn receive_audit_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("dst-state/audit.jsonl")
+    }
+
+    /// Its entries, parsed.
+    pub fn receive_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.receive_audit_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// A destination `ferry vm --incoming` named "dst" on loopback, with
     /// this domain's PKI and policy, its state under `dst/`, and `extra`
     /// options.

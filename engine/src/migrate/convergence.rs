@@ -293,16 +293,22 @@ pub struct Policy {
     pub throttle: f64,
     /// The highest throttle the operator allows (at most [`THROTTLE_CEILING`]).
     pub throttle_max: f64,
+    /// Live rounds finished under `throttle`. A throttle set just before a
+    /// round acts only partway through it, so the highest one is judged
+    /// after a whole round of its own.
+    pub rounds_at_throttle: u32,
 }
 
 impl Policy {
-    /// `cfg`'s policy for `guest`, with `throttle` in force.
-    pub fn of(cfg: &MigrationConfig, guest: &dyn GuestControl, throttle: f64) -> Policy {
+    /// `cfg`'s policy for `guest`, with `throttle` in force for
+    /// `rounds_at_throttle` rounds.
+    pub fn of(cfg: &MigrationConfig, guest: &dyn GuestControl, throttle: f64, rounds_at_throttle: u32) -> Policy {
         Policy {
             converge: cfg.converge,
             can_throttle: guest.can_throttle(),
             throttle,
             throttle_max: cfg.throttle_max,
+            rounds_at_throttle,
         }
     }
 }
@@ -381,6 +387,9 @@ pub fn plan(rounds: &[RoundOutcome], limits: Limits, policy: Policy) -> Step {
         }
         match next_throttle(policy.throttle, policy.throttle_max) {
             Some(t) => Step::Throttle(t),
+            // The highest throttle was set just before the round judged: one
+            // more round (still bounded by the round limit) first.
+            None if policy.throttle > 0.0 && policy.rounds_at_throttle < 2 => Step::Another,
             None => Step::GiveUp(GiveUp::ThrottleLimit),
         }
     };
@@ -604,6 +613,7 @@ mod tests {
             can_throttle,
             throttle,
             throttle_max: THROTTLE_CEILING,
+            rounds_at_throttle: 2,
         }
     }
 
@@ -720,6 +730,16 @@ mod tests {
                 LIMITS,
                 policy(Throttle, true, THROTTLE_CEILING),
                 Step::GiveUp(GiveUp::ThrottleLimit),
+            ),
+            (
+                "throttle at its ceiling since the round just judged, stalled: one more round",
+                &stalled(),
+                LIMITS,
+                Policy {
+                    rounds_at_throttle: 1,
+                    ..policy(Throttle, true, THROTTLE_CEILING)
+                },
+                Step::Another,
             ),
             (
                 "throttle at its ceiling, a round that shrank but did not halve: another round",

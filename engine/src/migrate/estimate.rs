@@ -134,7 +134,7 @@ pub fn estimate(
         &curve,
         bandwidth_bytes_per_s as f64,
         limits,
-        Policy::of(cfg, guest, 0.0),
+        Policy::of(cfg, guest, 0.0, 0),
     ))
 }
 
@@ -192,11 +192,15 @@ fn simulate(curve: &DirtyCurve, bw: f64, limits: Limits, mut policy: Policy) -> 
             duration_ms,
             dirty_pages_after: dirty,
         });
+        policy.rounds_at_throttle = policy.rounds_at_throttle.saturating_add(1);
         let step = plan(&outcomes, limits, policy);
         let rounds = u32::try_from(outcomes.len()).unwrap_or(u32::MAX);
         match step {
             Step::Another => {}
-            Step::Throttle(t) => policy.throttle = t,
+            Step::Throttle(t) => {
+                policy.throttle = t;
+                policy.rounds_at_throttle = 0;
+            }
             Step::Switchover { .. } | Step::GiveUp(_) => {
                 return Simulated {
                     step,
@@ -234,6 +238,7 @@ pub fn predict(curve: &DirtyCurve, bandwidth_bytes_per_s: f64, limits: Limits, p
             can_throttle: false,
             throttle: *t,
             throttle_max: *t,
+            rounds_at_throttle: u32::MAX,
         };
         matches!(
             simulate(curve, bw, limits, fixed).step,
@@ -290,6 +295,7 @@ mod tests {
             can_throttle: true,
             throttle: 0.0,
             throttle_max: THROTTLE_CEILING,
+            rounds_at_throttle: 0,
         }
     }
 

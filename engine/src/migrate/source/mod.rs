@@ -419,8 +419,7 @@ impl SourceCtl<'_> {
         let mut rounds: Vec<RoundStats> = Vec::new();
         let mut outcomes: Vec<RoundOutcome> = Vec::new();
         let mut dirty = Arc::new(DirtyBitmap::full(pages));
-        // Rounds run under the throttle in force (a new one acts only
-        // partway through the first round after it is set).
+        // Rounds run under the throttle in force (see Policy).
         let mut rounds_at_throttle = 0u32;
         loop {
             let round = u32::try_from(rounds.len() + 1).unwrap_or(u32::MAX);
@@ -445,7 +444,7 @@ impl SourceCtl<'_> {
             if stats.duration_ms > 0.0 {
                 stats.dirty_rate_pages_per_s = stats.dirty_pages_after as f64 / (stats.duration_ms / 1e3);
             }
-            let policy = Policy::of(self.cfg, guest.guest(), throttle);
+            let policy = Policy::of(self.cfg, guest.guest(), throttle, rounds_at_throttle);
             let step = convergence::plan(&outcomes, limits, policy);
             tracing::info!(
                 round,
@@ -467,16 +466,6 @@ impl SourceCtl<'_> {
             dirty = Arc::new(next);
             match step {
                 Step::Another => {}
-                // The highest allowed throttle was set just before this
-                // round and has acted only partway through it: one more
-                // round (still bounded by the round limit) before giving up.
-                Step::GiveUp(convergence::GiveUp::ThrottleLimit) if rounds_at_throttle < 2 => {
-                    tracing::info!(
-                        round,
-                        throttle,
-                        "the highest allowed throttle gets a whole round before giving up"
-                    );
-                }
                 Step::Throttle(t) => {
                     rounds_at_throttle = 0;
                     guest.set(t)?;
