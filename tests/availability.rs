@@ -16,15 +16,7 @@ use ferry_control::refusal::{Blame, Refusal};
 
 mod common;
 use common::control::*;
-use common::procs::{migrate_one, s, SourceDomain};
-
-/// `count` consecutive ports on loopback that are free now.
-fn free_ports(count: u16) -> u16 {
-    (20_000u16..60_000)
-        .step_by(usize::from(count))
-        .find(|&p| (p..p + count).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
-        .unwrap()
-}
+use common::procs::{free_ports, migrate_one, s, SourceDomain};
 
 #[test]
 fn slow_handshakes_do_not_take_the_data_ports() {

@@ -100,6 +100,9 @@ pub enum Request {
     Status,
     /// Stop the running migration if it has not reached its commit point.
     Cancel,
+    /// A migration in doubt (Commit sent, no confirmation): ask its
+    /// destination again what became of it, and act on the signed answer.
+    Resolve,
 }
 
 /// One reply line: a migration's progress, or one of the API's own. The
@@ -156,6 +159,9 @@ pub enum ApiReply {
     MigrationCancelled(Box<Ended>),
     /// Past the commit point with no word from the destination.
     MigrationInDoubt(Box<Ended>),
+    /// A migration in doubt ended on the destination's signed answer: the
+    /// guest runs there (`committed`) or was resumed here (`discarded`).
+    MigrationResolved(Box<Resolved>),
     /// The request was refused, or failed.
     Error {
         /// Why.
@@ -304,6 +310,31 @@ pub struct Ended {
     pub record: Option<crate::record::Record>,
 }
 
+/// `migration-resolved`'s reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolved {
+    /// The migration.
+    pub migration_id: u64,
+    /// The destination's answer.
+    pub answer: ferry_control::handshake::Answer,
+    /// Its signature (base64url ECDSA by the destination host key, over
+    /// `ferry_control::handshake::resolution_message`).
+    pub destination_sig: String,
+    /// What happened.
+    pub reason: String,
+    /// Where the guest is now.
+    pub guest: String,
+    /// The guest's heartbeat.
+    pub heartbeat: u64,
+    /// Where the VMM wrote the record, if asked to.
+    #[serde(default)]
+    pub record_file: Option<String>,
+    /// The migration's record.
+    #[serde(default)]
+    pub record: Option<crate::record::Record>,
+}
+
 impl Reply {
     /// An `error` reply.
     pub fn error(e: impl Into<String>) -> Reply {
@@ -319,6 +350,7 @@ impl Reply {
                     | ApiReply::MigrationFailed(_)
                     | ApiReply::MigrationCancelled(_)
                     | ApiReply::MigrationInDoubt(_)
+                    | ApiReply::MigrationResolved(_)
                     | ApiReply::Error { .. }
             )
         )

@@ -227,7 +227,13 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
         )
         .map_err(e)?,
     );
-    let dest = Arc::new(Destination::new(cfg, id()?, tls_cfg).with_audit(audit.clone()));
+    // What became of each migration admitted here, for sources in doubt.
+    let decisions = ferry_control::decision::DecisionLog::open(&o.state_dir.join("decisions")).map_err(e)?;
+    let dest = Arc::new(
+        Destination::new(cfg, id()?, tls_cfg)
+            .with_audit(audit.clone())
+            .with_decisions(Arc::new(decisions)),
+    );
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.

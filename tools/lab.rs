@@ -266,7 +266,11 @@ impl Lab {
             Identity::load(d, Role::Host, name).map_err(setup)?,
         )
         .map_err(setup)?;
-        Ok(Destination::new(cfg, id, tls_cfg).with_audit(Arc::new(log)))
+        let decisions =
+            ferry_control::decision::DecisionLog::open(&d.join(format!("decisions-{name}"))).map_err(setup)?;
+        Ok(Destination::new(cfg, id, tls_cfg)
+            .with_audit(Arc::new(log))
+            .with_decisions(Arc::new(decisions)))
     }
 
     /// Verifies both audit logs (the source domain's and `dest`'s), each

@@ -210,6 +210,10 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
             e.record.clone(),
             e.record.as_ref().map(|r| r.vm.clone()).unwrap_or_default(),
         ),
+        ApiReply::MigrationResolved(r) => (
+            r.record.clone(),
+            r.record.as_ref().map(|r| r.vm.clone()).unwrap_or_default(),
+        ),
         other => {
             return Err(format!(
                 "the VMM ended the migration with an unexpected reply: {other:?}"
@@ -266,6 +270,7 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
             format!("IN DOUBT: {} ({}){rec_note}", e.reason, e.guest),
             ExitCode::from(3),
         ),
+        ApiReply::MigrationResolved(r) => resolved_text(r, &vm, &o.dest_host, &rec_note),
         ApiReply::MigrationCancelled(e) => (ended("cancelled", e), ExitCode::FAILURE),
         ApiReply::MigrationFailed(e) => (ended("failed", e), ExitCode::FAILURE),
         _ => unreachable!("the other replies returned above"),
@@ -351,6 +356,65 @@ pub fn cancel(path: &Path, json: bool) -> Result<ExitCode, String> {
         Reply::Api(ApiReply::Error { error }) => Err(error),
         other => Err(format!("the VMM answered cancel with {other:?}")),
     }
+}
+
+/// What a migration that went in doubt and was then answered says, and its
+/// exit status: 4 (migrated, no receipt) on "committed", 1 (the guest runs
+/// at the source) on "discarded".
+fn resolved_text(r: &api::Resolved, vm: &str, dest_host: &str, rec_note: &str) -> (String, ExitCode) {
+    match r.answer {
+        ferry_control::handshake::Answer::Committed => (
+            format!(
+                "MIGRATED, CONFIRMED LATE: {vm} runs at {dest_host}: {}; no manifest or receipt was exchanged{rec_note}",
+                r.reason
+            ),
+            ExitCode::from(4),
+        ),
+        _ => (
+            format!("failed: {}; the guest: {}{rec_note}", r.reason, r.guest),
+            ExitCode::FAILURE,
+        ),
+    }
+}
+
+/// How long `ferry resolve` waits for the VMM (which asks the destination once).
+const RESOLVE_IDLE: Duration = Duration::from_secs(130);
+
+/// `ferry resolve`: the VMM asks the destination of its migration in doubt
+/// what became of it and acts on the signed answer. Exit 0 when answered
+/// (the text says where the guest runs), 3 when still in doubt.
+pub fn resolve(path: &Path, json: bool) -> Result<ExitCode, String> {
+    let mut got = None;
+    api::call(path, &Request::Resolve, RESOLVE_IDLE, |v| {
+        got = Some(v);
+        false
+    })?;
+    let v = got.ok_or("the VMM closed the connection without a reply")?;
+    if json {
+        println!("{}", json_line(&v));
+    }
+    let (text, code) = match &v {
+        Reply::Api(ApiReply::MigrationResolved(r)) => (
+            format!(
+                "resolved: migration {:x}: the destination answered, signed, {}; the guest {}",
+                r.migration_id,
+                r.answer.as_str(),
+                r.guest
+            ),
+            ExitCode::SUCCESS,
+        ),
+        Reply::Api(ApiReply::MigrationInDoubt(e)) => {
+            (format!("IN DOUBT: {} ({})", e.reason, e.guest), ExitCode::from(3))
+        }
+        Reply::Api(ApiReply::Error { error }) => return Err(error.clone()),
+        other => return Err(format!("the VMM answered resolve with {other:?}")),
+    };
+    if json {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
+    }
+    Ok(code)
 }
 
 /// `ferry estimate`: the VMM watches its guest's writes (nothing is sent)

@@ -71,6 +71,43 @@ pub enum SourceError {
     /// says where the guest is (before the commit point: running here).
     #[error(transparent)]
     Migrate(ferry_engine::migrate::MigrateError),
+    /// Commit was sent, its confirmation never came, and the destination
+    /// answered (signed) that it discarded the migration: the guest was
+    /// resumed here (`resumed`: how that went).
+    #[error("{cause}. The destination then answered, signed, that it DISCARDED migration {:x}: {}", .resolution.migration_id, match .resumed {
+        Ok(()) => "the guest was resumed and runs here".to_string(),
+        Err(e) => format!("resuming the guest here FAILED ({e}): it is paused here and runs nowhere"),
+    })]
+    Discarded {
+        /// Why the confirmation did not come.
+        cause: Box<ferry_engine::migrate::MigrateError>,
+        /// The destination's signed answer.
+        resolution: Box<handshake::Resolution>,
+        /// Resuming the guest here.
+        resumed: Result<(), ferry_engine::guest::GuestError>,
+    },
+    /// Commit was sent, its confirmation never came, and the destination
+    /// answered (signed) that it committed: the guest runs there, not here.
+    /// No manifest or receipt was exchanged.
+    #[error("{cause}. The destination then answered, signed, that it COMMITTED migration {:x}: the guest runs there and not here (no manifest or receipt was exchanged)", .resolution.migration_id)]
+    CommittedUnconfirmed {
+        /// Why the confirmation did not come.
+        cause: Box<ferry_engine::migrate::MigrateError>,
+        /// The destination's signed answer.
+        resolution: Box<handshake::Resolution>,
+    },
+    /// Commit was sent, its confirmation never came, and asking the
+    /// destination what became of the migration gave no answer either: the
+    /// guest stays paused here.
+    #[error("{cause}. Asking the destination what became of migration {migration_id:x} failed too: {why}. The guest stays PAUSED here: when the destination is reachable, `ferry resolve --api SOCK` asks it again")]
+    InDoubt {
+        /// Why the confirmation did not come.
+        cause: Box<ferry_engine::migrate::MigrateError>,
+        /// The migration.
+        migration_id: u64,
+        /// Why asking failed (or "unknown").
+        why: Unresolved,
+    },
     /// The guest moved (the destination runs it), but the signed manifest
     /// and receipt exchange failed: non-repudiation is missing for this
     /// migration. The guest does **not** run here.
@@ -82,6 +119,108 @@ pub enum SourceError {
         #[source]
         source: handshake::HandshakeError,
     },
+}
+
+/// Why a source in doubt could not learn the outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum Unresolved {
+    /// The destination could not be asked, or refused to answer.
+    #[error("{0}")]
+    Asking(#[source] handshake::HandshakeError),
+    /// The destination has no record of the migration (another host at
+    /// that address, or its state directory was lost): nothing can be
+    /// concluded.
+    #[error("the destination has no record of the migration (another host at that address, or its state directory was lost): check its audit log")]
+    Unknown,
+    /// This host's credentials could not be loaded.
+    #[error("loading this host's credentials: {0}")]
+    Credentials(#[source] ferry_control::pki::PkiError),
+    /// The TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] tls::TlsError),
+    /// The source's audit log could not record the answer.
+    #[error("recording the answer in the audit log: {0}")]
+    Audit(#[source] ferry_control::audit::AuditError),
+}
+
+/// Times a source in doubt asks the destination before it stays in doubt
+/// (then `ferry resolve` asks again).
+pub const RESOLVE_ATTEMPTS: u32 = 5;
+/// The pause between two of those attempts.
+pub const RESOLVE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Asks the destination of `at` what became of migration `migration_id`,
+/// as this source host, up to `attempts` times (a destination that cannot
+/// be reached is retried; an answer is final); records the signed answer in
+/// the source's audit log. Only a signed "committed" or "discarded" is
+/// returned as `Ok`.
+pub fn resolve(
+    at: &Endpoints<'_>,
+    migration_id: u64,
+    timeout: Duration,
+    attempts: u32,
+) -> Result<handshake::Resolution, Unresolved> {
+    let host = Identity::load(at.pki, Role::Host, at.host).map_err(Unresolved::Credentials)?;
+    let hcfg = tls::client_config_for(&host, at.pki).map_err(Unresolved::Tls)?;
+    let mut last = None;
+    for attempt in 0..attempts.max(1) {
+        if attempt > 0 {
+            std::thread::sleep(RESOLVE_PAUSE);
+        }
+        match handshake::resolve(at.dest, at.dest_host, hcfg.clone(), migration_id, timeout) {
+            Ok(r) => {
+                if let Some(log) = at.audit {
+                    log.append(
+                        "resolved",
+                        serde_json::json!({"migration_id": migration_id, "dest_host": at.dest_host,
+                            "answer": r.answer.as_str(), "challenge": r.challenge, "destination_sig": r.sig}),
+                    )
+                    .map_err(Unresolved::Audit)?;
+                }
+                return match r.answer {
+                    handshake::Answer::Unknown => Err(Unresolved::Unknown),
+                    _ => Ok(r),
+                };
+            }
+            Err(e) => {
+                tracing::warn!(
+                    migration = migration_id,
+                    attempt,
+                    "asking the destination what became of the migration: {e}"
+                );
+                last = Some(e);
+            }
+        }
+    }
+    Err(Unresolved::Asking(last.expect("at least one attempt")))
+}
+
+/// The engine left the guest paused in doubt (`cause`): asks the
+/// destination, and resumes the guest here on a signed "discarded".
+fn settle(
+    at: &Endpoints<'_>,
+    migration_id: u64,
+    guest: &mut dyn GuestControl,
+    cause: ferry_engine::migrate::MigrateError,
+    timeout: Duration,
+) -> SourceError {
+    let cause = Box::new(cause);
+    match resolve(at, migration_id, timeout, RESOLVE_ATTEMPTS) {
+        Ok(resolution) if resolution.answer == handshake::Answer::Discarded => SourceError::Discarded {
+            cause,
+            resolution: Box::new(resolution),
+            resumed: guest.resume(),
+        },
+        Ok(resolution) => SourceError::CommittedUnconfirmed {
+            cause,
+            resolution: Box::new(resolution),
+        },
+        Err(why) => SourceError::InDoubt {
+            cause,
+            migration_id,
+            why,
+        },
+    }
 }
 
 fn ask(
@@ -252,8 +391,14 @@ pub fn migrate(
     let mut admitted = requested.map_err(SourceError::Admission)?;
     step("request: mutual TLS 1.3, ticket and policies checked, admitted, keys exported");
     let started = std::time::SystemTime::now();
-    let report = ferry_engine::session::run_source(mem, tracker, guest, &admitted, at.dest.ip(), cfg, hooks)
-        .map_err(SourceError::Migrate)?;
+    let report = match ferry_engine::session::run_source(mem, tracker, guest, &admitted, at.dest.ip(), cfg, hooks) {
+        Ok(r) => r,
+        // Past the commit point without the destination's word: ask it.
+        Err(cause @ ferry_engine::migrate::MigrateError::InDoubt(_)) => {
+            return Err(settle(at, claims.migration_id, guest, cause, cfg.io_timeout))
+        }
+        Err(e) => return Err(SourceError::Migrate(e)),
+    };
     t = Instant::now();
     let manifest = Manifest {
         migration_id: claims.migration_id,

@@ -38,6 +38,9 @@ use crate::daemon::event;
 use crate::record::Record;
 use crate::source::{self, Endpoints};
 
+mod doubt;
+use doubt::{Doubt, InDoubt};
+
 /// What this host needs to migrate its guests anywhere.
 #[derive(Debug, Clone)]
 pub struct SourceHost {
@@ -119,12 +122,16 @@ struct Shared {
     rounds: Vec<RoundStats>,
     /// The last estimate and when it was made.
     prediction: Option<(Instant, Prediction)>,
+    /// The migration in doubt (state "in-doubt"), for `resolve`.
+    in_doubt: Option<InDoubt>,
 }
 
 /// Work for the main thread, which owns the VM.
 enum Work {
     Migrate(Job),
     Estimate(EstimateJob),
+    /// Ask the destination of the migration in doubt; answer on the sender.
+    Resolve(Sender<Reply>),
 }
 
 /// An estimate: watch the guest's writes and predict pre-copy.
@@ -201,6 +208,13 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
             .map_or(Duration::from_secs(3600), |d| d.saturating_sub(started.elapsed()));
         match jobs_rx.recv_timeout(wait) {
             Ok(Work::Estimate(job)) => run_estimate(o, &mut vm, &mem, &shared, job),
+            Ok(Work::Resolve(reply)) => {
+                if doubt::run_resolve(o, &mut vm, &mon, &shared, &reply) {
+                    stop.store(true, Ordering::SeqCst);
+                    let _ = beats.join();
+                    return Ok(());
+                }
+            }
             Ok(Work::Migrate(job)) => {
                 if run_job(o, &mut vm, &mem, &mon, &shared, job) {
                     // The destination owns the guest now: this VM never runs again.
@@ -315,6 +329,7 @@ fn api_handler(o: &VmOptions, shared: &Arc<Mutex<Shared>>, mon: &Monitor, jobs: 
                 }
             }
         }
+        Request::Resolve => doubt::api_resolve(&shared, &jobs, send),
         Request::Estimate {
             seconds,
             bandwidth,
@@ -507,7 +522,7 @@ fn run_job(
     }));
     vm.checksum_at_pause = o.verify;
     let result = migrate(vm, mem, host, &o.vm_id, &job.to, &hooks);
-    let left = result.is_ok();
+    let mut left = result.is_ok();
     let mut last = match result {
         Ok((mut line, done)) => {
             record.outcome = "migrated".into();
@@ -532,15 +547,36 @@ fn run_job(
             lock(shared).state = "migrated";
             ApiReply::Migrated(line)
         }
-        Err(Failed { why, .. }) if mon.paused() => {
+        // In doubt, then the destination's signed answer: the guest runs
+        // there, or was resumed here.
+        Err(Failed {
+            why,
+            doubt: Some(Doubt::Resolved(r)),
+            ..
+        }) => {
+            let (reply, gone) = doubt::settled(vm, mon, shared, &mut record, why, &r);
+            left = gone;
+            reply
+        }
+        Err(Failed { why, doubt, .. }) if mon.paused() => {
             // Past the commit point with no word from the destination: the
             // guest may be running there. It stays paused here.
             record.outcome = "in-doubt".into();
             record.error = Some(why.clone());
-            lock(shared).state = "in-doubt";
+            if let Some(Doubt::Unresolved(id)) = doubt {
+                record.migration_id = id;
+            }
+            let mut s = lock(shared);
+            s.state = "in-doubt";
+            s.in_doubt = Some(InDoubt {
+                migration_id: record.migration_id,
+                to: job.to.clone(),
+                record: record.clone(),
+            });
+            drop(s);
             ApiReply::MigrationInDoubt(Box::new(api::Ended {
                 reason: why,
-                guest: "paused here; the destination may be running it: check it before resuming anything".into(),
+                guest: "PAUSED here; the destination may be running it: `ferry resolve --api SOCK` asks it again, and resumes it here only on its signed \"discarded\"".into(),
                 heartbeat: mon.heartbeat(),
                 record_file: None,
                 record: None,
@@ -550,6 +586,7 @@ fn run_job(
             why,
             convergence,
             aborted,
+            doubt: _,
         }) => {
             let cancelled = hooks.is_cancelled();
             record.outcome = if cancelled {
@@ -617,6 +654,7 @@ fn set_record(last: &mut ApiReply, file: Option<String>, record: Option<Record>)
         ApiReply::MigrationFailed(e) | ApiReply::MigrationCancelled(e) | ApiReply::MigrationInDoubt(e) => {
             (&mut e.record_file, &mut e.record)
         }
+        ApiReply::MigrationResolved(r) => (&mut r.record_file, &mut r.record),
         _ => return,
     };
     if file.is_some() {
@@ -638,6 +676,8 @@ struct Failed {
     convergence: Option<Box<crate::record::Convergence>>,
     /// Given up before pausing: it would not converge.
     aborted: bool,
+    /// Past the commit point without the destination's confirmation.
+    doubt: Option<Doubt>,
 }
 
 impl Failed {
@@ -646,7 +686,37 @@ impl Failed {
             why: why.to_string(),
             convergence: None,
             aborted: false,
+            doubt: None,
         }
+    }
+}
+
+/// Opens the source's audit log of `h`, if it has one.
+fn source_audit(h: &SourceHost) -> Result<Option<AuditLog>, Failed> {
+    match &h.audit {
+        Some(path) => {
+            let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(Failed::plain)?;
+            Ok(Some(
+                AuditLog::open(path, &format!("source {}", h.host), id).map_err(Failed::plain)?,
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Where the servers and the destination of `to` are, for host `h`.
+fn endpoints<'a>(h: &'a SourceHost, to: &'a MigrateTo, audit: Option<&'a AuditLog>) -> Endpoints<'a> {
+    Endpoints {
+        pki: &h.pki,
+        host: &h.host,
+        client: &h.client,
+        authn: h.authn,
+        authz: h.authz,
+        servers_name: &h.servers_name,
+        dest: to.dest,
+        dest_host: &to.dest_host,
+        audit,
+        pinned: &h.pinned,
     }
 }
 
@@ -658,25 +728,8 @@ fn migrate(
     to: &MigrateTo,
     hooks: &Hooks,
 ) -> Result<(Box<api::Migrated>, Option<source::Migrated>), Failed> {
-    let audit = match &h.audit {
-        Some(path) => {
-            let id = Identity::load(&h.pki, Role::Host, &h.host).map_err(Failed::plain)?;
-            Some(AuditLog::open(path, &format!("source {}", h.host), id).map_err(Failed::plain)?)
-        }
-        None => None,
-    };
-    let at = Endpoints {
-        pki: &h.pki,
-        host: &h.host,
-        client: &h.client,
-        authn: h.authn,
-        authz: h.authz,
-        servers_name: &h.servers_name,
-        dest: to.dest,
-        dest_host: &to.dest_host,
-        audit: audit.as_ref(),
-        pinned: &h.pinned,
-    };
+    let audit = source_audit(h)?;
+    let at = endpoints(h, to, audit.as_ref());
     let mut cfg = h.migration.clone();
     to.tuning.apply(&mut cfg);
     let mut tracker = vm.dirty_tracker();
@@ -707,9 +760,23 @@ fn migrate(
                     caps(hooks),
                 ))),
                 aborted: matches!(err, ferry_engine::migrate::MigrateError::WontConverge(_)),
+                doubt: None,
             });
         }
-        Err(e) => return Err(Failed::plain(e)),
+        Err(e) => {
+            let doubt = match &e {
+                source::SourceError::InDoubt { migration_id, .. } => Some(Doubt::Unresolved(*migration_id)),
+                source::SourceError::Discarded { resolution, .. }
+                | source::SourceError::CommittedUnconfirmed { resolution, .. } => {
+                    Some(Doubt::Resolved((**resolution).clone()))
+                }
+                _ => None,
+            };
+            return Err(Failed {
+                doubt,
+                ..Failed::plain(e)
+            });
+        }
     };
     let line = migrated_line(
         vm,

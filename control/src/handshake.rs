@@ -29,10 +29,12 @@ pub use crate::manifest::{Manifest, Receipt, SignedBlob};
 pub use crate::measurement::Measurement;
 pub use stages::{GUEST_PAGE_BYTES, MAX_KVM_VCPUS};
 
+mod resolve;
 mod stages;
 pub use crate::modes::{GuestKind, Integrity};
 use crate::refusal::{Refusal, WireRefusal};
 pub use crate::serve::{serve_destination, OnAdmitted, ServeLimits};
+pub use resolve::{resolution_message, resolve, Answer, Resolution, ResolveReply, ResolveRequest};
 use thiserror::Error;
 
 use crate::pki::Identity;
@@ -108,6 +110,15 @@ pub enum HandshakeError {
     /// reason (also sent to the peer where there is one to tell).
     #[error("refused: {0}")]
     Refused(#[from] Refusal),
+    /// The connection asked what became of a migration (and was answered)
+    /// instead of requesting one: nothing was admitted.
+    #[error("the peer asked about migration {migration_id:x} and was answered {}; it requested no migration", .answer.as_str())]
+    Resolved {
+        /// The migration asked about.
+        migration_id: u64,
+        /// The answer given.
+        answer: Answer,
+    },
 }
 
 fn request_message(ticket: &SignedTicket, offer: &Offer) -> Vec<u8> {
@@ -213,6 +224,8 @@ pub struct DestinationSession {
     slot: Slot,
     /// The destination's audit log (its head goes into the receipt).
     pub(crate) audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Its place in the decision record (discards when dropped undecided).
+    gate: crate::decision::CommitGate,
 }
 
 impl std::ops::Deref for DestinationSession {
@@ -225,6 +238,12 @@ impl std::ops::Deref for DestinationSession {
 impl DestinationSession {
     pub(crate) fn channel_mut(&mut self) -> &mut Channel {
         &mut self.admitted.channel
+    }
+
+    /// Where the data plane records the commit (before the guest resumes)
+    /// or the discard; see [`crate::decision`].
+    pub fn commit_gate(&self) -> &crate::decision::CommitGate {
+        &self.gate
     }
 
     /// After a completed migration: gives up the migration's concurrency
@@ -306,6 +325,8 @@ pub struct Destination {
     counters: Arc<Counters>,
     audit: Option<Arc<crate::audit::AuditLog>>,
     unauthenticated: crate::unauth::UnauthenticatedTally,
+    /// What became of each admitted migration.
+    decisions: Arc<crate::decision::DecisionLog>,
 }
 
 #[derive(Debug, Default)]
@@ -357,7 +378,16 @@ impl Destination {
             counters: Arc::new(Counters::default()),
             audit: None,
             unauthenticated: crate::unauth::UnauthenticatedTally::default(),
+            decisions: Arc::new(crate::decision::DecisionLog::in_memory()),
         }
+    }
+
+    /// Records what became of each migration in `log` (a daemon's, in its
+    /// state directory) instead of in memory only, so a source in doubt
+    /// gets its answer from a restarted daemon too.
+    pub fn with_decisions(mut self, log: Arc<crate::decision::DecisionLog>) -> Destination {
+        self.decisions = log;
+        self
     }
 
     /// Records every admission and refusal in `log`.
@@ -442,13 +472,20 @@ impl Destination {
         let detail = match &r {
             Ok((a, _)) => serde_json::json!({"peer": peer_addr, "vm": a.claims.vm, "source_host": a.claims.source_host,
                 "migration_id": a.claims.migration_id, "nonce": a.claims.nonce, "data_port": a.data_port}),
+            Err(HandshakeError::Resolved { migration_id, answer }) => serde_json::json!({"peer": peer_addr,
+                "migration_id": migration_id, "answer": answer.as_str()}),
             Err(e) => serde_json::json!({"peer": peer_addr, "reason": e.to_string(), "code": match e {
                 HandshakeError::Refused(r) => r.code(),
                 HandshakeError::Tls(_) => "tls",
                 HandshakeError::Denied(_) => "denied",
+                HandshakeError::Resolved { .. } => "resolved",
             }}),
         };
-        let event = if r.is_ok() { "admit" } else { "refuse" };
+        let event = match &r {
+            Ok(_) => "admit",
+            Err(HandshakeError::Resolved { .. }) => "resolve",
+            Err(_) => "refuse",
+        };
         if let Err(e) = self.record(event, detail) {
             tracing::error!("destination audit log failed: {e}");
             if r.is_ok() {
@@ -469,8 +506,25 @@ impl Destination {
             .peer_cert()
             .map(<[u8]>::to_vec)
             .ok_or_else(|| TlsError::Config("no client certificate".into()))?;
-        let req: MigrationRequest = match ch.recv() {
-            Ok(r) => r,
+        // The first message: a migration request, or a source in doubt
+        // asking what became of one (see `resolve`).
+        let first = ch.recv::<serde_json::Value>().and_then(|v| {
+            if v.get("resolve").is_some() {
+                serde_json::from_value(v).map(First::Resolve)
+            } else {
+                serde_json::from_value(v).map(First::Migrate)
+            }
+            .map_err(|e| TlsError::Malformed(e.to_string().into()))
+        });
+        let req: MigrationRequest = match first {
+            Ok(First::Migrate(r)) => r,
+            Ok(First::Resolve(q)) => {
+                let answer = self.answer_resolve(&mut ch, &peer, &q)?;
+                return Err(HandshakeError::Resolved {
+                    migration_id: q.resolve,
+                    answer,
+                });
+            }
             Err(e) => {
                 let refusal = Refusal::Malformed(e.to_string().into());
                 let _ = ch.send(&RequestReply::Deny(refusal.to_wire()));
@@ -480,6 +534,13 @@ impl Destination {
         match self.check(&peer, &req, listen) {
             Ok((claims, slot, (data_port, listening))) => {
                 let migration_id = claims.migration_id;
+                // Durable before the source can send anything to commit.
+                if let Err(e) = self.decisions.admitted(migration_id, &claims.source_fp) {
+                    let refusal = Refusal::Decision(e);
+                    let _ = ch.send(&RequestReply::Deny(refusal.to_wire()));
+                    return Err(HandshakeError::Refused(refusal));
+                }
+                let gate = crate::decision::CommitGate::new(self.decisions.clone(), migration_id);
                 let sig = self
                     .identity
                     .sign(&accept_message(
@@ -507,6 +568,7 @@ impl Destination {
                     },
                     slot,
                     audit: self.audit.clone(),
+                    gate,
                 };
                 Ok((session, listening))
             }
@@ -535,6 +597,12 @@ impl Destination {
             .spend_nonce(&self.cfg, now)?;
         Ok((fresh.claims, fresh.slot, fresh.data))
     }
+}
+
+/// The first message on a destination's port.
+enum First {
+    Migrate(MigrationRequest),
+    Resolve(ResolveRequest),
 }
 
 /// The source's half: requests the migration from the destination at

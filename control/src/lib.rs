@@ -21,6 +21,7 @@
 
 pub mod accept;
 pub mod audit;
+pub mod decision;
 pub mod handshake;
 pub mod lock;
 pub mod manifest;

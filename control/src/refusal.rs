@@ -182,6 +182,13 @@ pub enum Refusal {
     /// The decision could not be recorded, so it is a refusal.
     #[error("cannot record the decision, so it is a refusal: {0}")]
     Audit(#[source] crate::audit::AuditError),
+    /// A host asked about a migration another source sent.
+    #[error("migration {0:x} was not sent by this host's certificate: only its source may ask what became of it")]
+    NotYourMigration(u64),
+    /// The destination's decision record failed, so nothing is admitted or
+    /// answered on it.
+    #[error("cannot record or read the migration's decision: {0}")]
+    Decision(#[source] crate::decision::DecisionError),
     /// The refusing side's own signing or random generator failed.
     #[error("{0} failed on this host")]
     Internal(&'static str),
@@ -198,6 +205,7 @@ impl Refusal {
             Refusal::Busy { .. } | Refusal::NoMemory { .. } | Refusal::NoDataPort { .. } => Blame::Busy,
             Refusal::NoAuthzKey
             | Refusal::Audit(_)
+            | Refusal::Decision(_)
             | Refusal::Internal(_)
             | Refusal::TicketNotForDestination { .. } => Blame::Local,
             _ => Blame::Peer,
@@ -234,6 +242,8 @@ impl Refusal {
             Refusal::TranscriptMismatch(_) => "transcript_mismatch",
             Refusal::NoAuthzKey => "no_authz_key",
             Refusal::Audit(_) => "audit",
+            Refusal::NotYourMigration(_) => "not_your_migration",
+            Refusal::Decision(_) => "decision",
             Refusal::Internal(_) => "internal",
         }
     }

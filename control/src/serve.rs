@@ -93,8 +93,12 @@ pub fn serve_destination(
             let spawned = std::thread::Builder::new().name("ferry-admit".into()).spawn(move || {
                 let admitted = sock.set_nonblocking(false).ok().and_then(|()| {
                     let a = dest.admit_listening(sock, || bind_data(data_ip, limits.data_ports));
-                    if let Err(e) = &a {
-                        tracing::info!(%peer, "receive: not admitted: {e}");
+                    match &a {
+                        Err(e @ crate::handshake::HandshakeError::Resolved { .. }) => {
+                            tracing::info!(%peer, "receive: {e}");
+                        }
+                        Err(e) => tracing::info!(%peer, "receive: not admitted: {e}"),
+                        Ok(_) => {}
                     }
                     a.ok()
                 });

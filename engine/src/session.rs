@@ -74,5 +74,5 @@ pub fn run_destination(
     agree(session, cfg)?;
     let keys = SessionKeys::from_grant(session.key_grant());
     let conns = accept_proven(data, &keys, cfg.streams, cfg.io_timeout, &|| session.peer_closed())?;
-    migrate_destination(mem, guest, conns, &keys, cfg, hooks)
+    migrate_destination(mem, guest, conns, &keys, cfg, hooks, Some(session.commit_gate()))
 }

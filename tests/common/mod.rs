@@ -96,6 +96,11 @@ pub enum Attack {
     /// destination's Ready (its acknowledgement of the final round)
     /// reaches the source.
     CutBeforeReady,
+    /// Drop the source's Commit frame (stream 0), forward the rest.
+    DropCommit,
+    /// Destination to source: drop the destination's Resumed frame
+    /// (stream 0), forward the rest.
+    DropResumed,
 }
 
 /// Where the attack strikes: a stream (by the id in its frames) and the
@@ -113,32 +118,60 @@ pub fn relay(target: Option<Target>, streams: u16) -> Interpose {
     Arc::new(move |dest: SocketAddr| {
         let l = TcpListener::bind("127.0.0.1:0").expect("relay bind");
         let addr = l.local_addr().expect("relay addr");
-        // For Attack::Duplicate: the victim connection's writer and the
-        // frames another stream sent before the victim connected.
-        let victim: Arc<Mutex<Copying>> = Arc::new(Mutex::new(Copying::default()));
-        std::thread::spawn(move || {
-            for _ in 0..streams {
-                let Ok((src, _)) = l.accept() else { return };
-                let Ok(dst) = TcpStream::connect(dest) else { return };
-                for s in [&src, &dst] {
-                    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                    s.set_nodelay(true).ok();
-                }
-                let (src2, dst2) = (src.try_clone().expect("clone"), dst.try_clone().expect("clone"));
-                // Destination → source: a plain copy, unless the attack is
-                // on that direction.
-                if target.is_some_and(|t| t.attack == Attack::CutBeforeReady) {
-                    std::thread::spawn(move || cut_before_ready(dst2, src2));
-                } else {
-                    std::thread::spawn(move || pipe(dst2, src2));
-                }
-                // Source → destination: frame by frame.
-                let victim = victim.clone();
-                std::thread::spawn(move || frames(src, dst, target, &victim));
-            }
-        });
+        spawn_relay(l, dest, target, streams);
         addr
     })
+}
+
+/// Relays the first `streams` data connections to `l` on to `dest`,
+/// attacking `target` (or just relaying when `None`).
+pub fn spawn_relay(l: TcpListener, dest: SocketAddr, target: Option<Target>, streams: u16) {
+    // For Attack::Duplicate: the victim connection's writer and the
+    // frames another stream sent before the victim connected.
+    let victim: Arc<Mutex<Copying>> = Arc::new(Mutex::new(Copying::default()));
+    std::thread::spawn(move || {
+        for _ in 0..streams {
+            let Ok((src, _)) = l.accept() else { return };
+            let Ok(dst) = TcpStream::connect(dest) else { return };
+            for s in [&src, &dst] {
+                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                s.set_nodelay(true).ok();
+            }
+            let (src2, dst2) = (src.try_clone().expect("clone"), dst.try_clone().expect("clone"));
+            // Destination → source: a plain copy, unless the attack is
+            // on that direction.
+            match target.map(|t| t.attack) {
+                Some(a @ (Attack::CutBeforeReady | Attack::DropResumed)) => {
+                    std::thread::spawn(move || backwards(dst2, src2, a));
+                }
+                _ => {
+                    std::thread::spawn(move || pipe(dst2, src2));
+                }
+            }
+            // Source → destination: frame by frame.
+            let victim = victim.clone();
+            std::thread::spawn(move || frames(src, dst, target, &victim));
+        }
+    });
+}
+
+/// A plain TCP relay from `l` to `dest` for control connections: the first
+/// one always goes through; later ones only while `open` is set (otherwise
+/// they are closed at once, as by a network partition).
+pub fn control_relay(l: TcpListener, dest: SocketAddr, open: Arc<std::sync::atomic::AtomicBool>) {
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().enumerate() {
+            let Ok(src) = conn else { return };
+            if n > 0 && !open.load(std::sync::atomic::Ordering::SeqCst) {
+                drop(src);
+                continue;
+            }
+            let Ok(dst) = TcpStream::connect(dest) else { return };
+            let (src2, dst2) = (src.try_clone().expect("clone"), dst.try_clone().expect("clone"));
+            std::thread::spawn(move || pipe(dst2, src2));
+            std::thread::spawn(move || pipe(src, dst));
+        }
+    });
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream) {
@@ -159,14 +192,19 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 /// Bytes of the destination's connection nonce, which precedes its frames.
 pub const NONCE_LEN: usize = 32;
 
-fn cut_before_ready(mut from: TcpStream, mut to: TcpStream) {
+/// Destination to source, frame by frame: `CutBeforeReady` closes both
+/// directions at the Ready, `DropResumed` drops the Resumed.
+fn backwards(mut from: TcpStream, mut to: TcpStream, attack: Attack) {
     let mut nonce = [0u8; NONCE_LEN];
     if from.read_exact(&mut nonce).is_err() || to.write_all(&nonce).is_err() {
         return;
     }
     while let Some(f) = read_frame(&mut from) {
         let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
-        if h.kind == Kind::Ready || to.write_all(&f).is_err() {
+        if attack == Attack::DropResumed && h.kind == Kind::Resumed {
+            continue;
+        }
+        if (attack == Attack::CutBeforeReady && h.kind == Kind::Ready) || to.write_all(&f).is_err() {
             let _ = from.shutdown(Shutdown::Both);
             let _ = to.shutdown(Shutdown::Both);
             return;
@@ -248,7 +286,8 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
                             && matches!(header.kind, Kind::Pages | Kind::RoundEnd)
                     }
                     Attack::CutAtDeviceState => header.kind == Kind::DeviceState,
-                    Attack::CutBeforeReady => false,
+                    Attack::DropCommit => header.kind == Kind::Commit,
+                    Attack::CutBeforeReady | Attack::DropResumed => false,
                     _ => t.frame == index,
                 }
         });
@@ -273,7 +312,8 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
                 false
             }
             Some(Attack::Cut | Attack::CutInRound | Attack::CutAtDeviceState) => false,
-            Some(Attack::CutBeforeReady) => to.write_all(&f).is_ok(),
+            Some(Attack::CutBeforeReady | Attack::DropResumed) => to.write_all(&f).is_ok(),
+            Some(Attack::DropCommit) => true,
             Some(Attack::Blackhole) => {
                 // Keep both sockets open, forward nothing, until the peers give up.
                 let mut sink = vec![0u8; 64 << 10];

@@ -83,6 +83,14 @@ impl Drop for Proc {
     }
 }
 
+/// `count` consecutive ports on loopback that are free now.
+pub fn free_ports(count: u16) -> u16 {
+    (20_000u16..60_000)
+        .step_by(usize::from(count))
+        .find(|&p| (p..p + count).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
+        .unwrap()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

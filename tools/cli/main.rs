@@ -116,6 +116,12 @@ enum Cmd {
     /// running at the source.
     #[command(after_help = "Example:\n  ferry cancel --api /run/ferry/web-1.sock")]
     Cancel(ApiArgs),
+    /// A migration in doubt (Commit sent, its confirmation lost): ask the
+    /// destination again what became of it. On its signed "committed" the
+    /// source VM shuts down; on "discarded" the guest resumes at the source;
+    /// otherwise it stays paused. Exit 0 answered, 3 still in doubt.
+    #[command(after_help = "Example:\n  ferry resolve --api /run/ferry/web-1.sock")]
+    Resolve(ApiArgs),
     /// Change the bandwidth cap of the migration a VMM runs now (it takes
     /// effect from the next batch sent).
     SetBandwidth(SetBandwidthArgs),
@@ -164,6 +170,7 @@ fn main() -> ExitCode {
         Cmd::Migrate(a) => a.run(),
         Cmd::Status(a) => a.status(),
         Cmd::Cancel(a) => a.cancel(),
+        Cmd::Resolve(a) => a.resolve(),
         Cmd::SetBandwidth(a) => a.run(),
         Cmd::Estimate(a) => a.run(),
         Cmd::Report(a) => a.run(),

@@ -15,7 +15,8 @@ pub(crate) const MIGRATE_EXAMPLES: &str = "Examples:
   ferry migrate --api /run/ferry/web-1.sock --to 10.0.0.2:7700 --dest-host dst --json --record web-1.json
 
 Exit status: 0 migrated; 1 failed or cancelled (the guest runs at the source);
-3 in doubt (commit sent, no confirmation: check the destination first);
+3 in doubt (commit sent, no confirmation, and the destination could not be
+asked: the guest stays paused; `ferry resolve` asks again);
 4 migrated without the destination's signed receipt.
 The migration runs in the VMM: stopping `ferry migrate` does not stop it;
 `ferry cancel` does (before the commit point).";
@@ -154,6 +155,11 @@ impl ApiArgs {
     /// Runs `ferry cancel`.
     pub(crate) fn cancel(self) -> Result<ExitCode, CliError> {
         Ok(ferry::ops::cancel(&self.api, self.json)?)
+    }
+
+    /// Runs `ferry resolve`.
+    pub(crate) fn resolve(self) -> Result<ExitCode, CliError> {
+        Ok(ferry::ops::resolve(&self.api, self.json)?)
     }
 }
 

@@ -104,8 +104,9 @@ pub(crate) struct VmArgs {
     /// stolen.
     #[arg(long, value_name = "BINARY_SHA256:CONFIG_SHA256")]
     pin_measurement: Vec<ferry_control::handshake::Measurement>,
-    /// Source: serve the local API (JSON lines: migrate, status, cancel) on
-    /// this Unix socket, for `ferry migrate`, `ferry status` and `ferry cancel`.
+    /// Source: serve the local API (JSON lines: migrate, status, cancel,
+    /// resolve, ...) on this Unix socket, for `ferry migrate`, `ferry
+    /// status`, `ferry cancel` and `ferry resolve`.
     #[arg(long, value_name = "PATH")]
     api: Option<std::path::PathBuf>,
     /// Source: with --migrate-to, write the migration's record here

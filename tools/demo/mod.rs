@@ -455,11 +455,21 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         let dst_cfg = cfg.clone();
         let dst_mem = &dst_mem;
         let dst_guest = &mut dst_guest;
+        // The commit is recorded (fdatasync'd) before the guest resumes.
+        let gate = dst_admitted.commit_gate();
         let dest = s.spawn(move || {
             // Both sides are in this process: the source cannot leave
             // without the demo ending.
             let conns = accept_proven(&listener, &dst_keys, dst_cfg.streams, dst_cfg.io_timeout, &|| false)?;
-            migrate_destination(dst_mem, dst_guest.control(), conns, &dst_keys, &dst_cfg, &Hooks::new())
+            migrate_destination(
+                dst_mem,
+                dst_guest.control(),
+                conns,
+                &dst_keys,
+                &dst_cfg,
+                &Hooks::new(),
+                Some(gate),
+            )
         });
         let target = opts.interpose.as_ref().map_or(addr, |f| f(addr));
         let src = connect_streams(target, cfg.streams, cfg.io_timeout)
@@ -546,7 +556,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         * 1e3;
     let transfer_s = src.committed_at.saturating_duration_since(src.started_at).as_secs_f64();
     say(&format!(
-        "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination resumed: downtime {downtime_ms:.2} ms",
+        "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination recorded the commit durably and resumed: downtime {downtime_ms:.2} ms",
         src.device_state_bytes
     ));
     let mut convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);

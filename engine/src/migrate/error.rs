@@ -99,8 +99,17 @@ pub enum MigrateError {
     #[error("cancelled before the commit point: the migration stopped and the guest keeps running at the source")]
     Cancelled,
     /// Commit was sent but the destination's confirmation never came.
-    #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source and is not resumed here; check the destination before resuming either copy: its audit log (`ferry audit verify`, then this migration id's `received` entry: the guest runs there, or `aborted`: it was discarded) or its daemon's event of the same name says which")]
+    #[error("commit sent, but the destination did not confirm that the guest runs within {0:?}: the guest stays PAUSED at the source until the destination says, signed, what became of the migration (ferry's source asks it: `ferry resolve`); its audit log says it too (this migration id's `received` entry: the guest runs there, `aborted`: it was discarded)")]
     InDoubt(Duration),
+    /// The source's Commit arrived after this destination had recorded the
+    /// migration as discarded (its source, in doubt, had asked): the guest
+    /// does not run here; the source resumes it on the signed answer.
+    #[error("the source's Commit came after this destination had discarded the migration (its source asked, in doubt): the guest does not run here and the source resumes it")]
+    DiscardedBeforeCommit,
+    /// The destination's decision record failed: the guest is not resumed
+    /// here without it.
+    #[error("{0}; the guest was not resumed here and the source keeps it paused until it learns the outcome")]
+    Decision(#[source] ferry_control::decision::DecisionError),
     /// Pre-copy cannot fit the rest in the downtime target and the policy
     /// said to give up: the guest was never paused and keeps running.
     #[error("{0}")]

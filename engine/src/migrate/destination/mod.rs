@@ -18,6 +18,7 @@ use crate::guest::GuestControl;
 use crate::memory::GuestMemory;
 use crate::progress::{Counters, Hooks, Progress, PROGRESS_EVERY};
 use crate::transport::ProvenStream;
+use ferry_control::decision::{CommitGate, Decision};
 
 pub(crate) enum DstReply {
     Hello(u16),
@@ -33,6 +34,13 @@ pub(crate) enum DstReply {
 /// memory of the source's size) and `guest` (not yet run). On `Ok` the guest
 /// runs here. On `Err` the guest never ran and `mem` holds a partial image
 /// that the caller must discard.
+///
+/// With a `gate` (the admitted session's
+/// [`CommitGate`](ferry_control::decision::CommitGate)), the source's Commit
+/// is recorded durably before the guest resumes, and not obeyed if the
+/// migration was discarded first (its source, in doubt, asked); a failure
+/// records the discard. Once the guest resumed, nothing the network does
+/// makes this an `Err`: the guest runs here.
 pub fn migrate_destination(
     mem: &GuestMemory,
     guest: &mut dyn GuestControl,
@@ -40,6 +48,7 @@ pub fn migrate_destination(
     keys: &SessionKeys,
     cfg: &MigrationConfig,
     hooks: &Hooks,
+    gate: Option<&CommitGate>,
 ) -> Result<DestReport, MigrateError> {
     cfg.validate_for(conns.len())?;
     let socks = clone_all(conns.iter().map(ProvenStream::socket))?;
@@ -80,8 +89,11 @@ pub fn migrate_destination(
                 .expect("spawning a receiver worker");
         }
         drop(reply_tx);
-        let r = dest_drive(guest, &cmd_txs, &reply_rx, cfg, hooks, &counters);
+        let r = dest_drive(guest, &cmd_txs, &reply_rx, cfg, hooks, &counters, gate);
         if r.is_err() {
+            if let Some(g) = gate {
+                g.discard();
+            }
             for s in &socks {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
@@ -92,7 +104,8 @@ pub fn migrate_destination(
     let (resumed_at, transcript_root) = result?;
     let (mut frames, mut pages, mut bytes) = (0, 0, 0);
     for s in &stats {
-        let (f, p, b) = *s.lock().map_err(|_| MigrateError::WorkersGone)?;
+        // The guest runs: a worker that panicked still left its counts.
+        let (f, p, b) = *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         frames += f;
         pages += p;
         bytes += b;
@@ -113,6 +126,7 @@ fn dest_drive(
     cfg: &MigrationConfig,
     hooks: &Hooks,
     counters: &Counters,
+    gate: Option<&CommitGate>,
 ) -> Result<(Instant, [u8; 32]), MigrateError> {
     let started = Instant::now();
     let n = cmd_txs.len();
@@ -123,7 +137,7 @@ fn dest_drive(
     let mut seen = 0u64;
     let mut state: Option<Vec<u8>> = None;
     let mut ready_sent = false;
-    let mut resumed_at = None;
+    let mut resumed: Option<(Instant, [u8; 32])> = None;
     let mut zero_worker = None;
     let mut deadline = Instant::now() + cfg.io_timeout * 3;
     loop {
@@ -140,6 +154,12 @@ fn dest_drive(
                 let (pages, bytes) = counters.get();
                 hooks.emit(&Progress::Receiving { pages, bytes });
                 continue;
+            }
+            // The guest runs here: a source gone quiet after Resumed changes
+            // nothing.
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) if resumed.is_some() => {
+                tracing::warn!("destination: the streams did not all end after the guest resumed; it runs here");
+                return resumed.ok_or(MigrateError::WorkersGone);
             }
             Err(RecvTimeoutError::Timeout) => {
                 return Err(MigrateError::SourceSilent(cfg.io_timeout * 3));
@@ -173,9 +193,17 @@ fn dest_drive(
                 state = Some(s);
             }
             DstReply::Commit => {
-                // The source has given the VM up: run it here.
+                // The source has given the VM up: record it, then run it
+                // here (unless it was discarded first: see CommitGate).
+                let root = transcript_root(&transcripts).ok_or(MigrateError::MissingTranscript)?;
+                if let Some(g) = gate {
+                    match g.commit().map_err(MigrateError::Decision)? {
+                        Decision::Committed => {}
+                        Decision::Discarded => return Err(MigrateError::DiscardedBeforeCommit),
+                    }
+                }
                 guest.resume()?;
-                resumed_at = Some(Instant::now());
+                resumed = Some((Instant::now(), root));
                 hooks.emit(&Progress::Resumed {
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 });
@@ -184,12 +212,17 @@ fn dest_drive(
             DstReply::Done => {
                 done += 1;
                 if done == n {
-                    let resumed_at = resumed_at.ok_or(MigrateError::Protocol {
+                    return resumed.ok_or(MigrateError::Protocol {
                         stream: 0,
                         detail: "streams ended without a commit".into(),
-                    })?;
-                    let root = transcript_root(&transcripts).ok_or(MigrateError::MissingTranscript)?;
-                    return Ok((resumed_at, root));
+                    });
+                }
+            }
+            DstReply::Failed(e) if resumed.is_some() => {
+                tracing::warn!("destination: a stream failed after the guest resumed (it runs here): {e}");
+                done += 1;
+                if done == n {
+                    return resumed.ok_or(MigrateError::WorkersGone);
                 }
             }
             DstReply::Failed(e) => {
