@@ -3,6 +3,10 @@
 //! policy) → migration request to the destination (mutual TLS 1.3, ticket,
 //! signature, replay and policy checks) → accepted, keys exported.
 //!
+//! Also the destination's decision record on the commit path: the durable
+//! "committed" line written (and fdatasync'd) between the source's Commit
+//! and the guest's resume, so it is inside the downtime.
+//!
 //! Run: `cargo bench --bench handshake`.
 
 use std::time::Duration;
@@ -35,5 +39,27 @@ fn handshake(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, handshake);
+fn decision(c: &mut Criterion) {
+    use ferry_control::decision::{Decision, DecisionLog};
+    let dir = ferry::lab::LabDir::new().expect("temp dir");
+    let log = DecisionLog::open(&dir.path().join("decisions")).expect("decision record");
+    let mut id = 0u64;
+    let mut g = c.benchmark_group("control");
+    g.sample_size(200).measurement_time(Duration::from_secs(5));
+    // Admission (not timed) writes the "admitted" line; the commit is timed.
+    g.bench_function("decision record: commit (fdatasync)", |b| {
+        b.iter_batched(
+            || {
+                id += 1;
+                log.admitted(id, "fp").expect("admitted");
+                id
+            },
+            |id| log.decide(id, Decision::Committed).expect("decided"),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, handshake, decision);
 criterion_main!(benches);

@@ -556,8 +556,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         * 1e3;
     let transfer_s = src.committed_at.saturating_duration_since(src.started_at).as_secs_f64();
     say(&format!(
-        "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination recorded the commit durably and resumed: downtime {downtime_ms:.2} ms",
-        src.device_state_bytes
+        "switchover: guest paused at the source, final pages + {} B of device state sent, destination verified and READY, source COMMITTED, destination recorded the commit durably ({:.2} ms) and resumed: downtime {downtime_ms:.2} ms",
+        src.device_state_bytes, dst.commit_record_ms
     ));
     let mut convergence = crate::record::Convergence::of_report(&src, downtime_ms, caps);
     convergence.prediction = prediction;

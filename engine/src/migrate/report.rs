@@ -129,6 +129,9 @@ pub struct DestReport {
     /// SHA-256 root over every stream's transcript of what was received.
     #[serde(skip)]
     pub transcript_root: [u8; 32],
+    /// How long recording the commit durably took (inside the downtime;
+    /// zero without a decision record).
+    pub commit_record_ms: f64,
 }
 
 /// Guest bytes per second in GB/s.

@@ -101,7 +101,11 @@ pub fn migrate_destination(
         drop(cmd_txs);
         r
     });
-    let (resumed_at, transcript_root) = result?;
+    let Resumed {
+        at: resumed_at,
+        transcript_root,
+        commit_record_ms,
+    } = result?;
     let (mut frames, mut pages, mut bytes) = (0, 0, 0);
     for s in &stats {
         // The guest runs: a worker that panicked still left its counts.
@@ -116,7 +120,16 @@ pub fn migrate_destination(
         bytes_received: bytes,
         resumed_at,
         transcript_root,
+        commit_record_ms,
     })
+}
+
+/// What the controller knows once the guest runs here.
+#[derive(Clone, Copy)]
+struct Resumed {
+    at: Instant,
+    transcript_root: [u8; 32],
+    commit_record_ms: f64,
 }
 
 fn dest_drive(
@@ -127,7 +140,7 @@ fn dest_drive(
     hooks: &Hooks,
     counters: &Counters,
     gate: Option<&CommitGate>,
-) -> Result<(Instant, [u8; 32]), MigrateError> {
+) -> Result<Resumed, MigrateError> {
     let started = Instant::now();
     let n = cmd_txs.len();
     let (mut hellos, mut finals, mut done) = (0, 0, 0);
@@ -137,7 +150,7 @@ fn dest_drive(
     let mut seen = 0u64;
     let mut state: Option<Vec<u8>> = None;
     let mut ready_sent = false;
-    let mut resumed: Option<(Instant, [u8; 32])> = None;
+    let mut resumed: Option<Resumed> = None;
     let mut zero_worker = None;
     let mut deadline = Instant::now() + cfg.io_timeout * 3;
     loop {
@@ -196,14 +209,20 @@ fn dest_drive(
                 // The source has given the VM up: record it, then run it
                 // here (unless it was discarded first: see CommitGate).
                 let root = transcript_root(&transcripts).ok_or(MigrateError::MissingTranscript)?;
+                let recording = Instant::now();
                 if let Some(g) = gate {
                     match g.commit().map_err(MigrateError::Decision)? {
                         Decision::Committed => {}
                         Decision::Discarded => return Err(MigrateError::DiscardedBeforeCommit),
                     }
                 }
+                let commit_record_ms = recording.elapsed().as_secs_f64() * 1e3;
                 guest.resume()?;
-                resumed = Some((Instant::now(), root));
+                resumed = Some(Resumed {
+                    at: Instant::now(),
+                    transcript_root: root,
+                    commit_record_ms,
+                });
                 hooks.emit(&Progress::Resumed {
                     elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 });
