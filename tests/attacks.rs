@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{relay, Attack, Target};
+use common::{relay, Attack, Target, OBSERVED};
 use ferry::demo::{self, DemoError, Failure};
 use ferry_engine::migrate::{IoError, MigrateError};
 
@@ -160,4 +160,44 @@ fn plain_relay_does_not_disturb_a_migration() {
     o.interpose = Some(relay(None, 2));
     let r = demo::run(&o, |_| {}).expect("migration through an honest relay");
     assert!(r.verified);
+}
+
+#[test]
+fn a_passive_observer_sees_neither_page_numbers_nor_zero_masks_nor_rounds() {
+    use ferry_engine::wire::Kind;
+    if !common::host_ready("a_passive_observer") {
+        return;
+    }
+    // Half the guest's pages are zero: in the clear, every Pages header
+    // would say which (zero mask), where (first page) and in which round.
+    let mut o = common::small(32 << 20, 1);
+    o.zero_fraction = 0.5;
+    o.interpose = Some(relay(Some(at(Attack::Observe, 0, 0)), 1));
+    let r = demo::run(&o, |_| {}).expect("migration through an observing relay");
+    assert!(r.verified);
+    let guest_pages = (32u64 << 20) / 4096;
+    let seen = OBSERVED.lock().unwrap().clone();
+    let pages: Vec<_> = seen.iter().filter(|h| h[5] == Kind::Pages as u8).collect();
+    assert!(pages.len() >= 100, "{} Pages frames seen", pages.len());
+    let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+    let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap());
+    // Masked, the fields are uniformly random: a value that would be
+    // plausible in the clear is a 1-in-billions coincidence.
+    let plausible_first = pages.iter().filter(|h| le64(&h[32..40]) < guest_pages).count();
+    let plausible_count = pages.iter().filter(|h| (1..=64).contains(&le32(&h[48..52]))).count();
+    let plausible_round = pages.iter().filter(|h| le32(&h[20..24]) < 1000).count();
+    let distinct_masks: std::collections::HashSet<u64> = pages.iter().map(|h| le64(&h[40..48])).collect();
+    assert!(
+        plausible_first <= 1 && plausible_count <= 1 && plausible_round <= 1,
+        "page fields in the clear: first page {plausible_first}, count {plausible_count}, round {plausible_round} of {}",
+        pages.len()
+    );
+    // In the clear, half-zero memory repeats a few zero masks; masked, each
+    // frame's is its own.
+    assert!(
+        distinct_masks.len() * 100 >= pages.len() * 99,
+        "{} distinct zero masks in {} frames",
+        distinct_masks.len(),
+        pages.len()
+    );
 }

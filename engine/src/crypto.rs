@@ -7,13 +7,17 @@
 //! and direction, so a nonce is never reused under a key. A new epoch (a
 //! fresh key) starts every 2^[`REKEY_SHIFT`] frames, far below AES-GCM's
 //! safe usage limit (TLS 1.3 rekeys after 2^24.5 full records).
+//!
+//! Each (direction, stream) also has a header key (label `ferry v2 header
+//! key`) for header protection: see [`crate::wire`] and
+//! [`StreamCrypto::header_mask`].
 
 use ferry_control::handshake::KeyGrant;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::hkdf;
 use thiserror::Error;
 
-use crate::wire::{MigrationId, Seq, StreamId, TAG_LEN};
+use crate::wire::{MigrationId, Seq, StreamId, HEADER_LEN, MASK_LEN, TAG_LEN};
 
 /// Frames per key: a stream rekeys when `seq >> REKEY_SHIFT` changes.
 pub const REKEY_SHIFT: u32 = 24;
@@ -135,6 +139,20 @@ impl SessionKeys {
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)
     }
 
+    /// The header-protection key of (`dir`, `stream`).
+    fn header_key(&self, dir: Direction, stream: StreamId) -> LessSafeKey {
+        let dir_b = [dir as u8];
+        let stream_b = stream.0.to_be_bytes();
+        let mig_b = self.migration.0.to_be_bytes();
+        let info: [&[u8]; 4] = [b"ferry v2 header key", &dir_b, &stream_b, &mig_b];
+        let mut k = [0u8; 32];
+        self.prk
+            .expand(&info, KeyLen(32))
+            .and_then(|okm| okm.fill(&mut k))
+            .expect("HKDF-SHA256 can always expand 32 bytes");
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k).expect("32 bytes is an AES-256 key"))
+    }
+
     fn key_bytes(&self, dir: Direction, stream: StreamId, epoch: u64) -> [u8; 32] {
         let dir_b = [dir as u8];
         let stream_b = stream.0.to_be_bytes();
@@ -189,6 +207,8 @@ pub struct StreamCrypto {
     backend: AeadBackend,
     epoch: u64,
     aead: Aead,
+    /// Header protection (ring in every backend: a mask is 24 bytes).
+    header: LessSafeKey,
     /// Next sequence the sealer may use (sealing side only).
     next_seal: u64,
 }
@@ -214,8 +234,32 @@ impl StreamCrypto {
             backend,
             epoch: 0,
             aead,
+            header: keys.header_key(dir, stream),
             next_seal: 0,
         }
+    }
+
+    /// The header-protection mask of the frame whose tag is `tag`: the
+    /// AES-256-CTR keystream under this stream's header key with the tag's
+    /// first 12 bytes as the nonce (ring's AES-GCM sealing 24 zero bytes;
+    /// its own tag is dropped). A tag is a fresh pseudo-random value per
+    /// frame, so two frames share a mask only if their tags share 96 bits.
+    pub fn header_mask(&self, tag: &[u8; TAG_LEN]) -> [u8; MASK_LEN] {
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&tag[..12]);
+        let mut mask = [0u8; MASK_LEN];
+        let _ = self
+            .header
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut mask)
+            .expect("AES-GCM seals 24 bytes");
+        mask
+    }
+
+    /// Unmasks the protected fields of a received `header` whose frame
+    /// ends with `tag` (then decode it, and open the frame with it as the
+    /// associated data: a changed masked byte fails the tag).
+    pub fn unmask(&self, header: &mut [u8; HEADER_LEN], tag: &[u8; TAG_LEN]) {
+        crate::wire::apply_mask(header, &self.header_mask(tag));
     }
 
     fn key_for(&mut self, seq: u64) -> &Aead {
@@ -316,11 +360,15 @@ impl Sealer {
         Seq(self.crypto.next_seal)
     }
 
-    /// Seals `in_out` in place under [`next_seq`](Self::next_seq) with `aad`
-    /// authenticated; returns that sequence and the tag.
-    pub fn seal_next(&mut self, aad: &[u8], in_out: &mut [u8]) -> (Seq, [u8; TAG_LEN]) {
+    /// Seals the frame payload `in_out` in place under
+    /// [`next_seq`](Self::next_seq) with its `header` authenticated, then
+    /// masks the header's protected fields (every sealed frame is
+    /// protected; see [`crate::wire`]); returns that sequence and the tag.
+    pub fn seal_next(&mut self, header: &mut [u8; HEADER_LEN], in_out: &mut [u8]) -> (Seq, [u8; TAG_LEN]) {
         let seq = self.crypto.next_seal;
-        (Seq(seq), self.crypto.seal(seq, aad, in_out))
+        let tag = self.crypto.seal(seq, header, in_out);
+        crate::wire::apply_mask(header, &self.crypto.header_mask(&tag));
+        (Seq(seq), tag)
     }
 }
 

@@ -160,7 +160,8 @@ pub fn encode_pages(
         chunk = Some(digest_of_sums(&out[sums_at..]));
     }
     let (head, payload) = out.split_at_mut(body);
-    let (sealed, tag) = sealer.seal_next(&head[start..], payload);
+    let head: &mut [u8; HEADER_LEN] = (&mut head[start..]).try_into().expect("one header");
+    let (sealed, tag) = sealer.seal_next(head, payload);
     debug_assert_eq!(sealed, seq);
     out.extend_from_slice(&tag);
     debug_assert_eq!(out.len() - start, HEADER_LEN + payload_len);
@@ -205,7 +206,8 @@ pub fn encode_control(
     let body = out.len();
     out.extend_from_slice(payload);
     let (head, p) = out.split_at_mut(body);
-    let (sealed, tag) = sealer.seal_next(&head[start..], p);
+    let head: &mut [u8; HEADER_LEN] = (&mut head[start..]).try_into().expect("one header");
+    let (sealed, tag) = sealer.seal_next(head, p);
     debug_assert_eq!(sealed, seq);
     out.extend_from_slice(&tag);
     out.len() - start
@@ -233,8 +235,22 @@ pub enum FrameError {
     IntegrityMode(&'static str),
 }
 
-/// Opens a frame in place: `frame` is the whole frame (header + payload +
-/// tag). Returns the plaintext payload.
+/// Unmasks the header of a whole received `frame` (header, payload, tag) in
+/// place with the mask of its tag (header protection: see [`crate::wire`])
+/// and decodes it; then [`open_frame`] authenticates it.
+pub fn unprotect(frame: &mut [u8], crypto: &StreamCrypto) -> Result<FrameHeader, wire::WireError> {
+    if frame.len() < HEADER_LEN + TAG_LEN {
+        return Err(wire::WireError::BadLength(format!("frame of {} bytes", frame.len())));
+    }
+    let (head, rest) = frame.split_at_mut(HEADER_LEN);
+    let head: &mut [u8; HEADER_LEN] = head.try_into().expect("split at HEADER_LEN");
+    let tag: &[u8; TAG_LEN] = rest[rest.len() - TAG_LEN..].try_into().expect("TAG_LEN bytes");
+    crypto.unmask(head, tag);
+    FrameHeader::decode(head)
+}
+
+/// Opens a frame in place: `frame` is the whole frame (header, unmasked by
+/// [`unprotect`], + payload + tag). Returns the plaintext payload.
 pub fn open_frame<'a>(
     header: &FrameHeader,
     frame: &'a mut [u8],
@@ -363,8 +379,20 @@ mod tests {
         let mut at = 0;
         let mut received_chunks = Vec::new();
         while at < out.len() {
-            let h = FrameHeader::decode(out[at..at + HEADER_LEN].try_into().unwrap()).unwrap();
-            let len = h.frame_len();
+            let len = wire::Outer::decode(out[at..at + HEADER_LEN].try_into().unwrap())
+                .unwrap()
+                .frame_len();
+            let travelled: [u8; HEADER_LEN] = out[at..at + HEADER_LEN].try_into().unwrap();
+            let h = unprotect(&mut out[at..at + len], &rx).unwrap();
+            // The page fields travelled masked, the rest in the clear.
+            assert_ne!(
+                travelled[32..52],
+                h.encode()[32..52],
+                "first page, zero mask, count masked"
+            );
+            assert_ne!(travelled[20..24], h.encode()[20..24], "round masked");
+            assert_eq!(travelled[..20], h.encode()[..20]);
+            assert_eq!(travelled[24..32], h.encode()[24..32]);
             let plain = open_frame(&h, &mut out[at..at + len], &mut rx).unwrap();
             received_chunks.push(chunk_digest(&h, plain));
             apply_pages(&h, plain, integrity, &dst, false).unwrap();
@@ -372,6 +400,25 @@ mod tests {
         }
         assert_eq!(sent_chunks, received_chunks);
         assert_eq!(src.digest(), dst.digest());
+    }
+
+    #[test]
+    fn a_changed_masked_header_byte_fails_the_tag() {
+        let (src, keys) = setup();
+        let hdr = StreamHeader {
+            migration: MigrationId(5),
+            stream: StreamId(0),
+        };
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut out = Vec::new();
+        encode_pages(&src, PageIndex(0), 4, hdr, 3, Integrity::Aead, 0, &mut tx, &mut out);
+        // The round, masked: still a well-formed header once unmasked, but
+        // not the one the tag authenticates.
+        out[21] ^= 1;
+        let h = unprotect(&mut out, &rx).unwrap();
+        assert_ne!(h.round, 3);
+        assert!(matches!(open_frame(&h, &mut out, &mut rx), Err(FrameError::Tag(_))));
     }
 
     #[test]
@@ -435,7 +482,8 @@ mod tests {
             &mut plain,
         );
         // Rebuild the frame by hand: header, page bytes, a corrupted digest.
-        let h = FrameHeader::decode(plain[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let rx9 = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(9), AeadBackend::Ring);
+        let h = unprotect(&mut plain, &rx9).unwrap();
         let mut body = Vec::new();
         for p in [1u64, 2] {
             let mut page = [0u8; PAGE_SIZE];
@@ -451,11 +499,12 @@ mod tests {
             }
             body.extend_from_slice(&d);
         }
-        let head = h.encode();
-        let (_, tag) = tx.seal_next(&head, &mut body);
+        let mut head = h.encode();
+        let (_, tag) = tx.seal_next(&mut head, &mut body);
         let mut frame = head.to_vec();
         frame.extend_from_slice(&body);
         frame.extend_from_slice(&tag);
+        let h = unprotect(&mut frame, &rx).unwrap();
         let p = open_frame(&h, &mut frame, &mut rx).unwrap();
         assert_eq!(
             apply_pages(&h, p, Integrity::AeadSha256, &dst, false),
@@ -480,7 +529,7 @@ mod tests {
         let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut out = Vec::new();
         encode_pages(&src, PageIndex(0), 4, hdr, 1, Integrity::Aead, 0, &mut tx, &mut out);
-        let h = FrameHeader::decode(out[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let h = unprotect(&mut out, &rx).unwrap();
         let p = open_frame(&h, &mut out, &mut rx).unwrap();
         assert!(matches!(
             apply_pages(&h, p, Integrity::AeadSha256, &dst, false),

@@ -15,6 +15,19 @@
 //!  +--------------+--------------+-----------+------------+---------------------+-----+
 //! ```
 //!
+//! **Header protection** (version 2): `round`, `first page`, `zero mask` and
+//! `page count` (bytes 20..24 and 32..52, [`MASK_LEN`] in all) travel XORed
+//! with a per-frame mask, so a passive observer does not learn the guest's
+//! zero-page map or which pages each round rewrites. As in QUIC (RFC 9001,
+//! section 5.4), the mask comes from a sample of the sealed frame: it is the
+//! AES-256-CTR keystream (ring's AES-GCM sealing zeros) under a header key of
+//! the stream and direction, with the first 12 bytes of the frame's tag as
+//! the nonce ([`crate::crypto::StreamCrypto::header_mask`]). The AEAD
+//! authenticates the *unmasked* header, so a changed masked byte fails the
+//! tag. What stays in the clear: kind, flags, migration id, stream,
+//! sequence and the payload length (which says how many non-zero pages a
+//! frame carries, not where they are).
+//!
 //! All integers are little-endian. `kind` 0 is reserved as invalid, so a
 //! zeroed header never decodes. `sequence` counts frames per stream and
 //! direction from 0; the receiver accepts only the next one, which makes a
@@ -46,8 +59,8 @@ use thiserror::Error;
 
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"FRYM";
-/// Wire format version this build speaks.
-pub const VERSION: u8 = 1;
+/// Wire format version this build speaks (2: header protection).
+pub const VERSION: u8 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 56;
 /// AES-GCM tag size in bytes.
@@ -71,6 +84,65 @@ pub const FLAG_DIGESTS: u8 = 1 << 0;
 /// Flag: this `RoundEnd` closes the final (stop-and-copy) round.
 pub const FLAG_FINAL: u8 = 1 << 1;
 const KNOWN_FLAGS: u8 = FLAG_DIGESTS | FLAG_FINAL;
+
+/// Bytes of header masked by header protection (see the module docs).
+pub const MASK_LEN: usize = 24;
+/// The masked ranges of the header: round, then first page, zero mask and
+/// page count.
+const MASKED: [(usize, usize); 2] = [(20, 24), (32, 52)];
+
+/// XORs `mask` into the protected fields of `header` (masks or unmasks).
+pub fn apply_mask(header: &mut [u8; HEADER_LEN], mask: &[u8; MASK_LEN]) {
+    let mut m = mask.iter();
+    for (from, to) in MASKED {
+        for (b, k) in header[from..to].iter_mut().zip(&mut m) {
+            *b ^= k;
+        }
+    }
+}
+
+/// The clear part of a (masked) header: enough to frame the stream before
+/// the frame is whole and its mask can be computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Stream it travels on.
+    pub stream: StreamId,
+    /// Sequence number.
+    pub seq: Seq,
+    /// Ciphertext + tag length (bounded by [`MAX_PAYLOAD`]).
+    pub payload_len: u32,
+}
+
+impl Outer {
+    /// Checks magic, version, kind and the payload length's bounds.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Outer, WireError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(WireError::BadMagic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(WireError::BadVersion(b[4]));
+        }
+        let kind = Kind::from_u8(b[5]).ok_or(WireError::BadKind(b[5]))?;
+        let payload_len = u32_at(b, 52);
+        if !(TAG_LEN..=MAX_PAYLOAD).contains(&(payload_len as usize)) {
+            return Err(WireError::BadLength(format!("payload {payload_len} bytes")));
+        }
+        Ok(Outer {
+            kind,
+            stream: StreamId(u16_at(b, 16)),
+            seq: Seq(u64_at(b, 24)),
+            payload_len,
+        })
+    }
+
+    /// Whole frame length on the wire.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.payload_len as usize
+    }
+}
 
 /// Identifies one migration; bound into every frame and every key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -239,9 +311,10 @@ impl FrameHeader {
         b
     }
 
-    /// Decodes and checks a header: magic, version, kind, reserved bits, and
-    /// every length against its limit. Says nothing of authenticity: that is
-    /// the AEAD's job, with these bytes as associated data.
+    /// Decodes and checks an *unmasked* header: magic, version, kind,
+    /// reserved bits, and every length against its limit. Says nothing of
+    /// authenticity: that is the AEAD's job, with these bytes as associated
+    /// data.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
         let magic = [b[0], b[1], b[2], b[3]];
         if magic != MAGIC {
@@ -480,6 +553,22 @@ mod tests {
     }
 
     #[test]
+    fn a_mask_applied_twice_is_undone_and_touches_only_the_page_fields() {
+        let h = pages_header().encode();
+        let mut b = h;
+        apply_mask(&mut b, &[0xff; MASK_LEN]);
+        for (i, (x, y)) in h.iter().zip(&b).enumerate() {
+            let masked = (20..24).contains(&i) || (32..52).contains(&i);
+            assert_eq!(x != y, masked, "byte {i}");
+        }
+        // The clear fields still frame the stream.
+        let o = Outer::decode(&b).unwrap();
+        assert_eq!((o.kind, o.frame_len()), (Kind::Pages, pages_header().frame_len()));
+        apply_mask(&mut b, &[0xff; MASK_LEN]);
+        assert_eq!(b, h);
+    }
+
+    #[test]
     fn rejects_malformed_headers() {
         assert!(matches!(
             FrameHeader::decode(&[0; HEADER_LEN]),
@@ -487,8 +576,9 @@ mod tests {
         ));
         let good = pages_header().encode();
         let mut b = good;
-        b[4] = 2;
-        assert_eq!(FrameHeader::decode(&b), Err(WireError::BadVersion(2)));
+        b[4] = 1; // version 1: headers in the clear, not spoken any more
+        assert_eq!(FrameHeader::decode(&b), Err(WireError::BadVersion(1)));
+        assert_eq!(Outer::decode(&b), Err(WireError::BadVersion(1)));
         let mut b = good;
         b[5] = 0;
         assert_eq!(FrameHeader::decode(&b), Err(WireError::BadKind(0)));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferry::demo::{DemoOptions, GuestKind, Interpose};
 use ferry_engine::migrate::MigrationConfig;
-use ferry_engine::wire::{FrameHeader, Kind, HEADER_LEN};
+use ferry_engine::wire::{Kind, Outer, HEADER_LEN};
 
 /// Returns false, after printing a loud SKIPPED line naming what is
 /// missing, unless every probe in `needs` (what, its probe's result) passed.
@@ -101,7 +101,13 @@ pub enum Attack {
     /// Destination to source: drop the destination's Resumed frame
     /// (stream 0), forward the rest.
     DropResumed,
+    /// A passive observer: forward everything, keeping a copy of every
+    /// source→destination frame header in [`OBSERVED`].
+    Observe,
 }
+
+/// The frame headers an [`Attack::Observe`] relay saw, as they travelled.
+pub static OBSERVED: Mutex<Vec<[u8; HEADER_LEN]>> = Mutex::new(Vec::new());
 
 /// Where the attack strikes: a stream (by the id in its frames) and the
 /// index of a frame on it (0 is the Hello).
@@ -200,7 +206,7 @@ fn backwards(mut from: TcpStream, mut to: TcpStream, attack: Attack) {
         return;
     }
     while let Some(f) = read_frame(&mut from) {
-        let h = FrameHeader::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
+        let h = Outer::decode(f[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
         if attack == Attack::DropResumed && h.kind == Kind::Resumed {
             continue;
         }
@@ -216,7 +222,9 @@ fn backwards(mut from: TcpStream, mut to: TcpStream, attack: Attack) {
 fn read_frame(from: &mut TcpStream) -> Option<Vec<u8>> {
     let mut hb = [0u8; HEADER_LEN];
     from.read_exact(&mut hb).ok()?;
-    let h = FrameHeader::decode(&hb).ok()?;
+    // Only the clear fields: the relay has no keys (round, pages and zero
+    // mask travel masked).
+    let h = Outer::decode(&hb).ok()?;
     let mut f = vec![0u8; h.frame_len()];
     f[..HEADER_LEN].copy_from_slice(&hb);
     from.read_exact(&mut f[HEADER_LEN..]).ok()?;
@@ -247,8 +255,11 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
         close(&from, &to);
         return;
     };
-    let h = FrameHeader::decode(hello[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
+    let h = Outer::decode(hello[..HEADER_LEN].try_into().expect("header")).expect("decoded once");
     let stream = Some(h.stream.0);
+    // The round a frame belongs to, as an observer can tell it: one more
+    // than the RoundEnds seen on the stream.
+    let mut round = 1u32;
     first.extend_from_slice(&hello);
     let mut next = Some(first);
     let mut index = 0u64;
@@ -277,17 +288,25 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
         }
         // The first unit carries the session proof before its frame.
         let at = if index == 0 { PREAMBLE_LEN } else { 0 };
-        let header = FrameHeader::decode(f[at..at + HEADER_LEN].try_into().expect("header")).expect("decoded once");
+        let raw: [u8; HEADER_LEN] = f[at..at + HEADER_LEN].try_into().expect("header");
+        let header = Outer::decode(&raw).expect("decoded once");
+        if target.is_some_and(|t| t.attack == Attack::Observe) {
+            OBSERVED.lock().expect("observer lock").push(raw);
+        }
+        let this_round = round;
+        if header.kind == Kind::RoundEnd {
+            round += 1;
+        }
         let hit = target.filter(|t| {
             Some(t.stream) == stream
                 && match t.attack {
                     Attack::CutInRound => {
-                        header.round == u32::try_from(t.frame).unwrap_or(u32::MAX)
+                        this_round == u32::try_from(t.frame).unwrap_or(u32::MAX)
                             && matches!(header.kind, Kind::Pages | Kind::RoundEnd)
                     }
                     Attack::CutAtDeviceState => header.kind == Kind::DeviceState,
                     Attack::DropCommit => header.kind == Kind::Commit,
-                    Attack::CutBeforeReady | Attack::DropResumed => false,
+                    Attack::CutBeforeReady | Attack::DropResumed | Attack::Observe => false,
                     _ => t.frame == index,
                 }
         });
@@ -312,7 +331,7 @@ fn frames(mut from: TcpStream, mut to: TcpStream, target: Option<Target>, victim
                 false
             }
             Some(Attack::Cut | Attack::CutInRound | Attack::CutAtDeviceState) => false,
-            Some(Attack::CutBeforeReady | Attack::DropResumed) => to.write_all(&f).is_ok(),
+            Some(Attack::CutBeforeReady | Attack::DropResumed | Attack::Observe) => to.write_all(&f).is_ok(),
             Some(Attack::DropCommit) => true,
             Some(Attack::Blackhole) => {
                 // Keep both sockets open, forward nothing, until the peers give up.

@@ -13,7 +13,7 @@ use super::MigrateError;
 use crate::crypto::StreamCrypto;
 use crate::io::Conn;
 use crate::pipeline;
-use crate::wire::{self, FrameHeader, MigrationId, HEADER_LEN};
+use crate::wire::{self, FrameHeader, MigrationId, Outer, HEADER_LEN};
 
 /// One stream's receiving half.
 pub struct Inbox {
@@ -150,26 +150,31 @@ impl Inbox {
         let mut pos = 0;
         let mut keep_reading = true;
         while self.fill - pos >= HEADER_LEN {
-            let mut hb = [0u8; HEADER_LEN];
-            hb.copy_from_slice(&buf[pos..pos + HEADER_LEN]);
-            let h = FrameHeader::decode(&hb).map_err(|source| MigrateError::Malformed {
+            let hb: &[u8; HEADER_LEN] = buf[pos..pos + HEADER_LEN].try_into().expect("one header");
+            let after_seq = self.next_seq;
+            let malformed = |source| MigrateError::Malformed {
                 stream,
-                after_seq: self.next_seq,
+                after_seq,
                 source,
-            })?;
-            let len = h.frame_len();
+            };
+            // Only the clear fields until the whole frame is here.
+            let outer = Outer::decode(hb).map_err(malformed)?;
+            let len = outer.frame_len();
             if len > self.max_frame {
                 return Err(MigrateError::Protocol {
                     stream,
                     detail: format!(
                         "{:?} frame of {len} bytes exceeds the {}-byte limit",
-                        h.kind, self.max_frame
+                        outer.kind, self.max_frame
                     ),
                 });
             }
             if self.fill - pos < len {
                 break;
             }
+            // The whole frame is here: unmask its header (what the tag
+            // authenticates) and decode all of it.
+            let h = pipeline::unprotect(&mut buf[pos..pos + len], &self.opener).map_err(malformed)?;
             if h.migration != self.migration {
                 return Err(MigrateError::Protocol {
                     stream,
@@ -321,7 +326,7 @@ mod tests {
     #[test]
     fn replayed_and_foreign_frames_are_refused() {
         let (bytes, _) = frames(2);
-        let first_len = FrameHeader::decode(bytes[..HEADER_LEN].try_into().unwrap())
+        let first_len = wire::Outer::decode(bytes[..HEADER_LEN].try_into().unwrap())
             .unwrap()
             .frame_len();
         // The first frame twice: a replay.
