@@ -137,6 +137,10 @@ fn every_command_explains_itself_with_examples() {
         &["report"],
         &["audit"],
         &["audit", "verify"],
+        &["policy"],
+        &["policy", "check"],
+        &["policy", "explain"],
+        &["resolve"],
         &["workload"],
         &[],
     ] {
@@ -225,4 +229,54 @@ fn a_bad_data_port_range_is_refused_with_the_reason() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the first port must not be above the last"), "{err}");
+}
+
+#[test]
+fn policy_check_and_explain_name_the_deciding_rule_and_the_broken_line() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/policy.example.toml");
+    let out = ferry(&["policy", "check", example]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("2 [[allow]] rule(s)") && text.contains("2 [[incoming]] rule(s)"),
+        "{text}"
+    );
+    let ask = |at: &str| {
+        ferry(&[
+            "policy",
+            "explain",
+            example,
+            "--principal",
+            "night-batch",
+            "--vm",
+            "db-7",
+            "--from",
+            "rack1-a",
+            "--to",
+            "rack1-b",
+            "--at",
+            at,
+        ])
+    };
+    let day = ask("12:00");
+    let text = String::from_utf8_lossy(&day.stdout);
+    assert_eq!(day.status.code(), Some(2), "{text}");
+    assert!(text.contains("12:00 UTC is outside its window 22:00-02:00"), "{text}");
+    assert!(text.contains("DENIED"), "{text}");
+    let night = ask("23:30");
+    let text = String::from_utf8_lossy(&night.stdout);
+    assert!(night.status.success(), "{text}");
+    assert!(text.contains("ALLOWED by [[allow]] #2"), "{text}");
+    assert!(text.contains("ADMITTED by [[incoming]] #2"), "{text}");
+    // A broken file: the error names the file, the line and the field.
+    let dir = ferry::lab::LabDir::new().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[incoming]]\nfrom = [\"src\"]\nvms = [\"*\"]\nsurprise = 1\n").unwrap();
+    let out = ferry(&["policy", "check", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("line 4") && err.contains("surprise"),
+        "{err}"
+    );
 }

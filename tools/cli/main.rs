@@ -23,6 +23,7 @@ mod demo;
 mod error;
 mod ops;
 mod pki;
+mod policy;
 mod receive;
 mod serve;
 mod vm;
@@ -35,6 +36,7 @@ use self::demo::DemoArgs;
 use self::error::CliError;
 use self::ops::{ApiArgs, EstimateArgs, MigrateArgs, ReportArgs, SetBandwidthArgs, MIGRATE_EXAMPLES};
 use self::pki::PkiCmd;
+use self::policy::PolicyCmd;
 use self::receive::ReceiveArgs;
 use self::serve::ServeCmd;
 use self::vm::{VmArgs, VM_EXAMPLES};
@@ -88,6 +90,13 @@ enum Cmd {
         after_help = "Example:\n  ferry pki init --out /etc/ferry/pki --hosts src,dst"
     )]
     Pki(PkiCmd),
+    /// Check a policy file, or ask it which rule allows or denies a migration
+    /// (`policy.example.toml` documents every rule and field).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  ferry policy check /etc/ferry/policy.toml\n  ferry policy explain /etc/ferry/policy.toml --principal operator --vm web-1 --from src --to dst"
+    )]
+    Policy(PolicyCmd),
     /// Run a control-plane server: the authentication or the authorization server.
     #[command(
         subcommand,
@@ -178,6 +187,7 @@ fn main() -> ExitCode {
         Cmd::Vm(a) => a.run(),
         Cmd::Receive(a) => a.run(),
         Cmd::Pki(a) => a.run(),
+        Cmd::Policy(a) => a.run(),
     };
     match r {
         Ok(code) => code,
