@@ -141,6 +141,7 @@ fn every_command_explains_itself_with_examples() {
         &["policy", "check"],
         &["policy", "explain"],
         &["resolve"],
+        &["doctor"],
         &["workload"],
         &[],
     ] {

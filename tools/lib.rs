@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod destination;
+pub mod doctor;
 pub mod estimate;
 pub mod host;
 pub mod lab;

@@ -121,7 +121,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn folder(self) -> &'static str {
+    /// Its folder under a PKI directory: `hosts` or `clients`.
+    pub fn folder(self) -> &'static str {
         match self {
             Role::Host => "hosts",
             Role::Client => "clients",
@@ -323,6 +324,14 @@ pub fn verify_by_cert(cert_der: &[u8], msg: &[u8], sig: &[u8]) -> bool {
         Ok(ee) => ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig).is_ok(),
         Err(_) => false,
     }
+}
+
+/// A certificate's validity (not before, not after), Unix seconds, read with
+/// x509-parser; `None` if it does not parse.
+pub fn cert_validity(cert_der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// The names a certificate is for (DNS SANs, else its CN), read with x509-parser.

@@ -24,3 +24,18 @@ pub fn kvm() -> Result<(), String> {
         .map(drop)
         .map_err(|e| format!("/dev/kvm unavailable ({e})"))
 }
+
+/// Whether the kernel says the system clock is synchronized (NTP or PTP
+/// keeping it): `adjtimex` in read-only mode, `TIME_ERROR` meaning not.
+pub fn clock_synchronized() -> Result<bool, String> {
+    // SAFETY: `timex` is plain data; all-zero (`modes` 0) asks adjtimex to
+    // read the clock's state without changing anything, and the kernel
+    // writes only into the struct we own for the duration of the call.
+    let mut t: libc::timex = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid, exclusively borrowed timex (see above).
+    let state = unsafe { libc::adjtimex(&mut t) };
+    if state < 0 {
+        return Err(format!("adjtimex failed: {}", std::io::Error::last_os_error()));
+    }
+    Ok(state != libc::TIME_ERROR)
+}

@@ -20,6 +20,7 @@ use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 mod audit;
 mod common;
 mod demo;
+mod doctor;
 mod error;
 mod ops;
 mod pki;
@@ -33,6 +34,7 @@ use self::audit::AuditCmd;
 use self::common::ConvergeArgs;
 use self::common::{parse_port_range, GuestShape, HostArgs};
 use self::demo::DemoArgs;
+use self::doctor::DoctorArgs;
 use self::error::CliError;
 use self::ops::{ApiArgs, EstimateArgs, MigrateArgs, ReportArgs, SetBandwidthArgs, MIGRATE_EXAMPLES};
 use self::pki::PkiCmd;
@@ -97,6 +99,13 @@ enum Cmd {
         after_help = "Examples:\n  ferry policy check /etc/ferry/policy.toml\n  ferry policy explain /etc/ferry/policy.toml --principal operator --vm web-1 --from src --to dst"
     )]
     Policy(PolicyCmd),
+    /// Check this host against what ferry needs (io_uring, userfaultfd
+    /// write-protect, KVM, limits, the clock; with options the PKI, ports,
+    /// policy and state directory) and name the fix for each miss.
+    #[command(
+        after_help = "Examples:\n  ferry doctor\n  ferry doctor --pki /etc/ferry/pki --name dst --listen 0.0.0.0:7700 --policy /etc/ferry/incoming.toml --state-dir /var/lib/ferry\n\nExit status: 0 nothing failed (warnings allowed), 1 a check failed."
+    )]
+    Doctor(DoctorArgs),
     /// Run a control-plane server: the authentication or the authorization server.
     #[command(
         subcommand,
@@ -188,6 +197,7 @@ fn main() -> ExitCode {
         Cmd::Receive(a) => a.run(),
         Cmd::Pki(a) => a.run(),
         Cmd::Policy(a) => a.run(),
+        Cmd::Doctor(a) => a.run(),
     };
     match r {
         Ok(code) => code,
