@@ -15,11 +15,13 @@ use ferry_control::modes::GuestKind;
 use ferry_control::pki::{self, Identity, Role};
 use ferry_control::policy::Policy;
 use ferry_control::replay::ReplayCache;
-use ferry_control::servers::{self, AuthnServer, AuthzServer};
+use ferry_control::servers::{self, AuthnServer, AuthzServer, ServerReply};
 use ferry_control::tls;
 use ferry_engine::guest::{GuestControl, GuestError};
 use ferry_vmm::kvm::KvmVm;
 use ferry_vmm::workload::SyntheticGuest;
+
+use crate::metrics::Metrics;
 
 fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
@@ -43,28 +45,65 @@ fn park_forever() -> ! {
     }
 }
 
-/// Serves `handler` over mutual TLS as host `name` on `listen` until killed.
+/// Starts the metrics endpoint at `addr`, if asked: the metrics and the
+/// address it is bound to.
+fn start_metrics(addr: Option<SocketAddr>) -> Result<(Arc<Metrics>, Option<String>), String> {
+    let m = Metrics::new();
+    let bound = match addr {
+        Some(a) => Some(m.serve(a).map_err(e)?.to_string()),
+        None => None,
+    };
+    Ok((m, bound))
+}
+
+/// Serves `handler` over mutual TLS as host `name` on `listen` until
+/// killed, counting its answers in metrics served at `metrics`.
 fn serve_as(
     pki_dir: &Path,
     name: &str,
     listen: SocketAddr,
-    label: &str,
+    metrics: Option<SocketAddr>,
+    label: &'static str,
     handler: servers::Handler,
 ) -> Result<(), String> {
     let id = Identity::load(pki_dir, Role::Host, name).map_err(e)?;
     let cfg = tls::server_config_for(&id, pki_dir).map_err(e)?;
     let l = bind(listen)?;
     let addr = l.local_addr().map_err(e)?;
-    servers::serve(l, cfg, handler, Arc::new(AtomicBool::new(false)), Default::default()).map_err(e)?;
-    event(&serde_json::json!({"event": "listening", "server": label, "addr": addr.to_string()}));
+    let (m, metrics_addr) = start_metrics(metrics)?;
+    let counted: servers::Handler = Arc::new(move |peer, req| {
+        let reply = handler(peer, req);
+        let (result, code) = match &reply {
+            ServerReply::Ticket { .. } => ("issued", String::new()),
+            ServerReply::Deny(r) => ("denied", r.code.clone()),
+        };
+        m.tickets
+            .get_or_create(&crate::metrics::Ticket {
+                server: label.into(),
+                result: result.into(),
+                code,
+            })
+            .inc();
+        reply
+    });
+    servers::serve(l, cfg, counted, Arc::new(AtomicBool::new(false)), Default::default()).map_err(e)?;
+    event(
+        &serde_json::json!({"event": "listening", "server": label, "addr": addr.to_string(), "metrics": metrics_addr}),
+    );
     park_forever()
 }
 
 /// `ferry serve authn`: issues authentication tickets to clients whose
 /// certificates chain to the CA under `pki`.
-pub fn serve_authn(pki_dir: &Path, name: &str, listen: SocketAddr, ttl_s: u64) -> Result<(), String> {
+pub fn serve_authn(
+    pki_dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    ttl_s: u64,
+) -> Result<(), String> {
     let server = Arc::new(AuthnServer::new(pki::signing_key(pki_dir, "authn").map_err(e)?, ttl_s));
-    serve_as(pki_dir, name, listen, "authn", servers::authn_handler(server))
+    serve_as(pki_dir, name, listen, metrics, "authn", servers::authn_handler(server))
 }
 
 /// `ferry serve authz`: issues authorization tickets under `policy` for
@@ -73,6 +112,7 @@ pub fn serve_authz(
     pki_dir: &Path,
     name: &str,
     listen: SocketAddr,
+    metrics: Option<SocketAddr>,
     policy: &Path,
     audit: &Path,
     ttl_s: u64,
@@ -91,7 +131,7 @@ pub fn serve_authz(
         )
         .with_audit(Arc::new(log)),
     );
-    serve_as(pki_dir, name, listen, "authz", servers::authz_handler(server))
+    serve_as(pki_dir, name, listen, metrics, "authz", servers::authz_handler(server))
 }
 
 /// Settings of `ferry receive`.
@@ -125,6 +165,8 @@ pub struct ReceiveOptions {
     pub heartbeat_events: Option<Duration>,
     /// Ports for data listeners (first, last); `None`: ephemeral.
     pub data_ports: Option<(u16, u16)>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The guest kinds this host can run: KVM where /dev/kvm works, and the
@@ -229,11 +271,27 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     );
     // What became of each migration admitted here, for sources in doubt.
     let decisions = ferry_control::decision::DecisionLog::open(&o.state_dir.join("decisions")).map_err(e)?;
+    let (metrics, metrics_addr) = start_metrics(o.metrics)?;
+    let observed = {
+        let m = metrics.clone();
+        handshake::Observer(Arc::new(move |result, code, took| {
+            m.admissions
+                .get_or_create(&crate::metrics::Admission {
+                    result: result.into(),
+                    code: code.into(),
+                })
+                .inc();
+            m.handshake_seconds.observe(took.as_secs_f64());
+        }))
+    };
     let dest = Arc::new(
         Destination::new(cfg, id()?, tls_cfg)
             .with_audit(audit.clone())
-            .with_decisions(Arc::new(decisions)),
+            .with_decisions(Arc::new(decisions))
+            .with_observer(observed),
     );
+    let replay_entries = |d: &Destination| i64::try_from(d.replay_entries()).unwrap_or(i64::MAX);
+    metrics.replay_entries.set(replay_entries(&dest));
     let l = bind(o.listen)?;
     let addr = l.local_addr().map_err(e)?;
     // Received guests keep running here until the daemon exits.
@@ -259,8 +317,13 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     let me = id()?;
     let io_timeout = o.io_timeout;
     let audit2 = audit.clone();
+    let (m, dest2) = (metrics.clone(), dest.clone());
     let on_admitted: handshake::OnAdmitted = Arc::new(move |session, data| {
         let claims = session.claims().clone();
+        // A nonce was spent on this admission.
+        m.replay_entries.set(replay_entries(&dest2));
+        let active = m.active("destination");
+        active.inc();
         let received = crate::destination::receive(session, &data, &me, io_timeout, |offer, mem| {
             Ok(match offer.guest {
                 GuestKind::Kvm => {
@@ -277,10 +340,11 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
                 Ok((m, rc)) => (rc.transcript_matches, serde_json::to_value(m).unwrap_or_default(), None),
                 Err(why) => (false, serde_json::Value::Null, Some(why.to_string())),
             };
+            m.received_bytes.inc_by(r.report.bytes_received);
             let mut line = serde_json::json!({"event": "received", "migration_id": claims.migration_id,
                 "vm": claims.vm, "source_host": claims.source_host, "guest": guest_kind, "pages": r.report.pages,
-                "frames": r.report.frames, "transcript_matches": transcript_matches, "manifest": manifest,
-                "receipt_error": receipt_error});
+                "frames": r.report.frames, "bytes_received": r.report.bytes_received,
+                "transcript_matches": transcript_matches, "manifest": manifest, "receipt_error": receipt_error});
             if let Incoming::Kvm(vm) = &r.guest {
                 // The guest's first heartbeat here (its last at the source + 1
                 // when it went on where it stopped) and, if asked, its checksum.
@@ -310,6 +374,8 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
             ),
         };
         let _ = audit2.append(name, line.clone());
+        m.ended("destination", name);
+        active.dec();
         event(&line);
     });
     handshake::serve_destination(
@@ -326,7 +392,7 @@ pub fn receive(o: &ReceiveOptions) -> Result<(), String> {
     event(
         &serde_json::json!({"event": "listening", "server": "receive", "addr": addr.to_string(), "name": o.name,
         "max_memory_bytes": max_memory_bytes, "max_memory_from": max_memory_from,
-        "measurement": measurement.to_string()}),
+        "measurement": measurement.to_string(), "metrics": metrics_addr}),
     );
     park_forever()
 }

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod estimate;
 pub mod host;
 pub mod lab;
+pub mod metrics;
 pub mod ops;
 pub mod record;
 pub mod size;

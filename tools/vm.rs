@@ -101,6 +101,8 @@ pub struct VmOptions {
     pub migrate: Option<(MigrateTo, Duration)>,
     /// Serve the local API on this Unix socket.
     pub api: Option<PathBuf>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
 }
 
 fn e(x: impl std::fmt::Display) -> String {
@@ -167,6 +169,11 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
         ..Shared::default()
     }));
     let (jobs_tx, jobs_rx) = bounded::<Work>(1);
+    let metrics = crate::metrics::Metrics::new();
+    let metrics_addr = match o.metrics {
+        Some(a) => Some(metrics.serve(a).map_err(e)?.to_string()),
+        None => None,
+    };
     let _api = match &o.api {
         Some(path) => Some(api::serve(path, api_handler(o, &shared, &mon, &jobs_tx))?),
         None => None,
@@ -174,7 +181,7 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
     event(
         &serde_json::json!({"event": "booted", "vm": o.vm_id, "memory_bytes": o.memory_bytes, "vcpus": o.vcpus,
         "fill_ms": t.elapsed().as_secs_f64() * 1e3, "hot_set_bytes": o.program.hot_set_bytes,
-        "writes_per_s": o.program.writes_per_s, "api": o.api}),
+        "writes_per_s": o.program.writes_per_s, "api": o.api, "metrics": metrics_addr}),
     );
     // Heartbeat events until the VM is gone.
     let stop = Arc::new(AtomicBool::new(false));
@@ -209,14 +216,14 @@ pub fn run(o: &VmOptions) -> Result<(), String> {
         match jobs_rx.recv_timeout(wait) {
             Ok(Work::Estimate(job)) => run_estimate(o, &mut vm, &mem, &shared, job),
             Ok(Work::Resolve(reply)) => {
-                if doubt::run_resolve(o, &mut vm, &mon, &shared, &reply) {
+                if doubt::run_resolve(o, &mut vm, &mon, &shared, &reply, &metrics) {
                     stop.store(true, Ordering::SeqCst);
                     let _ = beats.join();
                     return Ok(());
                 }
             }
             Ok(Work::Migrate(job)) => {
-                if run_job(o, &mut vm, &mem, &mon, &shared, job) {
+                if run_job(o, &mut vm, &mem, &mon, &shared, job, &metrics) {
                     // The destination owns the guest now: this VM never runs again.
                     stop.store(true, Ordering::SeqCst);
                     let _ = beats.join();
@@ -472,6 +479,7 @@ fn run_job(
     mon: &Monitor,
     shared: &Arc<Mutex<Shared>>,
     job: Job,
+    metrics: &crate::metrics::Metrics,
 ) -> bool {
     let say = |v: &Reply| {
         if let Some(tx) = &job.events {
@@ -511,6 +519,8 @@ fn run_job(
         s.rounds.clear();
     }
     let mut record = Record::new(&o.vm_id, &host.host, &job.to.dest_host, o.memory_bytes);
+    let active = metrics.active("source");
+    active.inc();
     let begin = serde_json::json!({"event": "migrating", "vm": o.vm_id, "to": job.to.dest.to_string(),
         "dest_host": job.to.dest_host, "tracker": "kvm-dirty-log"});
     event(&begin);
@@ -629,6 +639,8 @@ fn run_job(
         c.prediction = Some(p);
     }
     lock(shared).hooks = None;
+    active.dec();
+    count(metrics, &record);
     if let Some(path) = &job.to.record {
         match record.write(path) {
             Ok(()) => set_record(&mut last, Some(path.display().to_string()), None),
@@ -645,6 +657,23 @@ fn run_job(
         }
     }
     left
+}
+
+/// Counts a migration that ended (in doubt included: a later resolve
+/// counts its outcome again, as the record is rewritten).
+fn count(m: &crate::metrics::Metrics, record: &Record) {
+    m.ended("source", &record.outcome);
+    m.sent_bytes.inc_by(record.rounds.iter().map(|r| r.bytes_on_wire).sum());
+    if record.outcome.starts_with("migrated") {
+        if let Some(d) = record.downtime_ms {
+            m.downtime_seconds.observe(d / 1e3);
+        }
+        m.duration_seconds.observe(record.total_ms / 1e3);
+        m.rounds.observe(record.rounds.len() as f64);
+    }
+    if let Some(c) = &record.convergence {
+        m.throttle_ratio.set(c.throttle_max);
+    }
 }
 
 /// Puts the record file and/or the record into a migration's last reply.

@@ -327,6 +327,23 @@ pub struct Destination {
     unauthenticated: crate::unauth::UnauthenticatedTally,
     /// What became of each admitted migration.
     decisions: Arc<crate::decision::DecisionLog>,
+    /// Told of every handshake's outcome (metrics).
+    observer: Option<Observer>,
+}
+
+/// Told of each handshake a destination completes: the audit event
+/// (`admit`, `refuse` or `resolve`), the refusal code (empty otherwise),
+/// and how long the handshake took.
+#[derive(Clone)]
+pub struct Observer(pub Arc<ObserveFn>);
+
+/// What an [`Observer`] calls.
+pub type ObserveFn = dyn Fn(&'static str, &str, Duration) + Send + Sync;
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -379,7 +396,19 @@ impl Destination {
             audit: None,
             unauthenticated: crate::unauth::UnauthenticatedTally::default(),
             decisions: Arc::new(crate::decision::DecisionLog::in_memory()),
+            observer: None,
         }
+    }
+
+    /// Tells `observer` of every handshake's outcome.
+    pub fn with_observer(mut self, observer: Observer) -> Destination {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Ticket nonces in the replay cache.
+    pub fn replay_entries(&self) -> usize {
+        self.cfg.replay.len()
     }
 
     /// Records what became of each migration in `log` (a daemon's, in its
@@ -457,6 +486,7 @@ impl Destination {
         sock: TcpStream,
         listen: impl FnOnce() -> Result<(u16, L), Refusal>,
     ) -> Result<(DestinationSession, L), HandshakeError> {
+        let started = std::time::Instant::now();
         let peer = sock.peer_addr().ok();
         let peer_addr = peer.map(|a| a.to_string()).unwrap_or_default();
         // A peer that never authenticated is counted, not audited one by
@@ -486,6 +516,9 @@ impl Destination {
             Err(HandshakeError::Resolved { .. }) => "resolve",
             Err(_) => "refuse",
         };
+        if let Some(o) = &self.observer {
+            (o.0)(event, detail["code"].as_str().unwrap_or(""), started.elapsed());
+        }
         if let Err(e) = self.record(event, detail) {
             tracing::error!("destination audit log failed: {e}");
             if r.is_ok() {

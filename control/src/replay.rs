@@ -95,6 +95,20 @@ impl ReplayCache {
         })
     }
 
+    /// Nonces held (live, and expired ones not yet dropped).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .len()
+    }
+
+    /// Whether it holds no nonce.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Records `nonce` (valid until `exp`) or refuses it if seen before.
     /// The record is durable before this returns `Ok`.
     pub fn check_and_insert(&self, nonce: &str, exp: u64, now: u64) -> Result<(), ReplayError> {

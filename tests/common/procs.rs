@@ -293,6 +293,15 @@ pub fn migrate_one(
     dom: &SourceDomain,
     dest: SocketAddr,
 ) -> Result<ferry::source::Migrated, ferry::source::SourceError> {
+    migrate_one_with(dom, dest, |_| {})
+}
+
+/// [`migrate_one`] with the engine's settings changed by `edit`.
+pub fn migrate_one_with(
+    dom: &SourceDomain,
+    dest: SocketAddr,
+    edit: impl FnOnce(&mut ferry_engine::migrate::MigrationConfig),
+) -> Result<ferry::source::Migrated, ferry::source::SourceError> {
     use ferry_engine::{dirty::UffdWpTracker, migrate::MigrationConfig, progress::Hooks, GuestMemory};
     use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
     use std::sync::Arc;
@@ -305,10 +314,11 @@ pub fn migrate_one(
     let mut guest = SyntheticGuest::start(mem.clone(), wl, None);
     let mut tracker = UffdWpTracker::new(&mem).unwrap();
     let at = dom.endpoints(dest);
-    let cfg = MigrationConfig {
+    let mut cfg = MigrationConfig {
         io_timeout: Duration::from_secs(5),
         ..MigrationConfig::default()
     };
+    edit(&mut cfg);
     let r = ferry::source::migrate(&at, "demo-vm", &mem, &mut tracker, &mut guest, &cfg, &Hooks::new());
     assert_eq!(
         guest.is_running(),

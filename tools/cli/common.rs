@@ -15,6 +15,10 @@ pub(crate) struct HostArgs {
     /// Address to listen on.
     #[arg(long)]
     pub(crate) listen: std::net::SocketAddr,
+    /// Serve Prometheus metrics on GET /metrics here: a port (bound on
+    /// 127.0.0.1) or an address (see `ferry::metrics` for the series).
+    #[arg(long, value_name = "PORT|ADDR", value_parser = ferry::metrics::parse_addr)]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {

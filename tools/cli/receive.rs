@@ -46,6 +46,7 @@ impl ReceiveArgs {
             verify_guest: false,
             heartbeat_events: None,
             data_ports: a.data_ports,
+            metrics: a.host.metrics,
         })?;
         Ok(ExitCode::SUCCESS)
     }

@@ -36,13 +36,15 @@ impl ServeCmd {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         match self {
-            ServeCmd::Authn { host, ttl_s } => ferry::daemon::serve_authn(&host.pki, &host.name, host.listen, ttl_s)?,
+            ServeCmd::Authn { host, ttl_s } => {
+                ferry::daemon::serve_authn(&host.pki, &host.name, host.listen, host.metrics, ttl_s)?
+            }
             ServeCmd::Authz {
                 host,
                 policy,
                 audit,
                 ttl_s,
-            } => ferry::daemon::serve_authz(&host.pki, &host.name, host.listen, &policy, &audit, ttl_s)?,
+            } => ferry::daemon::serve_authz(&host.pki, &host.name, host.listen, host.metrics, &policy, &audit, ttl_s)?,
         }
         Ok(ExitCode::SUCCESS)
     }

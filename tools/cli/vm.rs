@@ -109,6 +109,10 @@ pub(crate) struct VmArgs {
     /// status`, `ferry cancel` and `ferry resolve`.
     #[arg(long, value_name = "PATH")]
     api: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics on GET /metrics here: a port (bound on
+    /// 127.0.0.1) or an address (see `ferry::metrics` for the series).
+    #[arg(long, value_name = "PORT|ADDR", value_parser = ferry::metrics::parse_addr)]
+    metrics: Option<std::net::SocketAddr>,
     /// Source: with --migrate-to, write the migration's record here
     /// (default: STATE_DIR/runs/VM-TIME.json).
     #[arg(long, value_name = "FILE")]
@@ -163,6 +167,7 @@ impl VmArgs {
                 verify_guest: a.verify,
                 heartbeat_events: Some(Duration::from_millis(a.heartbeat_every_ms.max(10))),
                 data_ports: a.data_ports,
+                metrics: a.metrics,
             })?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -232,6 +237,7 @@ impl VmArgs {
             source,
             migrate,
             api: a.api,
+            metrics: a.metrics,
         })?;
         Ok(ExitCode::SUCCESS)
     }

@@ -72,6 +72,7 @@ pub(super) fn run_resolve(
     mon: &Monitor,
     shared: &Arc<Mutex<Shared>>,
     reply: &Sender<Reply>,
+    metrics: &crate::metrics::Metrics,
 ) -> bool {
     let answer = |line: Reply| {
         let _ = reply.send_timeout(line, Duration::from_secs(2));
@@ -97,6 +98,7 @@ pub(super) fn run_resolve(
                 r.answer.as_str()
             );
             let (mut last, left) = settled(vm, mon, shared, &mut record, why, &r);
+            metrics.ended("source", &record.outcome);
             if let Some(path) = &to.record {
                 match record.write(path) {
                     Ok(()) => set_record(&mut last, Some(path.display().to_string()), None),
