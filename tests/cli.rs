@@ -142,6 +142,8 @@ fn every_command_explains_itself_with_examples() {
         &["policy", "explain"],
         &["resolve"],
         &["doctor"],
+        &["completions"],
+        &["man"],
         &["workload"],
         &[],
     ] {

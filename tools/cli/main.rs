@@ -161,6 +161,22 @@ enum Cmd {
     /// Run the synthetic guest alone and print the dirty rate the tracker sees.
     #[command(after_help = "Example:\n  ferry workload --memory 1GiB --hot-set 64MiB --dirty-rate 20000 --seconds 3")]
     Workload(WorkloadArgs),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  ferry completions bash > /usr/share/bash-completion/completions/ferry\n  ferry completions zsh > /usr/share/zsh/vendor-completions/_ferry"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (ferry.1 and one per command, ferry-receive.1,
+    /// ...) into DIR.
+    #[command(after_help = "Example:\n  ferry man --out /usr/share/man/man1")]
+    Man {
+        /// The folder to write them to (made if missing).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -184,6 +200,24 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Demo(a) => a.run(),
         Cmd::Workload(a) => a.run(),
+        Cmd::Completions { shell } => {
+            // Into a buffer first: the generator panics on a write error
+            // (a closed pipe), this says it instead.
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "ferry",
+                &mut script,
+            );
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| CliError::Failed(format!("writing the completions: {e}")))
+        }
+        Cmd::Man { out } => std::fs::create_dir_all(&out)
+            .and_then(|()| clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &out))
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| CliError::Failed(format!("writing man pages to {}: {e}", out.display()))),
         Cmd::Audit(a) => a.run(),
         Cmd::Migrate(a) => a.run(),
         Cmd::Status(a) => a.status(),
