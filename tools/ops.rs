@@ -284,8 +284,13 @@ pub fn migrate(o: &MigrateOptions) -> Result<ExitCode, String> {
 }
 
 fn one(path: &Path, req: &Request) -> Result<Reply, String> {
+    one_within(path, req, Duration::from_secs(10))
+}
+
+/// The VMM's one reply to `req`, waiting up to `idle` for it.
+fn one_within(path: &Path, req: &Request, idle: Duration) -> Result<Reply, String> {
     let mut got = None;
-    api::call(path, req, Duration::from_secs(10), |v| {
+    api::call(path, req, idle, |v| {
         got = Some(v);
         false
     })?;
@@ -384,12 +389,7 @@ const RESOLVE_IDLE: Duration = Duration::from_secs(130);
 /// what became of it and acts on the signed answer. Exit 0 when answered
 /// (the text says where the guest runs), 3 when still in doubt.
 pub fn resolve(path: &Path, json: bool) -> Result<ExitCode, String> {
-    let mut got = None;
-    api::call(path, &Request::Resolve, RESOLVE_IDLE, |v| {
-        got = Some(v);
-        false
-    })?;
-    let v = got.ok_or("the VMM closed the connection without a reply")?;
+    let v = one_within(path, &Request::Resolve, RESOLVE_IDLE)?;
     if json {
         println!("{}", json_line(&v));
     }
@@ -421,12 +421,7 @@ pub fn resolve(path: &Path, json: bool) -> Result<ExitCode, String> {
 /// and predicts pre-copy. Exit 0 when it would converge under the policy,
 /// 2 when it would not.
 pub fn estimate(path: &Path, req: &Request, seconds: f64, json: bool) -> Result<ExitCode, String> {
-    let mut got = None;
-    api::call(path, req, Duration::from_secs_f64(seconds + 40.0), |v| {
-        got = Some(v);
-        false
-    })?;
-    let v = got.ok_or("the VMM closed the connection without a reply")?;
+    let v = one_within(path, req, Duration::from_secs_f64(seconds + 40.0))?;
     if json {
         println!("{}", json_line(&v));
     }

@@ -316,14 +316,7 @@ impl FrameHeader {
     /// authenticity: that is the AEAD's job, with these bytes as associated
     /// data.
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<FrameHeader, WireError> {
-        let magic = [b[0], b[1], b[2], b[3]];
-        if magic != MAGIC {
-            return Err(WireError::BadMagic(magic));
-        }
-        if b[4] != VERSION {
-            return Err(WireError::BadVersion(b[4]));
-        }
-        let kind = Kind::from_u8(b[5]).ok_or(WireError::BadKind(b[5]))?;
+        let kind = Outer::decode(b)?.kind;
         let flags = b[6];
         if flags & !KNOWN_FLAGS != 0 || b[7] != 0 || u16_at(b, 18) != 0 {
             return Err(WireError::Reserved(flags));
@@ -340,10 +333,8 @@ impl FrameHeader {
             page_count: u32_at(b, 48),
             payload_len: u32_at(b, 52),
         };
+        // In bounds: Outer::decode checked it.
         let payload = h.payload_len as usize;
-        if !(TAG_LEN..=MAX_PAYLOAD).contains(&payload) {
-            return Err(WireError::BadLength(format!("payload {payload} bytes")));
-        }
         if kind == Kind::Pages {
             if h.page_count == 0 || h.page_count > MAX_FRAME_PAGES {
                 return Err(WireError::BadLength(format!("{} pages", h.page_count)));
