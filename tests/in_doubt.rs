@@ -68,6 +68,8 @@ fn source(dom: &SourceDomain, to: &str, api: &str) -> Proc {
         "0.2",
         "--io-timeout-s",
         "3",
+        "--metrics",
+        "0",
     ];
     Proc::start(None, &dom.source_vm_args(&dom.authn_addr, &extra))
 }
@@ -80,6 +82,17 @@ fn runs_at_source(src: &Proc) {
     let b = src.wait_for("heartbeat", Duration::from_secs(5));
     assert_eq!(b["paused"], false, "{b}");
     assert!(b["heartbeat"].as_u64() > a["heartbeat"].as_u64(), "{a} then {b}");
+}
+
+/// The text of GET /metrics at `addr`.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
 }
 
 /// The destination's audit entries named `event`.
@@ -103,6 +116,8 @@ fn a_lost_commit_is_answered_discarded_and_the_guest_resumes_at_the_source() {
     let (dst, to, _open) = relayed_destination(&dom, Attack::DropCommit);
     let api = dom.dir.path().join("src.sock");
     let src = source(&dom, &to.to_string(), common::procs::s(&api));
+    let booted = src.wait_for("booted", Duration::from_secs(60));
+    let metrics: std::net::SocketAddr = booted["metrics"].as_str().unwrap().parse().unwrap();
     let resolved = src.wait_for("migration-resolved", Duration::from_secs(90));
     eprintln!("source: {resolved}");
     assert_eq!(resolved["answer"], "discarded", "{resolved}");
@@ -131,6 +146,32 @@ fn a_lost_commit_is_answered_discarded_and_the_guest_resumes_at_the_source() {
     // The VM is running and can migrate again.
     let st = ferry(&["status", "--api", common::procs::s(&api), "--json"]);
     assert!(text(&st).contains("\"state\":\"running\""), "{}", text(&st));
+    // Its metrics say what happened (resolved on its own: discarded, once)
+    // and the bytes it sent.
+    let scraped = scrape(metrics);
+    assert!(!scraped.contains("outcome=\"in-doubt\""), "{scraped}");
+    for want in [
+        "ferry_migrations_total{role=\"source\",outcome=\"discarded\"} 1",
+        "ferry_migrations_active{role=\"source\"} 0",
+    ] {
+        assert!(scraped.contains(want), "{want} not in\n{scraped}");
+    }
+    let sent = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_migration_sent_bytes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap();
+    // ... as many as the migration's record says it wrote.
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(resolved["record_file"].as_str().unwrap()).unwrap()).unwrap();
+    let recorded: u64 = record["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["bytes_on_wire"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sent, recorded as f64, "metrics against the record");
+    assert!(recorded > 32 << 20, "{recorded} bytes for a 64 MiB guest");
 }
 
 #[test]
