@@ -231,9 +231,15 @@ impl SourceDomain {
     /// domain's PKI and policy, its state under `dst-state/`, and `extra`
     /// options.
     pub fn receive(&self, extra: &[&str]) -> Proc {
-        let state = self.dir.path().join("dst-state");
-        let mut args = vec![
-            "receive",
+        self.destination(&["receive"], "dst-state", extra)
+    }
+
+    /// `command` (a destination) named "dst" on loopback, with this
+    /// domain's PKI and policy, its state under `state`, then `extra`.
+    fn destination(&self, command: &[&str], state: &str, extra: &[&str]) -> Proc {
+        let state = self.dir.path().join(state);
+        let mut args = command.to_vec();
+        args.extend_from_slice(&[
             "--pki",
             s(&self.pki),
             "--name",
@@ -244,7 +250,7 @@ impl SourceDomain {
             s(&self.policy),
             "--state-dir",
             s(&state),
-        ];
+        ]);
         args.extend_from_slice(extra);
         Proc::start(None, &args)
     }
@@ -267,23 +273,7 @@ impl SourceDomain {
     /// this domain's PKI and policy, its state under `dst/`, and `extra`
     /// options.
     pub fn incoming_vm(&self, extra: &[&str]) -> Proc {
-        let state = self.dir.path().join("dst");
-        let mut args = vec![
-            "vm",
-            "--incoming",
-            "--pki",
-            s(&self.pki),
-            "--name",
-            "dst",
-            "--listen",
-            "127.0.0.1:0",
-            "--policy",
-            s(&self.policy),
-            "--state-dir",
-            s(&state),
-        ];
-        args.extend_from_slice(extra);
-        Proc::start(None, &args)
+        self.destination(&["vm", "--incoming"], "dst", extra)
     }
 }
 
