@@ -116,6 +116,34 @@ impl DirtyBitmap {
         }
     }
 
+    /// ORs the first `count` bits of `words` (bit `j` is bit `j % 64` of
+    /// `words[j / 64]`) into this bitmap's bits `first..first + count`: a
+    /// region's own bitmap merged at the region's first page.
+    ///
+    /// # Panics
+    /// If `first + count` is past the end or `words` holds fewer than
+    /// `count` bits (a caller bug).
+    pub fn or_bits_at(&mut self, first: u64, words: &[u64], count: u64) {
+        assert!(first + count <= self.bits, "bits past the end of the bitmap");
+        assert!(count <= words.len() as u64 * 64, "fewer source bits than asked for");
+        let (base, shift) = (crate::usize_from(first / 64), first % 64);
+        for (j, &w) in words.iter().enumerate() {
+            let done = j as u64 * 64;
+            if done >= count {
+                break;
+            }
+            let left = count - done;
+            let w = if left < 64 { w & ((1u64 << left) - 1) } else { w };
+            if w == 0 {
+                continue;
+            }
+            self.words[base + j] |= w << shift;
+            if shift != 0 && w >> (64 - shift) != 0 {
+                self.words[base + j + 1] |= w >> (64 - shift);
+            }
+        }
+    }
+
     /// The raw words (bit `i` is bit `i % 64` of word `i / 64`).
     pub fn words_mut(&mut self) -> &mut [u64] {
         &mut self.words
@@ -275,6 +303,26 @@ mod tests {
             let mut runs = Vec::new();
             b.for_each_run(0, bits, |s, n| runs.push((s, n)));
             prop_assert_eq!(runs, oracle_runs(&set));
+        }
+
+        #[test]
+        fn or_bits_at_matches_bit_by_bit(
+            bits in 1u64..700,
+            first in 0u64..700,
+            src in proptest::collection::vec(any::<u64>(), 0..8),
+            count in 0u64..520,
+        ) {
+            let count = count.min(src.len() as u64 * 64).min(bits.saturating_sub(first));
+            let first = first.min(bits - count);
+            let mut got = DirtyBitmap::new(bits);
+            got.set(0);
+            let mut want = got.clone();
+            got.or_bits_at(first, &src, count);
+            for j in 0..count {
+                if src[crate::usize_from(j / 64)] >> (j % 64) & 1 == 1 { want.set(first + j); }
+            }
+            prop_assert_eq!(got.count(), want.count());
+            for i in 0..bits { prop_assert_eq!(got.get(i), want.get(i), "bit {}", i); }
         }
 
         #[test]

@@ -103,6 +103,66 @@ impl DirtyTracker for BitmapTracker {
     }
 }
 
+/// Several trackers as one: each page any of them reports. A VMM pairs the
+/// tracker of its vCPUs' writes (KVM's dirty log) with the tracker of its own
+/// (its devices' writes through vm-memory or an [`AtomicBitmap`]).
+pub struct Union {
+    parts: Vec<Box<dyn DirtyTracker>>,
+    name: &'static str,
+}
+
+impl std::fmt::Debug for Union {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.parts.iter().map(|p| p.name()).collect();
+        f.debug_struct("Union").field("parts", &names).finish()
+    }
+}
+
+impl Union {
+    /// The union of `parts`, reported as `name` (e.g.
+    /// "kvm-dirty-log+vm-memory-bitmap").
+    pub fn new(parts: Vec<Box<dyn DirtyTracker>>, name: &'static str) -> Union {
+        Union { parts, name }
+    }
+}
+
+impl DirtyTracker for Union {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        for i in 0..self.parts.len() {
+            if let Err(e) = self.parts[i].start() {
+                // Leave none half started.
+                for p in &mut self.parts[..i] {
+                    let _ = p.stop();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut DirtyBitmap) -> Result<(), DirtyError> {
+        for p in &mut self.parts {
+            p.collect(out)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        let mut first = Ok(());
+        for p in &mut self.parts {
+            let r = p.stop();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 // ---- userfaultfd + PAGEMAP_SCAN (uapi: linux/userfaultfd.h, linux/fs.h) ----
 
 const UFFD_API: u64 = 0xAA;
@@ -358,6 +418,30 @@ mod tests {
         let mut v = Vec::new();
         b.for_each_run(0, b.len(), |s, n| v.extend(s..s + n));
         v
+    }
+
+    #[test]
+    fn a_union_reports_what_any_part_reports() {
+        let (a, b) = (Arc::new(AtomicBitmap::new(200)), Arc::new(AtomicBitmap::new(200)));
+        let mut u = Union::new(
+            vec![
+                Box::new(BitmapTracker::new(a.clone())),
+                Box::new(BitmapTracker::new(b.clone())),
+            ],
+            "a+b",
+        );
+        u.start().unwrap();
+        a.mark(3);
+        b.mark(3);
+        b.mark(150);
+        let mut out = DirtyBitmap::new(200);
+        u.collect(&mut out).unwrap();
+        assert_eq!(pages_of(&out), vec![3, 150]);
+        assert_eq!(u.name(), "a+b");
+        assert!(
+            u.collect(&mut DirtyBitmap::new(7)).is_err(),
+            "a part's error is the union's"
+        );
     }
 
     #[test]

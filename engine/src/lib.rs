@@ -34,6 +34,8 @@ pub mod probe;
 pub mod progress;
 pub mod session;
 pub mod transport;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 pub mod wire;
 
 pub use memory::{GuestAddress, GuestMemory, PageIndex, PAGE_SIZE};

@@ -1,4 +1,6 @@
-//! Guest memory: a table of page-aligned regions, each an mmap of its own memfd.
+//! Guest memory: a table of page-aligned regions, each an mmap of its own
+//! memfd, or mappings another owner made (a `vm-memory` `GuestMemoryMmap`,
+//! see the `vm_memory` module behind the feature of that name).
 //!
 //! memfd-backed by default, so that a VMM in another process could map the
 //! same pages. Pages are numbered contiguously across regions ([`PageIndex`]);
@@ -13,6 +15,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 use thiserror::Error;
@@ -51,14 +54,65 @@ pub enum MemoryError {
     },
 }
 
-/// One region: a memfd and its shared mapping.
+/// One region: a mapping of guest memory and what keeps it mapped.
 #[derive(Debug)]
 pub struct Region {
     guest_base: GuestAddress,
     first_page: PageIndex,
     pages: u64,
-    map: MmapRaw,
-    file: File,
+    host: *mut u8,
+    len: usize,
+    backing: Backing,
+}
+
+// SAFETY: `host` points into a shared mapping that `backing` keeps alive for
+// as long as the region exists; the engine only ever accesses it through raw
+// copies (racy by design, see the module docs), as `MmapRaw` (itself Send and
+// Sync) does for ferry's own regions.
+unsafe impl Send for Region {}
+// SAFETY: as above: no `&`-reference to guest memory is ever handed out, so
+// sharing the region between threads adds no aliasing.
+unsafe impl Sync for Region {}
+
+/// What keeps a region's mapping alive.
+enum Backing {
+    /// ferry's own memfd and its shared mapping.
+    Memfd { _map: MmapRaw, file: File },
+    /// A mapping someone else made and unmaps; `owner` keeps it mapped.
+    Borrowed {
+        /// The file behind it and the mapping's offset in that file, if any.
+        file: Option<(Arc<File>, u64)>,
+        _owner: Arc<dyn Send + Sync>,
+    },
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Memfd { .. } => f.write_str("memfd"),
+            Backing::Borrowed { file, .. } => {
+                write!(
+                    f,
+                    "borrowed ({})",
+                    if file.is_some() { "file-backed" } else { "anonymous" }
+                )
+            }
+        }
+    }
+}
+
+/// A mapping handed to [`GuestMemory::from_borrowed`].
+pub(crate) struct BorrowedRegion {
+    /// Guest-physical address of its first byte.
+    pub guest_base: GuestAddress,
+    /// Host address of its first byte.
+    pub host: *mut u8,
+    /// Its length in bytes.
+    pub len: usize,
+    /// The file behind it and the mapping's offset in that file, only for a
+    /// MAP_SHARED mapping (its holes are then never-written pages; a private
+    /// mapping's writes never reach the file, so its holes say nothing).
+    pub file: Option<(Arc<File>, u64)>,
 }
 
 impl Region {
@@ -76,15 +130,21 @@ impl Region {
     }
     /// Host virtual address of the region's first byte.
     pub fn host_addr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.host
     }
     /// Size of the region in bytes.
     pub fn len_bytes(&self) -> usize {
-        self.map.len()
+        self.len
     }
-    /// The memfd behind the region (to share it with another process).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The file behind the region and the region's offset in it: ferry's
+    /// own memfd at 0 (to share it with another process), or the file of a
+    /// borrowed *shared* mapping; `None` for anonymous and private mappings
+    /// (whose written pages the file never sees).
+    pub fn file(&self) -> Option<(&File, u64)> {
+        match &self.backing {
+            Backing::Memfd { file, .. } => Some((file, 0)),
+            Backing::Borrowed { file, .. } => file.as_ref().map(|(f, off)| (&**f, *off)),
+        }
     }
 }
 
@@ -126,8 +186,54 @@ impl GuestMemory {
                 guest_base: base,
                 first_page: PageIndex(pages),
                 pages: size / PAGE_SIZE_U64,
-                map,
-                file,
+                host: map.as_mut_ptr(),
+                len: map.len(),
+                backing: Backing::Memfd { _map: map, file },
+            });
+            pages += size / PAGE_SIZE_U64;
+        }
+        Ok(GuestMemory { regions, pages })
+    }
+
+    /// Guest memory over mappings that `owner` keeps alive: the one place
+    /// where the engine takes memory it did not map itself (the `vm_memory`
+    /// adapter is built on it). Checks the layout as
+    /// [`with_layout`](Self::with_layout) does.
+    ///
+    /// # Safety
+    /// For each region, `host..host + len` must be one readable and writable
+    /// mapping (MAP_SHARED or MAP_PRIVATE, file-backed or anonymous) that
+    /// stays mapped, at that address, for as long as `owner` lives; nothing
+    /// may unmap or `mprotect` it meanwhile. Concurrent writes by a guest or
+    /// the VMM are fine (the engine copies racily, see the module docs).
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    pub(crate) unsafe fn from_borrowed(
+        mut parts: Vec<BorrowedRegion>,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        parts.sort_by_key(|p| p.guest_base);
+        let mut regions = Vec::with_capacity(parts.len());
+        let (mut pages, mut end) = (0u64, 0u64);
+        for (i, p) in parts.into_iter().enumerate() {
+            let size = p.len as u64;
+            if size == 0 || size % PAGE_SIZE_U64 != 0 {
+                return Err(MemoryError::BadSize(size));
+            }
+            let base = p.guest_base;
+            if base.0 % PAGE_SIZE_U64 != 0 || (i > 0 && base.0 < end) || p.host as usize % PAGE_SIZE != 0 {
+                return Err(MemoryError::BadLayout(base.0));
+            }
+            end = base.0.checked_add(size).ok_or(MemoryError::BadLayout(base.0))?;
+            regions.push(Region {
+                guest_base: base,
+                first_page: PageIndex(pages),
+                pages: size / PAGE_SIZE_U64,
+                host: p.host,
+                len: p.len,
+                backing: Backing::Borrowed {
+                    file: p.file,
+                    _owner: owner.clone(),
+                },
             });
             pages += size / PAGE_SIZE_U64;
         }
@@ -252,10 +358,12 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Sets in `out` the bit of every page that is a hole in its memfd: never
-    /// written, so all zeros. Reading such a page would make the kernel
-    /// allocate it; a sender that knows it is a hole sends it as a zero page
-    /// without touching it.
+    /// Sets in `out` the bit of every page that is a hole in its memfd (or
+    /// the file behind a borrowed region): never written, so all zeros.
+    /// Reading such a page would make the kernel allocate it; a sender that
+    /// knows it is a hole sends it as a zero page without touching it.
+    /// Anonymous regions report no holes (every page is read), and so do
+    /// private file mappings, whose written pages the file never sees.
     pub fn holes_into(&self, out: &mut crate::bitmap::DirtyBitmap) -> Result<(), MemoryError> {
         use std::os::fd::AsRawFd;
         let os = |what| MemoryError::Os {
@@ -263,31 +371,37 @@ impl GuestMemory {
             source: std::io::Error::last_os_error(),
         };
         for r in &self.regions {
-            let fd = r.file.as_raw_fd();
-            let len = i64::try_from(r.len_bytes()).map_err(|_| MemoryError::BadSize(r.len_bytes() as u64))?;
-            let mut off = 0i64;
-            while off < len {
+            let Some((file, start)) = r.file() else {
+                continue;
+            };
+            let fd = file.as_raw_fd();
+            let bad = || MemoryError::BadSize(r.len_bytes() as u64);
+            let start = i64::try_from(start).map_err(|_| bad())?;
+            let len = i64::try_from(r.len_bytes()).map_err(|_| bad())?;
+            let end_in_file = start.checked_add(len).ok_or_else(bad)?;
+            let mut off = start;
+            while off < end_in_file {
                 // SAFETY: lseek on an fd we own; no memory is passed.
                 let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
                 if hole < 0 {
                     return Err(os("lseek(SEEK_HOLE)"));
                 }
-                if hole >= len {
+                if hole >= end_in_file {
                     break;
                 }
                 // SAFETY: as above.
                 let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
                 let end = if data < 0 {
                     if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                        len
+                        end_in_file
                     } else {
                         return Err(os("lseek(SEEK_DATA)"));
                     }
                 } else {
-                    data
+                    data.min(end_in_file)
                 };
-                let first = hole.unsigned_abs().div_ceil(PAGE_SIZE_U64);
-                let last = end.unsigned_abs() / PAGE_SIZE_U64;
+                let first = (hole - start).unsigned_abs().div_ceil(PAGE_SIZE_U64);
+                let last = (end - start).unsigned_abs() / PAGE_SIZE_U64;
                 if last > first {
                     out.set_range(r.first_page.0 + first, last - first);
                 }
