@@ -55,6 +55,17 @@ pub enum ReceiveError {
     /// The receiving guest could not be made.
     #[error("making the receiving guest: {0}")]
     Guest(#[source] GuestError),
+    /// The memory the embedder made is not the size the source offered.
+    #[error(
+        "the receiving guest's memory is {made} bytes but the source offered {offered}; \
+         make memory of the offered size (the same region layout as the source's)"
+    )]
+    MemorySize {
+        /// Bytes made.
+        made: u64,
+        /// Bytes offered.
+        offered: u64,
+    },
     /// The data plane failed before the guest ran here.
     #[error(transparent)]
     Migrate(MigrateError),
@@ -97,18 +108,42 @@ pub fn receive<G: GuestControl>(
     io_timeout: Duration,
     make_guest: impl FnOnce(&Offer, Arc<GuestMemory>) -> Result<G, GuestError>,
 ) -> Result<Received<G>, ReceiveError> {
+    receive_into(session, data, me, io_timeout, |offer| {
+        let memory = Arc::new(
+            GuestMemory::new(offer.memory_bytes).map_err(|source| ReceiveError::Memory {
+                bytes: offer.memory_bytes,
+                source,
+            })?,
+        );
+        let guest = make_guest(offer, memory.clone()).map_err(ReceiveError::Guest)?;
+        Ok((memory, guest))
+    })
+}
+
+/// [`receive`] into memory the embedder makes: `make` gets the offer and
+/// returns the guest's memory (of `offer.memory_bytes`, in the source's
+/// region layout: a VMM's own, e.g. `GuestMemory::from_vm_memory` of the
+/// `GuestMemoryMmap` it will run the guest on) and a guest over it that has
+/// not run.
+pub fn receive_into<G: GuestControl>(
+    session: DestinationSession,
+    data: &TcpListener,
+    me: &Identity,
+    io_timeout: Duration,
+    make: impl FnOnce(&Offer) -> Result<(Arc<GuestMemory>, G), ReceiveError>,
+) -> Result<Received<G>, ReceiveError> {
     let mut session = session;
     let offer = session.offer().clone();
-    let memory = Arc::new(
-        GuestMemory::new(offer.memory_bytes).map_err(|source| ReceiveError::Memory {
-            bytes: offer.memory_bytes,
-            source,
-        })?,
-    );
+    let (memory, mut guest) = make(&offer)?;
+    if memory.size_bytes() != offer.memory_bytes {
+        return Err(ReceiveError::MemorySize {
+            made: memory.size_bytes(),
+            offered: offer.memory_bytes,
+        });
+    }
     // Fault the memory in off the receiver threads, as it arrives.
     let m2 = memory.clone();
     let prefault = std::thread::spawn(move || m2.prefault());
-    let mut guest = make_guest(&offer, memory.clone()).map_err(ReceiveError::Guest)?;
     let cfg = MigrationConfig {
         streams: offer.streams,
         integrity: offer.integrity,
