@@ -33,6 +33,7 @@ pub mod pipeline;
 pub mod probe;
 pub mod progress;
 pub mod session;
+pub mod sha;
 pub mod transport;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory;

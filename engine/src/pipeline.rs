@@ -102,6 +102,9 @@ pub fn encode_pages(
     let mut at = 0usize;
     // Digests of the non-zero pages, appended after them.
     let mut sums = [[0u8; DIGEST_LEN]; wire::MAX_FRAME_PAGES as usize];
+    // ring hashes each copy while it is hot in L1; a multi-buffer backend
+    // hashes the frame's copies in one call after the loop (still in L2).
+    let batched = digests && crate::sha::backend() == crate::sha::Sha256Backend::Tape;
     {
         let dst = &mut out.spare_capacity_mut()[HEADER_LEN..];
         for i in 0..count as usize {
@@ -125,13 +128,19 @@ pub fn encode_pages(
             if is_zero(bytes) {
                 zero_mask |= 1 << i;
             } else {
-                if digests {
+                if digests && !batched {
                     // Hash the copy while it is hot in L1.
                     let h = ring::digest::digest(&ring::digest::SHA256, bytes);
                     sums[at / PAGE_SIZE].copy_from_slice(h.as_ref());
                 }
                 at += PAGE_SIZE;
             }
+        }
+        if batched {
+            // SAFETY: the first `at` bytes of `dst` were initialised by the
+            // copies above; nothing else refers to them while this lives.
+            let copies = unsafe { std::slice::from_raw_parts(dst.as_ptr().cast::<u8>(), at) };
+            crate::sha::hash_pages(copies, &mut sums[..at / PAGE_SIZE]);
         }
     }
     let data_pages = at / PAGE_SIZE;
@@ -283,15 +292,17 @@ pub fn apply_pages(
     let data_pages = (count - header.zero_mask.count_ones()) as usize;
     let (pages, sums) = plain.split_at(data_pages * PAGE_SIZE);
     if digests {
-        for (j, (page, sum)) in pages
-            .chunks_exact(PAGE_SIZE)
-            .zip(sums.chunks_exact(DIGEST_LEN))
-            .enumerate()
-        {
-            let d = ring::digest::digest(&ring::digest::SHA256, page);
+        // The wire decoder checked the length; still, a short digest list
+        // must never leave a page unchecked.
+        if sums.len() != data_pages * DIGEST_LEN {
+            return Err(FrameError::Digest(first));
+        }
+        let mut got = [[0u8; DIGEST_LEN]; wire::MAX_FRAME_PAGES as usize];
+        crate::sha::hash_pages(pages, &mut got[..data_pages]);
+        for (j, (d, sum)) in got[..data_pages].iter().zip(sums.chunks_exact(DIGEST_LEN)).enumerate() {
             // Not secret: the digest only detects corruption, so a
             // non-constant-time compare leaks nothing.
-            if d.as_ref() != sum {
+            if d[..] != *sum {
                 return Err(FrameError::Digest(first + nth_data_page(header.zero_mask, j)));
             }
         }

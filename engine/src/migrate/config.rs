@@ -19,6 +19,11 @@ pub struct MigrationConfig {
     pub integrity: Integrity,
     /// AES-GCM implementation.
     pub aead: AeadBackend,
+    /// SHA-256 implementation of the page digests (`aead+sha256`): `auto`
+    /// picks tape-sha256's multi-buffer hashing where this CPU runs it
+    /// correctly, else ring. The choice is process-wide (see
+    /// [`crate::sha`]); the last migration started sets it.
+    pub sha256: crate::sha::Sha256Choice,
     /// Most pages per frame (1..=64).
     pub chunk_pages: u32,
     /// Downtime target: stop iterating when the rest fits in it.
@@ -56,6 +61,7 @@ impl Default for MigrationConfig {
             streams: 2,
             integrity: Integrity::AeadSha256,
             aead: AeadBackend::Ring,
+            sha256: crate::sha::Sha256Choice::Auto,
             chunk_pages: 32,
             downtime_ms_max: 50,
             max_rounds: 30,

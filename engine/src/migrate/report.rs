@@ -77,6 +77,8 @@ pub struct SourceReport {
     pub device_state_bytes: usize,
     /// Name of the dirty tracker.
     pub tracker: &'static str,
+    /// The SHA-256 backend of the page digests ("ring" or "tape").
+    pub sha256: &'static str,
     /// When the guest was paused at the source.
     #[serde(skip)]
     pub paused_at: Instant,

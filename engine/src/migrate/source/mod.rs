@@ -86,6 +86,7 @@ pub fn migrate_source(
     hooks: &Hooks,
 ) -> Result<SourceReport, MigrateError> {
     cfg.validate_for(conns.len())?;
+    crate::sha::select(cfg.sha256);
     let started_at = Instant::now();
     hooks.bandwidth_cap().init(cfg.max_bandwidth, cfg.max_bandwidth_paused);
     let pacer = Pacer::new(hooks.bandwidth_cap());
@@ -600,6 +601,7 @@ impl SourceCtl<'_> {
             throttle_max: self.throttle_max,
             device_state_bytes,
             tracker: tracker_name,
+            sha256: crate::sha::backend().as_str(),
             paused_at,
             committed_at,
             resumed_confirmed_at,
