@@ -1,6 +1,7 @@
 //! Criterion benches of the data plane's hot path, with no network:
 //! - `seal`: zero check + copy + SHA-256 + AES-256-GCM of guest pages into a
-//!   null sink (one worker), per integrity mode and AEAD implementation;
+//!   null sink (one worker), per integrity mode, AEAD implementation and
+//!   SHA-256 backend (ring page by page, tape multi-buffer per frame);
 //! - `open`: the destination's half (AES-GCM open + SHA-256 check + write);
 //! - `dirty_scan`: one uffd-wp PAGEMAP_SCAN collect over 1 GiB.
 //!
@@ -15,6 +16,7 @@ use ferry_engine::bitmap::DirtyBitmap;
 use ferry_engine::crypto::{AeadBackend, Direction, Sealer, SessionKeys, StreamCrypto};
 use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
 use ferry_engine::pipeline::{self, Integrity, StreamHeader};
+use ferry_engine::sha::{self, Sha256Backend, Sha256Choice};
 use ferry_engine::wire::{MigrationId, Outer, StreamId, HEADER_LEN};
 use ferry_engine::{GuestMemory, PageIndex, PAGE_SIZE};
 use ferry_vmm::workload;
@@ -66,14 +68,35 @@ fn seal(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(4));
     for integrity in [Integrity::AeadSha256, Integrity::Aead] {
         for backend in backends() {
-            let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), backend);
-            let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
-            g.bench_function(BenchmarkId::from_parameter(label(integrity, backend)), |b| {
-                b.iter(|| seal_image(&mem, integrity, &mut tx, &mut out, Some(1 << 20)))
-            });
+            for sha in sha_backends(integrity) {
+                sha::select(Sha256Choice::Force(sha));
+                let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), backend);
+                let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
+                g.bench_function(BenchmarkId::from_parameter(label_sha(integrity, backend, sha)), |b| {
+                    b.iter(|| seal_image(&mem, integrity, &mut tx, &mut out, Some(1 << 20)))
+                });
+            }
         }
     }
+    sha::select(Sha256Choice::Auto);
     g.finish();
+}
+
+/// The SHA-256 backends worth comparing in `integrity` mode.
+fn sha_backends(integrity: Integrity) -> Vec<Sha256Backend> {
+    if integrity == Integrity::AeadSha256 {
+        vec![Sha256Backend::Ring, Sha256Backend::Tape]
+    } else {
+        vec![Sha256Backend::Ring]
+    }
+}
+
+fn label_sha(i: Integrity, b: AeadBackend, sha: Sha256Backend) -> String {
+    if i == Integrity::AeadSha256 {
+        format!("{}/sha-{}", label(i, b), sha.as_str())
+    } else {
+        label(i, b)
+    }
 }
 
 /// What the parts cost alone on this machine, in the same run, so the
@@ -93,6 +116,10 @@ fn ceiling(c: &mut Criterion) {
                 black_box(ring::digest::digest(&ring::digest::SHA256, p));
             }
         })
+    });
+    let mut digests = [[0u8; 32]; 32];
+    g.bench_function("sha256_multibuffer_32_pages", |b| {
+        b.iter(|| sha::hash_with(Sha256Backend::Tape, black_box(&buf), &mut digests))
     });
     let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
     g.bench_function("aes256gcm_seal_128KiB", |b| {
@@ -125,12 +152,22 @@ fn open(c: &mut Criterion) {
     let mut g = c.benchmark_group("open");
     g.throughput(Throughput::Bytes(MEM));
     g.sample_size(10).measurement_time(Duration::from_secs(4));
-    for integrity in [Integrity::AeadSha256, Integrity::Aead] {
+    for (integrity, sha) in [
+        (Integrity::AeadSha256, Sha256Backend::Ring),
+        (Integrity::AeadSha256, Sha256Backend::Tape),
+        (Integrity::Aead, Sha256Backend::Ring),
+    ] {
+        sha::select(Sha256Choice::Force(sha));
         // Seal the whole image once; each iteration opens a fresh copy.
         let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
         let mut sealed = Vec::new();
         seal_image(&mem, integrity, &mut tx, &mut sealed, None);
-        g.bench_function(BenchmarkId::from_parameter(integrity.as_str()), |b| {
+        let name = if integrity == Integrity::AeadSha256 {
+            format!("{}/sha-{}", integrity.as_str(), sha.as_str())
+        } else {
+            integrity.as_str().to_string()
+        };
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
             // A fresh copy of the sealed frames per iteration, made outside
             // the timed part (opening is in place).
             b.iter_batched_ref(
@@ -152,6 +189,7 @@ fn open(c: &mut Criterion) {
             )
         });
     }
+    sha::select(Sha256Choice::Auto);
     g.finish();
     black_box(PAGE_SIZE);
 }
