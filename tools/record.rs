@@ -68,6 +68,10 @@ pub struct Record {
     /// The downtime promise and what came of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub convergence: Option<Convergence>,
+    /// The source's SHA-256 backend for page digests ("ring" or "tape";
+    /// none without page digests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// The downtime target, the policy that kept it, and what happened.
@@ -191,6 +195,7 @@ impl Record {
             steps: Vec::new(),
             rounds: Vec::new(),
             convergence: None,
+            sha256: None,
         }
     }
 

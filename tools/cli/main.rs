@@ -14,6 +14,7 @@ use ferry_engine::crypto::AeadBackend;
 use ferry_engine::dirty::{DirtyTracker, UffdWpTracker};
 use ferry_engine::migrate::MigrationConfig;
 use ferry_engine::pipeline::Integrity;
+use ferry_engine::sha::Sha256Choice;
 use ferry_engine::GuestMemory;
 use ferry_vmm::workload::{SyntheticGuest, WorkloadConfig};
 

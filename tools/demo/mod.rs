@@ -105,6 +105,9 @@ impl DemoReport {
         r.steps = self.steps.clone();
         r.rounds = self.round_detail.clone();
         r.convergence = Some(self.convergence.clone());
+        if self.integrity == Integrity::AeadSha256 {
+            r.sha256 = Some(self.sha256.into());
+        }
         r
     }
 }
@@ -194,6 +197,9 @@ pub struct DemoReport {
     pub integrity: Integrity,
     /// AES-GCM implementation.
     pub aead: AeadBackend,
+    /// SHA-256 of the page digests: "ring" or "tape" (multi-buffer), as
+    /// `--sha256` chose (`auto`: from this CPU's features).
+    pub sha256: &'static str,
     /// Dirty tracker used at the source.
     pub tracker: &'static str,
     /// Where the session keys came from.
@@ -424,6 +430,26 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     ));
     let keys = SessionKeys::from_grant(src_admitted.key_grant());
     let dst_keys = SessionKeys::from_grant(dst_admitted.key_grant());
+    if cfg.integrity == Integrity::AeadSha256 {
+        let sha = ferry_engine::sha::select(cfg.sha256);
+        say(&format!(
+            "data: AES-256-GCM ({}) and a SHA-256 per page ({}{})",
+            if cfg.aead == AeadBackend::Ring {
+                "ring"
+            } else {
+                "RustCrypto"
+            },
+            match sha {
+                ferry_engine::sha::Sha256Backend::Tape => "tape-sha256, multi-buffer per frame",
+                ferry_engine::sha::Sha256Backend::Ring => "ring, page by page",
+            },
+            if cfg.sha256 == ferry_engine::sha::Sha256Choice::Auto {
+                ", chosen for this CPU"
+            } else {
+                ""
+            }
+        ));
+    }
 
     let holes = |m: &GuestMemory| -> Result<u64, DemoError> {
         let mut b = ferry_engine::bitmap::DirtyBitmap::new(m.pages());
@@ -664,6 +690,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         integrity: cfg.integrity,
         aead: cfg.aead,
         tracker: src.tracker,
+        sha256: src.sha256,
         keys: "control-plane: TLS 1.3 exporter of the admitted mutually authenticated session",
         handshake_ms,
         steps: lab.steps.clone(),
