@@ -64,7 +64,7 @@ impl DirtyBitmap {
         let mut i = start;
         let end = start + len;
         while i < end {
-            if i % 64 == 0 && end - i >= 64 {
+            if i.is_multiple_of(64) && end - i >= 64 {
                 self.words[crate::usize_from(i / 64)] = u64::MAX;
                 i += 64;
             } else {

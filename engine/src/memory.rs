@@ -216,11 +216,11 @@ impl GuestMemory {
         let (mut pages, mut end) = (0u64, 0u64);
         for (i, p) in parts.into_iter().enumerate() {
             let size = p.len as u64;
-            if size == 0 || size % PAGE_SIZE_U64 != 0 {
+            if size == 0 || !size.is_multiple_of(PAGE_SIZE_U64) {
                 return Err(MemoryError::BadSize(size));
             }
             let base = p.guest_base;
-            if base.0 % PAGE_SIZE_U64 != 0 || (i > 0 && base.0 < end) || p.host as usize % PAGE_SIZE != 0 {
+            if base.0 % PAGE_SIZE_U64 != 0 || (i > 0 && base.0 < end) || !(p.host as usize).is_multiple_of(PAGE_SIZE) {
                 return Err(MemoryError::BadLayout(base.0));
             }
             end = base.0.checked_add(size).ok_or(MemoryError::BadLayout(base.0))?;
@@ -310,7 +310,7 @@ impl GuestMemory {
     /// (and writes nothing) if the run is not inside one region.
     pub fn write_pages(&self, first: PageIndex, data: &[u8]) -> bool {
         let count = (data.len() / PAGE_SIZE) as u64;
-        if data.len() % PAGE_SIZE != 0 {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
             return false;
         }
         let Some(dst) = self.run_ptr(first, count) else {

@@ -243,7 +243,7 @@ mod tests {
             let mut buf = vec![0u8; n * PAGE_SIZE];
             let mut x = seed | 1;
             for (i, b) in buf.iter_mut().enumerate() {
-                if (i / PAGE_SIZE) % zero_every == 0 { continue; }
+                if (i / PAGE_SIZE).is_multiple_of(zero_every) { continue; }
                 x ^= x << 13; x ^= x >> 7; x ^= x << 17;
                 *b = x.to_le_bytes()[3];
             }

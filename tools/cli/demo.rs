@@ -119,7 +119,7 @@ impl DemoArgs {
                 bandwidth_bytes_per_s: a.estimate_bandwidth,
             }),
         };
-        if a.shape.memory == 0 || a.shape.memory % 4096 != 0 {
+        if a.shape.memory == 0 || !a.shape.memory.is_multiple_of(4096) {
             return Err(format!("--memory must be a positive multiple of 4 KiB, got {}", a.shape.memory).into());
         }
         let json = a.json;

@@ -70,7 +70,7 @@ impl TicketChecked {
                     Err(e) => {
                         if refusal
                             .as_ref()
-                            .map_or(true, |r| matches!(r, TicketError::BadSignature(_)))
+                            .is_none_or(|r| matches!(r, TicketError::BadSignature(_)))
                         {
                             refusal = Some(e);
                         }
@@ -158,7 +158,7 @@ fn runnable(o: &Offer) -> Result<(), Refusal> {
     if o.memory_bytes == 0 {
         return bad("guest memory of 0 bytes", 0);
     }
-    if o.memory_bytes % GUEST_PAGE_BYTES != 0 {
+    if !o.memory_bytes.is_multiple_of(GUEST_PAGE_BYTES) {
         return bad("guest memory not a whole number of 4 KiB pages", o.memory_bytes);
     }
     if o.guest == GuestKind::Kvm && o.vcpus == 0 {

@@ -198,7 +198,7 @@ pub enum Decision {
 pub fn bandwidth_bytes_per_s(rounds: &[RoundOutcome]) -> Option<f64> {
     let mut best: Option<(u64, f64)> = None;
     for r in rounds {
-        if r.duration_ms > 0.0 && best.map_or(true, |(pages, _)| r.pages_sent >= pages) {
+        if r.duration_ms > 0.0 && best.is_none_or(|(pages, _)| r.pages_sent >= pages) {
             best = Some((
                 r.pages_sent,
                 r.pages_sent as f64 * PAGE_SIZE_U64 as f64 / (r.duration_ms / 1e3),

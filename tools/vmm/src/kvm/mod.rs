@@ -199,7 +199,7 @@ impl Core {
     /// the parameters, or a test's deliberate corruption), for atomic access
     /// shared with the guest.
     fn word(&self, gpa: u64) -> &AtomicU64 {
-        assert!(gpa % 8 == 0, "guest word at unaligned address {gpa:#x}");
+        assert!(gpa.is_multiple_of(8), "guest word at unaligned address {gpa:#x}");
         let page = self
             .mem
             .run_ptr(PageIndex(gpa / PAGE_SIZE_U64), 1)
@@ -256,7 +256,7 @@ impl std::fmt::Debug for KvmVm {
 
 fn check_memory(mem: &GuestMemory) -> Result<(), KvmError> {
     let size = mem.size_bytes();
-    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&size) || size % DATA_START != 0 {
+    if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&size) || !size.is_multiple_of(DATA_START) {
         return Err(KvmError::Config(format!(
             "guest memory must be a multiple of 2 MiB between {} MiB and {} GiB, not {size} bytes",
             MIN_MEMORY_BYTES >> 20,

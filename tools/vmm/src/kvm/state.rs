@@ -219,7 +219,7 @@ fn fpu_from(b: &[u8]) -> Option<kvm_fpu> {
 
 fn entries<T: FromBytes + IntoBytes + zerocopy::Immutable + Clone>(bytes: &[u8]) -> Option<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || bytes.len() / size > MAX_ENTRIES {
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size > MAX_ENTRIES {
         return None;
     }
     bytes.chunks_exact(size).map(|c| T::read_from_bytes(c).ok()).collect()
