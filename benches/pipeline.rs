@@ -3,6 +3,8 @@
 //!   null sink (one worker), per integrity mode, AEAD implementation and
 //!   SHA-256 backend (ring page by page, tape multi-buffer per frame);
 //! - `open`: the destination's half (AES-GCM open + SHA-256 check + write);
+//! - `stage`: each remaining stage alone (zero check, copy out, install,
+//!   AES-GCM open), for the cost per GB of each;
 //! - `dirty_scan`: one uffd-wp PAGEMAP_SCAN collect over 1 GiB.
 //!
 //! Run: `cargo bench --bench pipeline` (add `--features rustcrypto-aead` to
@@ -79,6 +81,37 @@ fn seal(c: &mut Criterion) {
         }
     }
     sha::select(Sha256Choice::Auto);
+    // Scaling: the same image sealed by two workers at once, half each (one
+    // core each on a 2-core host), against one worker above.
+    for integrity in [Integrity::AeadSha256, Integrity::Aead] {
+        let halves = [
+            GuestMemory::new(MEM / 2).expect("guest memory"),
+            GuestMemory::new(MEM / 2).expect("guest memory"),
+        ];
+        for (i, h) in halves.iter().enumerate() {
+            workload::fill(h, 7 + i as u64, 0.0);
+        }
+        let mut state: Vec<(Sealer, Vec<u8>)> = (0..2u16)
+            .map(|i| {
+                (
+                    Sealer::new(&keys, Direction::ToDestination, StreamId(i), AeadBackend::Ring),
+                    Vec::with_capacity(2 << 20),
+                )
+            })
+            .collect();
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("{}/2_workers", integrity.as_str())),
+            |b| {
+                b.iter(|| {
+                    std::thread::scope(|sc| {
+                        for (h, (tx, out)) in halves.iter().zip(state.iter_mut()) {
+                            sc.spawn(move || seal_image(h, integrity, tx, out, Some(1 << 20)));
+                        }
+                    })
+                })
+            },
+        );
+    }
     g.finish();
 }
 
@@ -230,5 +263,75 @@ fn dirty_scan(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ceiling, seal, open, dirty_scan);
+/// Each stage of the hot path alone, one core, for the cost per GB of each
+/// (PERF.md, "the way to 100GbE"): stages on guest memory run over a 64 MiB
+/// image (beyond the caches), the rest over a 128 KiB frame-sized buffer as
+/// in the pipeline. SHA-256 and the AES-GCM seal are in `ceiling`.
+fn stage(c: &mut Criterion) {
+    let image = GuestMemory::new(MEM).expect("guest memory");
+    workload::fill(&image, 7, 0.0);
+    let zeros = GuestMemory::new(MEM).expect("guest memory");
+    zeros.prefault().expect("prefault");
+    let dst = GuestMemory::new(MEM).expect("guest memory");
+    dst.prefault().expect("prefault");
+    let mut g = c.benchmark_group("stage");
+    g.throughput(Throughput::Bytes(MEM));
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    // A zero page is the zero check's worst case: all 4 KiB read.
+    g.bench_function("zero_check_zero_pages_64MiB", |b| {
+        b.iter(|| (0..zeros.pages()).filter(|p| zeros.page_is_zero(PageIndex(*p))).count())
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    g.bench_function("copy_out_64MiB", |b| {
+        b.iter(|| {
+            let mut at = 0usize;
+            for p in 0..image.pages() {
+                let page: &mut [u8; PAGE_SIZE] = (&mut buf[at..at + PAGE_SIZE]).try_into().expect("a page");
+                image.read_page(PageIndex(p), page);
+                at = (at + PAGE_SIZE) % buf.len();
+            }
+            black_box(&buf);
+        })
+    });
+    image.read_into(0, &mut buf);
+    g.bench_function("install_64MiB", |b| {
+        b.iter(|| {
+            let per = (buf.len() / PAGE_SIZE) as u64;
+            let mut p = 0;
+            while p < dst.pages() {
+                dst.write_pages(PageIndex(p), &buf);
+                p += per;
+            }
+        })
+    });
+    g.finish();
+    let keys = SessionKeys::test_only_unauthenticated(MigrationId(1)).expect("keys");
+    let frame: Vec<u8> = (0..128 << 10)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut g = c.benchmark_group("stage");
+    g.throughput(Throughput::Bytes(frame.len() as u64));
+    g.sample_size(30).measurement_time(Duration::from_secs(3));
+    g.bench_function("aes256gcm_open_128KiB", |b| {
+        let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        let mut rx = StreamCrypto::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+        b.iter_batched_ref(
+            || {
+                // The AAD is the header before masking: all zeros here.
+                let mut masked = [0u8; HEADER_LEN];
+                let mut body = frame.clone();
+                let (seq, tag) = tx.seal_next(&mut masked, &mut body);
+                body.extend_from_slice(&tag);
+                (seq.0, body)
+            },
+            |(seq, body)| {
+                black_box(rx.open(*seq, &[0u8; HEADER_LEN], body).expect("authentic").len());
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ceiling, seal, open, stage, dirty_scan);
 criterion_main!(benches);
