@@ -99,6 +99,7 @@ pub fn run(o: &DoctorOptions) -> Vec<Check> {
         open_files(),
         locked_memory(),
         hugepages(),
+        sha256(),
         clock(),
     ];
     out.extend(o.listen.iter().map(|a| port(*a)));
@@ -179,6 +180,26 @@ fn hugepages() -> Check {
             "transparent huge pages: {mode}; {total} preallocated huge pages (ferry tracks 4 KiB pages either way)"
         ),
     )
+}
+
+fn sha256() -> Check {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1).map(|m| m.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let detail = match ferry_engine::sha::select(ferry_engine::sha::Sha256Choice::Auto) {
+        ferry_engine::sha::Sha256Backend::Tape => {
+            format!("page digests by tape-sha256's multi-buffer SHA-256 (agrees with ring here) on {cpu}")
+        }
+        ferry_engine::sha::Sha256Backend::Ring => format!(
+            "page digests by ring, page by page, on {cpu} (no multi-buffer fast path, or it disagreed with ring)"
+        ),
+    };
+    Check::pass("SHA-256", detail)
 }
 
 fn clock() -> Check {

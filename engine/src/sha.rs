@@ -87,6 +87,15 @@ pub fn select(choice: Sha256Choice) -> Sha256Backend {
     b
 }
 
+/// What a migration's [`MigrationConfig::sha256`](crate::migrate::MigrationConfig)
+/// does to the process's backend: a forced choice selects it; `Auto` keeps
+/// the process's selection (a daemon's `--sha256`), or picks on first use.
+pub fn apply(choice: Sha256Choice) {
+    if let Sha256Choice::Force(_) = choice {
+        select(choice);
+    }
+}
+
 /// The process's backend (selecting `auto` on first use).
 pub fn backend() -> Sha256Backend {
     match SELECTED.load(Ordering::Relaxed) {

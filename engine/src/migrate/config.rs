@@ -21,8 +21,9 @@ pub struct MigrationConfig {
     pub aead: AeadBackend,
     /// SHA-256 implementation of the page digests (`aead+sha256`): `auto`
     /// picks tape-sha256's multi-buffer hashing where this CPU runs it
-    /// correctly, else ring. The choice is process-wide (see
-    /// [`crate::sha`]); the last migration started sets it.
+    /// correctly, else ring. The backend is process-wide (see
+    /// [`crate::sha`]): a forced choice here selects it for the process;
+    /// `Auto` keeps what the process selected (`sha::select`).
     pub sha256: crate::sha::Sha256Choice,
     /// Most pages per frame (1..=64).
     pub chunk_pages: u32,

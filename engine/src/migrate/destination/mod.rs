@@ -51,7 +51,7 @@ pub fn migrate_destination(
     gate: Option<&CommitGate>,
 ) -> Result<DestReport, MigrateError> {
     cfg.validate_for(conns.len())?;
-    crate::sha::select(cfg.sha256);
+    crate::sha::apply(cfg.sha256);
     let socks = clone_all(conns.iter().map(ProvenStream::socket))?;
     let (reply_tx, reply_rx) = bounded::<(usize, DstReply)>(usize::from(cfg.streams) * 4);
     let counters = Counters::default();

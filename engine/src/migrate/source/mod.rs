@@ -86,7 +86,7 @@ pub fn migrate_source(
     hooks: &Hooks,
 ) -> Result<SourceReport, MigrateError> {
     cfg.validate_for(conns.len())?;
-    crate::sha::select(cfg.sha256);
+    crate::sha::apply(cfg.sha256);
     let started_at = Instant::now();
     hooks.bandwidth_cap().init(cfg.max_bandwidth, cfg.max_bandwidth_paused);
     let pacer = Pacer::new(hooks.bandwidth_cap());
