@@ -5,6 +5,8 @@
 //! - `open`: the destination's half (AES-GCM open + SHA-256 check + write);
 //! - `stage`: each remaining stage alone (zero check, copy out, install,
 //!   AES-GCM open), for the cost per GB of each;
+//! - `huge`: the seal path and the receiver's prefault on 2 MiB huge pages
+//!   against 4 KiB ones (needs `sysctl vm.nr_hugepages=600`);
 //! - `dirty_scan`: one uffd-wp PAGEMAP_SCAN collect over 1 GiB.
 //!
 //! Run: `cargo bench --bench pipeline` (add `--features rustcrypto-aead` to
@@ -333,5 +335,55 @@ fn stage(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ceiling, seal, open, stage, dirty_scan);
+/// 2 MiB huge pages against 4 KiB ones: the seal path over the same random
+/// image, and the receiver's prefault of fresh memory. Needs the hugetlb
+/// pool (`sysctl vm.nr_hugepages=600` for the 1 GiB prefault); SKIPPED
+/// without it.
+fn huge(c: &mut Criterion) {
+    use ferry_engine::memory::{GuestAddress, PageBacking};
+    let on = |backing, bytes| GuestMemory::with_layout_on(&[(GuestAddress(0), bytes)], backing);
+    if let Err(e) = on(PageBacking::Huge2M, MEM) {
+        eprintln!("SKIPPED huge bench: {e}");
+        return;
+    }
+    let keys = SessionKeys::test_only_unauthenticated(MigrationId(1)).expect("keys");
+    let mut g = c.benchmark_group("huge");
+    g.throughput(Throughput::Bytes(MEM));
+    g.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, backing) in [("4KiB", PageBacking::Small), ("2MiB", PageBacking::Huge2M)] {
+        let mem = on(backing, MEM).expect("guest memory");
+        workload::fill(&mem, 7, 0.0);
+        for integrity in [Integrity::AeadSha256, Integrity::Aead] {
+            let mut tx = Sealer::new(&keys, Direction::ToDestination, StreamId(0), AeadBackend::Ring);
+            let mut out: Vec<u8> = Vec::with_capacity(2 << 20);
+            g.bench_function(format!("seal/{}/{name}", integrity.as_str()), |b| {
+                b.iter(|| seal_image(&mem, integrity, &mut tx, &mut out, Some(1 << 20)))
+            });
+        }
+    }
+    g.finish();
+    const PREFAULT: u64 = 1 << 30;
+    let mut g = c.benchmark_group("huge");
+    g.throughput(Throughput::Bytes(PREFAULT));
+    g.sample_size(10).measurement_time(Duration::from_secs(6));
+    for (name, backing) in [("4KiB", PageBacking::Small), ("2MiB", PageBacking::Huge2M)] {
+        if on(backing, PREFAULT).is_err() {
+            eprintln!("SKIPPED huge/prefault_1GiB/{name}: not enough huge pages for 1 GiB");
+            continue;
+        }
+        g.bench_function(format!("prefault_1GiB/{name}"), |b| {
+            b.iter_batched(
+                || on(backing, PREFAULT).expect("guest memory"),
+                |m| {
+                    m.prefault().expect("prefault");
+                    m
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, ceiling, seal, open, stage, huge, dirty_scan);
 criterion_main!(benches);

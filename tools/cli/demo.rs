@@ -68,6 +68,12 @@ pub(crate) struct DemoArgs {
     /// Do not fault the destination's memory in before the transfer.
     #[arg(long)]
     cold_destination: bool,
+    /// Back both guests' memory with 2 MiB huge pages from the hugetlb pool
+    /// (reserve them first: sysctl vm.nr_hugepages=N, 512 per GiB per
+    /// guest). KVM's dirty log still tracks 4 KiB pages; a synthetic guest
+    /// needs --tracker bitmap (write-protection would track 2 MiB pages).
+    #[arg(long)]
+    huge_pages: bool,
     /// Seconds without network progress before the migration aborts.
     #[arg(long, default_value_t = 10)]
     io_timeout_s: u64,
@@ -111,6 +117,7 @@ impl DemoArgs {
             zero_fraction: a.shape.zero_fraction,
             tracker: a.tracker.unwrap_or(TrackerKind::Uffd),
             prefault_destination: !a.cold_destination,
+            huge_pages: a.huge_pages,
             migration,
             interpose: None,
             hooks: ferry_engine::progress::Hooks::new(),

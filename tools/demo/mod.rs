@@ -135,6 +135,8 @@ pub struct DemoOptions {
     pub tracker: TrackerKind,
     /// Fault the destination's memory in before the transfer.
     pub prefault_destination: bool,
+    /// Back both guests' memory with 2 MiB huge pages (hugetlb pool).
+    pub huge_pages: bool,
     /// Engine settings.
     pub migration: MigrationConfig,
     /// Something between source and destination (tests only).
@@ -167,6 +169,7 @@ impl Default for DemoOptions {
             zero_fraction: 0.0,
             tracker: TrackerKind::Uffd,
             prefault_destination: true,
+            huge_pages: false,
             migration: MigrationConfig::default(),
             interpose: None,
             hooks: Hooks::new(),
@@ -274,6 +277,8 @@ pub struct DemoReport {
     pub vcpu_state_bytes: usize,
     /// Destination memory faulted in before the transfer ("warm") or not ("cold").
     pub destination_memory: &'static str,
+    /// Both guests' memory pages: "4KiB", or "2MiB" (`--huge-pages`).
+    pub page_backing: &'static str,
     /// Time to prefault the destination's memory, before the transfer.
     pub dest_prefault_ms: f64,
     /// Source pages that were holes (never written) before the migration and
@@ -363,7 +368,23 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
     let setup = |e: &dyn std::fmt::Display| DemoError::Setup(e.to_string());
     let t = Instant::now();
     let (kind, guest_note) = resolve_guest(opts)?;
-    let src_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
+    if opts.huge_pages && kind == GuestKind::Synthetic && opts.tracker == TrackerKind::Uffd {
+        return Err(DemoError::Setup(
+            "--huge-pages with the synthetic guest needs --tracker bitmap: userfaultfd write-protection \
+             tracks whole 2 MiB pages (KVM's dirty log, for a KVM guest, still tracks 4 KiB)"
+                .into(),
+        ));
+    }
+    let backing = if opts.huge_pages {
+        ferry_engine::memory::PageBacking::Huge2M
+    } else {
+        ferry_engine::memory::PageBacking::Small
+    };
+    let guest_memory = || {
+        GuestMemory::with_layout_on(&[(ferry_engine::GuestAddress(0), opts.memory_bytes)], backing)
+            .map_err(|e| setup(&e))
+    };
+    let src_mem = Arc::new(guest_memory()?);
     let (mut src_guest, mut tracker) = start_source(opts, kind, &src_mem, t, &mut say)?;
     let prediction = match opts.estimate {
         Some(est) => {
@@ -374,7 +395,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         }
         None => None,
     };
-    let dst_mem = Arc::new(GuestMemory::new(opts.memory_bytes).map_err(|e| setup(&e))?);
+    let dst_mem = Arc::new(guest_memory()?);
     let t = Instant::now();
     if opts.prefault_destination {
         dst_mem.prefault().map_err(|e| setup(&e))?;
@@ -728,6 +749,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
             0
         },
         destination_memory: if opts.prefault_destination { "warm" } else { "cold" },
+        page_backing: if opts.huge_pages { "2MiB" } else { "4KiB" },
         dest_prefault_ms,
         source_holes_filled,
         engine_heap_peak_bytes,
