@@ -704,6 +704,15 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Time vCPU 0 has spent held out of the guest by the throttle, in
+    /// total: what the throttle took away, whatever the guest's work per
+    /// unit of running time turns out to be on this host.
+    pub fn throttle_waited(&self) -> Duration {
+        self.vcpus
+            .first()
+            .map_or(Duration::ZERO, |v| v.shared.lock().throttle.waited)
+    }
+
     /// The migration's throttle in force (0: none).
     pub fn throttle(&self) -> f64 {
         self.throttler.as_ref().map_or(0.0, throttle::Throttler::fraction)

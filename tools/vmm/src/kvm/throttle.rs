@@ -28,6 +28,9 @@ pub(super) struct VcpuThrottle {
     pub(super) due: bool,
     /// When it last started running under the throttle.
     pub(super) running_since: Option<Instant>,
+    /// Time spent waiting its shares, in total (survives the throttle
+    /// coming off, for [`super::KvmVm::throttle_waited`]).
+    pub(super) waited: Duration,
 }
 
 /// Called by the vCPU thread with `c.throttle.due` set: waits its share,
@@ -36,7 +39,8 @@ pub(super) fn wait_share<'a>(sh: &'a Shared, mut c: std::sync::MutexGuard<'a, Ct
     c.throttle.due = false;
     let f = c.throttle.fraction.clamp(0.0, 0.99);
     let ran = c.throttle.running_since.map_or(PERIOD, |t| t.elapsed());
-    let until = Instant::now() + ran.mul_f64(f / (1.0 - f)).min(MAX_WAIT);
+    let started = Instant::now();
+    let until = started + ran.mul_f64(f / (1.0 - f)).min(MAX_WAIT);
     while c.want == Want::Run && c.throttle.fraction > 0.0 {
         let now = Instant::now();
         if now >= until {
@@ -47,7 +51,9 @@ pub(super) fn wait_share<'a>(sh: &'a Shared, mut c: std::sync::MutexGuard<'a, Ct
             .wait_timeout(c, until - now)
             .map_or_else(|e| e.into_inner().0, |r| r.0);
     }
-    c.throttle.running_since = Some(Instant::now());
+    let now = Instant::now();
+    c.throttle.waited += now.saturating_duration_since(started);
+    c.throttle.running_since = Some(now);
     c
 }
 
@@ -108,7 +114,10 @@ impl Drop for Throttler {
         // Nothing stays held out of the guest.
         for v in &self.vcpus {
             let mut c = v.lock();
-            c.throttle = VcpuThrottle::default();
+            c.throttle = VcpuThrottle {
+                waited: c.throttle.waited,
+                ..VcpuThrottle::default()
+            };
             v.cv.notify_all();
         }
     }
