@@ -94,8 +94,9 @@ pub struct Region {
     backing: Backing,
 }
 
-// SAFETY: `host` points into a shared mapping that `backing` keeps alive for
-// as long as the region exists; the engine only ever accesses it through raw
+// SAFETY: `host` points into a mapping that `backing` keeps alive for as long
+// as the region exists (ferry's own, or a borrowed one under the contract of
+// `GuestMemory::from_borrowed`); the engine only ever accesses it through raw
 // copies (racy by design, see the module docs), as `MmapRaw` (itself Send and
 // Sync) does for ferry's own regions.
 unsafe impl Send for Region {}
@@ -109,7 +110,7 @@ enum Backing {
     Memfd { _map: MmapRaw, file: File },
     /// A mapping someone else made and unmaps; `owner` keeps it mapped.
     Borrowed {
-        /// The file behind it and the mapping's offset in that file, if any.
+        /// The file behind a shared mapping and its offset in that file.
         file: Option<(Arc<File>, u64)>,
         _owner: Arc<dyn Send + Sync>,
     },

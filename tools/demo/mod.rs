@@ -201,7 +201,8 @@ pub struct DemoReport {
     /// AES-GCM implementation.
     pub aead: AeadBackend,
     /// SHA-256 of the page digests: "ring" or "tape" (multi-buffer), as
-    /// `--sha256` chose (`auto`: from this CPU's features).
+    /// `--sha256` chose (`auto`: from this CPU's features); "none" in
+    /// `aead` mode.
     pub sha256: &'static str,
     /// Dirty tracker used at the source.
     pub tracker: &'static str,
@@ -711,7 +712,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport, 
         integrity: cfg.integrity,
         aead: cfg.aead,
         tracker: src.tracker,
-        sha256: src.sha256,
+        sha256: if cfg.integrity == Integrity::AeadSha256 {
+            src.sha256
+        } else {
+            "none"
+        },
         keys: "control-plane: TLS 1.3 exporter of the admitted mutually authenticated session",
         handshake_ms,
         steps: lab.steps.clone(),
