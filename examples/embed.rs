@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ferry::lab::{Lab, DEST, POLICY, SOURCE, VM};
-use ferry::source::{Endpoints, SourceError};
+use ferry::lab::{Lab, DEST, POLICY, VM};
+use ferry::source::SourceError;
 use ferry_control::handshake::{serve_destination, OnAdmitted, ServeLimits};
 use ferry_control::pki::{Identity, Role};
 use ferry_engine::bitmap::AtomicBitmap;
@@ -108,18 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    let at = Endpoints {
-        pki: lab.dir.path(),
-        host: SOURCE,
-        client: "operator",
-        authn: lab.authn_addr,
-        authz: lab.authz_addr,
-        servers_name: SOURCE,
-        dest: dest_addr,
-        dest_host: DEST,
-        audit: None,
-        pinned: &[],
-    };
+    let at = lab.endpoints(dest_addr);
     let cfg = MigrationConfig {
         pin_workers: false,
         ..MigrationConfig::default()

@@ -58,13 +58,7 @@ fn main() -> std::io::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
+    let cpu = ferry_engine::probe::cpu_model();
     println!(
         "cpu: {cpu}; loopback TCP, {gib} GiB x {runs} runs, medians: {:.2} GB/s; CPU per GB: send {:.3} s, receive {:.3} s",
         median(&mut rate),

@@ -31,8 +31,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry::lab::{Lab, DEST, POLICY, SOURCE, VM};
-use ferry::source::Endpoints;
+use ferry::lab::{Lab, DEST, POLICY, VM};
 use ferry_control::handshake::{serve_destination, OnAdmitted, ServeLimits};
 use ferry_control::pki::{Identity, Role};
 use ferry_engine::bitmap::DirtyBitmap;
@@ -192,18 +191,7 @@ pub fn run(track_vmm_writes: bool) -> Result<Summary, Error> {
         Union::new(vec![Box::new(kvm)], "kvm-dirty-log")
     };
 
-    let at = Endpoints {
-        pki: lab.dir.path(),
-        host: SOURCE,
-        client: "operator",
-        authn: lab.authn_addr,
-        authz: lab.authz_addr,
-        servers_name: SOURCE,
-        dest: dest_addr,
-        dest_host: DEST,
-        audit: None,
-        pinned: &[],
-    };
+    let at = lab.endpoints(dest_addr);
     let cfg = MigrationConfig {
         pin_workers: false,
         ..MigrationConfig::default()

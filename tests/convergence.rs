@@ -55,6 +55,15 @@ fn assert_throttled_switchover(r: &demo::DemoReport, target_ms: f64, cap_bytes_p
     );
 }
 
+/// The tests here measure rates (the guest's writes against a capped link)
+/// and decide from them: run one at a time, so that a sibling's guest and
+/// workers do not change what another measures (a KVM guest slowed by its
+/// siblings converged where it should not have, in CI).
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ALONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn failure(r: Result<demo::DemoReport, DemoError>) -> Box<demo::Failure> {
     match r {
         Err(DemoError::Failed(f)) => f,
@@ -65,6 +74,7 @@ fn failure(r: Result<demo::DemoReport, DemoError>) -> Box<demo::Failure> {
 
 #[test]
 fn abort_gives_up_before_pausing_and_names_the_rates() {
+    let _alone = alone();
     if !common::host_ready("abort_gives_up_before_pausing") {
         return;
     }
@@ -130,6 +140,7 @@ fn abort_gives_up_before_pausing_and_names_the_rates() {
 
 #[test]
 fn throttle_converges_within_the_target_and_the_destination_runs_unthrottled() {
+    let _alone = alone();
     if !common::host_ready("throttle_converges_within_the_target") {
         return;
     }
@@ -167,6 +178,7 @@ fn throttle_converges_within_the_target_and_the_destination_runs_unthrottled() {
 
 #[test]
 fn force_switches_over_and_every_output_says_the_target_was_exceeded() {
+    let _alone = alone();
     if !common::host_ready("force_switches_over") {
         return;
     }
@@ -201,6 +213,7 @@ fn force_switches_over_and_every_output_says_the_target_was_exceeded() {
 
 #[test]
 fn a_bandwidth_cap_holds_and_a_change_takes_effect_within_the_round() {
+    let _alone = alone();
     if !common::host_ready("a_bandwidth_cap_holds") {
         return;
     }
@@ -258,6 +271,7 @@ fn a_bandwidth_cap_holds_and_a_change_takes_effect_within_the_round() {
 
 #[test]
 fn postcopy_is_refused_as_not_available_yet() {
+    let _alone = alone();
     let mut o = common::small(64 << 20, 1);
     o.migration.converge = Converge::Postcopy;
     let e = o.migration.validate().unwrap_err();
@@ -267,6 +281,7 @@ fn postcopy_is_refused_as_not_available_yet() {
 
 #[test]
 fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
+    let _alone = alone();
     if !(common::host_ready("kvm_guest_throttled")
         && common::skip_unless("kvm_guest_throttled", &[("KVM", ferry_vmm::kvm::available())]))
     {
@@ -305,6 +320,7 @@ fn kvm_guest_throttled_to_a_target_it_cannot_meet_unthrottled() {
 
 #[test]
 fn the_estimate_predicts_what_the_migration_then_does() {
+    let _alone = alone();
     if !common::host_ready("the_estimate_predicts") {
         return;
     }

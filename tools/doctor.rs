@@ -183,14 +183,7 @@ fn hugepages() -> Check {
 }
 
 fn sha256() -> Check {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1).map(|m| m.trim().to_string()))
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = ferry_engine::probe::cpu_model();
     let detail = match ferry_engine::sha::select(ferry_engine::sha::Sha256Choice::Auto) {
         ferry_engine::sha::Sha256Backend::Tape => {
             format!("page digests by tape-sha256's multi-buffer SHA-256 (agrees with ring here) on {cpu}")

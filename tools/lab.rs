@@ -229,6 +229,24 @@ impl Lab {
         Ok((tk, claims))
     }
 
+    /// Where a source in this lab (host [`SOURCE`], client "operator", the
+    /// lab's ticket servers) migrates to the destination [`DEST`] listening
+    /// on `dest`: for [`crate::source::migrate`].
+    pub fn endpoints(&self, dest: std::net::SocketAddr) -> crate::source::Endpoints<'_> {
+        crate::source::Endpoints {
+            pki: self.dir.path(),
+            host: SOURCE,
+            client: "operator",
+            authn: self.authn_addr,
+            authz: self.authz_addr,
+            servers_name: SOURCE,
+            dest,
+            dest_host: DEST,
+            audit: None,
+            pinned: &[],
+        }
+    }
+
     /// A destination daemon for host `name` of this lab (its policy: the
     /// `[[incoming]]` rules of `policy`), with a replay cache file in the lab.
     pub fn destination(&self, name: &str, policy: &str, max_memory_bytes: u64) -> Result<Destination, LabError> {

@@ -1,6 +1,20 @@
 //! What this host can do: tests and the CLI ask before using a kernel
 //! feature, and say plainly what is missing.
 
+/// This host's CPU, as `/proc/cpuinfo` names it ("model name"), for every
+/// figure a benchmark or a report prints (the CPU kind differs between
+/// machines; compare figures only within one).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1).map(|m| m.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
 /// Whether an io_uring can be created here.
 pub fn io_uring() -> Result<(), String> {
     io_uring::IoUring::new(2)

@@ -21,13 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut vm = KvmVm::boot(mem, 1, &program)?;
     vm.wait_filled(Duration::from_secs(30))?;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
+    let cpu = ferry_engine::probe::cpu_model();
     println!("cpu: {cpu}; KVM guest, 1 vCPU, 16 MiB hot set written flat out; 3 x 1 s per step, median");
     let mut steps = vec![0.0];
     while let Some(t) = next_throttle(*steps.last().unwrap_or(&0.0), THROTTLE_CEILING) {
