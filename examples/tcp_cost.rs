@@ -20,7 +20,7 @@ fn thread_cpu_s() -> f64 {
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let gib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
-    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5).max(1);
     let bytes = gib << 30;
     let (mut send_s, mut recv_s, mut rate) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {

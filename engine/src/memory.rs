@@ -208,13 +208,7 @@ impl GuestMemory {
         let mut pages = 0u64;
         let mut end = 0u64;
         for (i, &(base, size)) in sorted.iter().enumerate() {
-            if size == 0 || !size.is_multiple_of(unit) {
-                return Err(MemoryError::BadSize(size));
-            }
-            if !base.0.is_multiple_of(unit) || (i > 0 && base.0 < end) {
-                return Err(MemoryError::BadLayout(base.0));
-            }
-            end = base.0.checked_add(size).ok_or(MemoryError::BadLayout(base.0))?;
+            end = check_region(i, base, size, unit, end)?;
             let file = memfd(size, backing)?;
             let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
             let map = MmapOptions::new()
@@ -258,15 +252,11 @@ impl GuestMemory {
         let mut regions = Vec::with_capacity(parts.len());
         let (mut pages, mut end) = (0u64, 0u64);
         for (i, p) in parts.into_iter().enumerate() {
-            let size = p.len as u64;
-            if size == 0 || !size.is_multiple_of(PAGE_SIZE_U64) {
-                return Err(MemoryError::BadSize(size));
-            }
-            let base = p.guest_base;
-            if base.0 % PAGE_SIZE_U64 != 0 || (i > 0 && base.0 < end) || !(p.host as usize).is_multiple_of(PAGE_SIZE) {
+            let (base, size) = (p.guest_base, p.len as u64);
+            if !(p.host as usize).is_multiple_of(PAGE_SIZE) {
                 return Err(MemoryError::BadLayout(base.0));
             }
-            end = base.0.checked_add(size).ok_or(MemoryError::BadLayout(base.0))?;
+            end = check_region(i, base, size, PAGE_SIZE_U64, end)?;
             regions.push(Region {
                 guest_base: base,
                 first_page: PageIndex(pages),
@@ -474,6 +464,19 @@ impl GuestMemory {
         out.copy_from_slice(d.as_ref());
         out
     }
+}
+
+/// Checks region `i` of a layout sorted by base (sizes and bases whole
+/// `unit`s, no overlap with the previous region, which ended at `end`) and
+/// returns where it ends.
+fn check_region(i: usize, base: GuestAddress, size: u64, unit: u64, end: u64) -> Result<u64, MemoryError> {
+    if size == 0 || !size.is_multiple_of(unit) {
+        return Err(MemoryError::BadSize(size));
+    }
+    if !base.0.is_multiple_of(unit) || (i > 0 && base.0 < end) {
+        return Err(MemoryError::BadLayout(base.0));
+    }
+    base.0.checked_add(size).ok_or(MemoryError::BadLayout(base.0))
 }
 
 /// Whether every byte is zero; early exit on the first non-zero 64-byte

@@ -21,6 +21,23 @@ pub(crate) struct HostArgs {
     pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
+/// Which SHA-256 implementation hashes the page digests.
+#[derive(Args)]
+pub(crate) struct Sha256Arg {
+    /// SHA-256 of the page digests: auto (tape's multi-buffer hashing where
+    /// this CPU runs it correctly, else ring), ring, or tape.
+    #[arg(long, default_value = "auto")]
+    pub(crate) sha256: Sha256Choice,
+}
+
+impl Sha256Arg {
+    /// Selects it for this process (a daemon's migrations keep it).
+    pub(crate) fn select(&self) {
+        let sha = ferry_engine::sha::select(self.sha256);
+        tracing::info!(sha256 = sha.as_str(), "page digests");
+    }
+}
+
 pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let port = |p: &str| {

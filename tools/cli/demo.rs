@@ -37,10 +37,8 @@ pub(crate) struct DemoArgs {
     /// AES-GCM implementation: ring, or rustcrypto (needs --features rustcrypto-aead).
     #[arg(long, default_value = "ring")]
     aead: AeadBackend,
-    /// SHA-256 of the page digests: auto (tape's multi-buffer hashing where
-    /// this CPU runs it correctly, else ring), ring, or tape.
-    #[arg(long, default_value = "auto")]
-    sha256: Sha256Choice,
+    #[command(flatten)]
+    sha: Sha256Arg,
     /// Downtime target in milliseconds: pre-copy stops when the rest fits.
     #[arg(long, default_value_t = 50)]
     downtime_ms_max: u64,
@@ -98,7 +96,7 @@ impl DemoArgs {
             streams: a.streams,
             integrity: a.integrity,
             aead: a.aead,
-            sha256: a.sha256,
+            sha256: a.sha.sha256,
             chunk_pages: a.chunk_pages,
             downtime_ms_max: a.downtime_ms_max,
             max_rounds: a.max_rounds,

@@ -33,7 +33,7 @@ mod workload;
 
 use self::audit::AuditCmd;
 use self::common::ConvergeArgs;
-use self::common::{parse_port_range, GuestShape, HostArgs};
+use self::common::{parse_port_range, GuestShape, HostArgs, Sha256Arg};
 use self::demo::DemoArgs;
 use self::doctor::DoctorArgs;
 use self::error::CliError;

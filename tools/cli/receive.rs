@@ -27,18 +27,15 @@ pub(crate) struct ReceiveArgs {
     /// Seconds without network progress before a migration aborts.
     #[arg(long, default_value_t = 10)]
     io_timeout_s: u64,
-    /// SHA-256 of the page digests: auto (tape's multi-buffer hashing where
-    /// this CPU runs it correctly, else ring), ring, or tape.
-    #[arg(long, default_value = "auto")]
-    sha256: Sha256Choice,
+    #[command(flatten)]
+    sha: Sha256Arg,
 }
 
 impl ReceiveArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         let a = self;
-        let sha = ferry_engine::sha::select(a.sha256);
-        tracing::info!(sha256 = sha.as_str(), "page digests");
+        a.sha.select();
         ferry::daemon::receive(&ferry::daemon::ReceiveOptions {
             pki: a.host.pki,
             name: a.host.name,

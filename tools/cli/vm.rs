@@ -131,18 +131,15 @@ pub(crate) struct VmArgs {
     /// Seconds without network progress before a migration aborts.
     #[arg(long, default_value_t = 10)]
     io_timeout_s: u64,
-    /// SHA-256 of the page digests: auto (tape's multi-buffer hashing where
-    /// this CPU runs it correctly, else ring), ring, or tape.
-    #[arg(long, default_value = "auto")]
-    sha256: Sha256Choice,
+    #[command(flatten)]
+    sha: Sha256Arg,
 }
 
 impl VmArgs {
     /// Runs the command.
     pub(crate) fn run(self) -> Result<ExitCode, CliError> {
         let a = self;
-        let sha = ferry_engine::sha::select(a.sha256);
-        tracing::info!(sha256 = sha.as_str(), "page digests");
+        a.sha.select();
         let need = |what: &str, v: bool| if v { Ok(()) } else { Err(format!("ferry vm: {what}")) };
         let io_timeout = Duration::from_secs(a.io_timeout_s.max(1));
         if a.incoming {

@@ -197,22 +197,7 @@ impl DirtyTracker for KvmDirtyTracker {
                 }
                 clear_us += u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
             }
-            let dst = out.words_mut();
-            if s.first_page % 64 == 0 {
-                let at = crate::usize_from(s.first_page / 64);
-                for (d, w) in dst[at..at + words].iter_mut().zip(buf.iter()) {
-                    *d |= *w;
-                }
-            } else {
-                for (wi, &w) in buf.iter().enumerate() {
-                    let mut w = w;
-                    while w != 0 {
-                        let bit = u64::from(w.trailing_zeros());
-                        out.set(s.first_page + wi as u64 * 64 + bit);
-                        w &= w - 1;
-                    }
-                }
-            }
+            out.or_bits_at(s.first_page, buf, s.pages);
         }
         self.vmm_writes.drain_into(out);
         self.last_fetch_us = fetch_us;
