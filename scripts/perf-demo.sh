@@ -22,6 +22,8 @@ fi
 all=(
   "syn-idle-1GiB-aead+sha256|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead+sha256"
   "syn-idle-1GiB-aead|--guest synthetic --memory 1GiB --dirty-rate 0 --integrity aead"
+  "syn-idle-2GiB-aead+sha256|--guest synthetic --memory 2GiB --dirty-rate 0 --integrity aead+sha256"
+  "syn-idle-2GiB-aead|--guest synthetic --memory 2GiB --dirty-rate 0 --integrity aead"
   "syn-hot64MiB-20kpps-1GiB|--guest synthetic --memory 1GiB --hot-set 64MiB --dirty-rate 20000"
   "syn-idle-256MiB|--guest synthetic --memory 256MiB --dirty-rate 0"
   "syn-idle-4GiB|--guest synthetic --memory 4GiB --dirty-rate 0"
